@@ -1,0 +1,17 @@
+"""Datasets: one DataModule per source, shared preprocessing, the batch type."""
+
+from recsys.data.base import RecDataModule
+from recsys.data.batch import Batch
+from recsys.data.movielens import MovieLensDataModule
+from recsys.data.spec import DenseFeature, FeatureSpec, SparseFeature
+from recsys.data.synthetic import SyntheticDataModule
+
+__all__ = [
+    "Batch",
+    "DenseFeature",
+    "FeatureSpec",
+    "MovieLensDataModule",
+    "RecDataModule",
+    "SparseFeature",
+    "SyntheticDataModule",
+]

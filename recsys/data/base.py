@@ -1,0 +1,194 @@
+"""The DataModule every dataset shares: cache, splits and whole-batch loaders."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+from recsys.data.loader import BatchIndexSampler, InteractionBatches, batch_loader
+from recsys.data.preprocess import META_FILE, ProcessedData, cache_key
+from recsys.data.spec import FeatureSpec
+from recsys.data.split import split_indices
+from recsys.data.store import ProcessedDataset, read_meta
+
+log = logging.getLogger(__name__)
+
+
+class RecDataModule(L.LightningDataModule):
+    """Base class: a subclass says where its raw files are and how to preprocess them.
+
+    ``prepare_data`` (one process per node) builds the processed folder
+    ``<cache_dir>/<source>-<hash of settings>`` unless it exists; ``setup`` loads it as
+    tensors and splits the rows. Loaders yield whole `Batch` objects.
+
+    Subclasses implement `source`, `raw_dir`, `expected_files`, `preprocess` and, where the
+    data can be fetched, `download`; they add their preprocessing options to `settings`.
+
+    Args:
+        data_dir: root folder of the raw datasets.
+        cache_dir: root folder of processed datasets.
+        batch_size: training batch size.
+        eval_batch_size: validation/test batch size (default: 4 x batch_size).
+        split: ``{kind: random|temporal|leave_one_out, val: fraction, test: fraction}``.
+        seed: seed of the split and of the per-epoch shuffles.
+        rating_threshold, threshold_op: label = rating `op` threshold (op ``>`` or ``>=``).
+        num_workers, pin_memory: DataLoader options.
+        rebuild: preprocess again even if the processed folder exists.
+    """
+
+    def __init__(
+        self,
+        data_dir: str,
+        cache_dir: str,
+        batch_size: int = 1024,
+        eval_batch_size: int | None = None,
+        split: dict | None = None,
+        seed: int = 42,
+        rating_threshold: float = 3.0,
+        threshold_op: str = ">",
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        rebuild: bool = False,
+    ):
+        super().__init__()
+        if threshold_op not in (">", ">="):
+            raise ValueError(f"data.threshold_op must be '>' or '>=', got {threshold_op!r}")
+        self.data_dir = Path(data_dir).expanduser()
+        self.cache_dir = Path(cache_dir).expanduser()
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or 4 * batch_size
+        self.split = {"kind": "random", "val": 0.1, "test": 0.1, **(split or {})}
+        self.seed = seed
+        self.rating_threshold = rating_threshold
+        self.threshold_op = threshold_op
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory
+        self.rebuild = rebuild
+        self.data: ProcessedDataset | None = None
+        self.rows: dict[str, torch.Tensor] = {}
+
+    # --- to implement -------------------------------------------------------------------
+    @property
+    def source(self) -> str:
+        """Short name of the source and variant, e.g. ``ml-100k``."""
+        raise NotImplementedError
+
+    @property
+    def raw_dir(self) -> Path:
+        raise NotImplementedError
+
+    def expected_files(self) -> list[str]:
+        """Raw files that must be in `raw_dir`."""
+        raise NotImplementedError
+
+    def preprocess(self) -> ProcessedData:
+        raise NotImplementedError
+
+    def download(self) -> None:
+        """Fetch the raw files into `raw_dir`; datasets that cannot be fetched say how to."""
+        raise FileNotFoundError(self._missing_message())
+
+    def settings(self) -> dict:
+        """Everything preprocessing depends on: a change rebuilds the processed folder."""
+        settings = {
+            "source": self.source,
+            "rating_threshold": self.rating_threshold,
+            "threshold_op": self.threshold_op,
+        }
+        if self.expected_files():  # another raw folder or a changed file is another dataset
+            settings["raw_dir"] = str(self.raw_dir.resolve())
+            settings["raw_files"] = {f: self._file_size(f) for f in self.expected_files()}
+        return settings
+
+    # --- shared ---------------------------------------------------------------------------
+    @property
+    def processed_dir(self) -> Path:
+        return self.cache_dir / cache_key(self.source, self.settings())
+
+    def _file_size(self, name: str) -> int | None:
+        path = self.raw_dir / name
+        return path.stat().st_size if path.is_file() else None
+
+    def missing_files(self) -> list[str]:
+        return [f for f in self.expected_files() if not (self.raw_dir / f).is_file()]
+
+    def _missing_message(self) -> str:
+        return (
+            f"{self.source}: raw files not found in {self.raw_dir}: expected "
+            f"{', '.join(self.expected_files())} (missing: {', '.join(self.missing_files())}). "
+            f"Put them there, or point paths.data_dir (env RECSYS_DATA_DIR) at the folder "
+            f"that holds {self.raw_dir.name}/."
+        )
+
+    def prepare_data(self) -> None:
+        if self.missing_files():
+            self.download()
+            if self.missing_files():
+                raise FileNotFoundError(self._missing_message())
+        folder = self.processed_dir
+        if (folder / META_FILE).exists() and not self.rebuild:
+            log.info("%s: using processed data in %s", self.source, folder)
+            return
+        processed = self.preprocess()
+        log.info(processed.report.summary())
+        processed.save(folder, self.settings())
+        meta = read_meta(folder)
+        log.info(
+            "%s: wrote %s (%d interactions, %d users, %d items)",
+            self.source,
+            folder,
+            meta["num_interactions"],
+            meta["spec"]["num_users"],
+            meta["spec"]["num_items"],
+        )
+
+    @property
+    def spec(self) -> FeatureSpec:
+        """Sizes and features for the model (needs `prepare_data` to have run)."""
+        if self.data is not None:
+            return self.data.spec
+        folder = self.processed_dir
+        if not (folder / META_FILE).exists():
+            raise RuntimeError(f"{self.source}: call prepare_data() before reading the spec")
+        return FeatureSpec.from_dict(read_meta(folder)["spec"])
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.data is not None:
+            return
+        self.data = ProcessedDataset.load(self.processed_dir)
+        self.rows = split_indices(self.data.interactions, seed=self.seed, **self.split)
+        labels = self.data.interactions.labels
+        log.info(
+            "%s: %d users, %d items; %s; positives %.1f%%",
+            self.source,
+            self.spec.num_users,
+            self.spec.num_items,
+            ", ".join(f"{k} {len(v):,}" for k, v in self.rows.items()),
+            100 * float(labels.mean()) if len(labels) else 0.0,
+        )
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        if self.data is None:
+            raise RuntimeError(f"{self.source}: call setup() before asking for a loader")
+        sampler = BatchIndexSampler(
+            self.rows[split],
+            self.batch_size if shuffle else self.eval_batch_size,
+            shuffle=shuffle,
+            seed=self.seed,
+            even_shards=shuffle,
+        )
+        dataset = InteractionBatches(self.data.interactions, self.data.features)
+        return batch_loader(dataset, sampler, self.num_workers, self.pin_memory)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)

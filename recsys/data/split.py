@@ -1,0 +1,67 @@
+"""Train/validation/test splits of the interaction rows, as index tensors."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from recsys.data.store import Interactions
+
+SPLITS = ("random", "temporal", "leave_one_out")
+
+
+def split_indices(
+    inter: Interactions, kind: str, val: float, test: float, seed: int
+) -> dict[str, torch.Tensor]:
+    """Row indices of each split.
+
+    - ``random``: a seeded permutation; ``val`` and ``test`` are fractions of all rows.
+    - ``temporal``: for each user, the latest ``test`` fraction of their rows (by timestamp)
+      are test rows and the ``val`` fraction before them validation rows.
+    - ``leave_one_out``: each user's latest row is the test row and the one before it the
+      validation row (users with fewer than 3 rows keep all of them for training).
+
+    Ties in time are broken by row order, so every split is deterministic.
+    """
+    if kind not in SPLITS:
+        raise ValueError(f"data.split.kind={kind!r} is not one of {SPLITS}")
+    if not (0 <= val < 1 and 0 <= test < 1 and val + test < 1):
+        raise ValueError(f"split fractions val={val}, test={test} must be in [0, 1) and sum < 1")
+    n = len(inter)
+    if kind == "random":
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+        n_test, n_val = round(n * test), round(n * val)
+        parts = {
+            "test": perm[:n_test],
+            "val": perm[n_test : n_test + n_val],
+            "train": perm[n_test + n_val :],
+        }
+        return {k: v.sort().values for k, v in parts.items()}
+
+    ts = inter.timestamps.numpy()
+    if (ts < 0).any():
+        raise ValueError(
+            f"data.split.kind={kind!r} needs timestamps, but this dataset has none for "
+            f"{int((ts < 0).sum()):,} rows; use data.split.kind=random"
+        )
+    users = inter.users.numpy()
+    order = np.lexsort((np.arange(n), ts, users))  # by user, then time, then row
+    sorted_users = users[order]
+    counts = np.bincount(sorted_users)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    n_u = counts[sorted_users]
+    from_end = n_u - 1 - (np.arange(n) - starts[sorted_users])
+    if kind == "leave_one_out":
+        eligible = n_u >= 3
+        is_test, is_val = eligible & (from_end == 0), eligible & (from_end == 1)
+    else:
+        n_test = np.floor(n_u * test + 0.5)
+        n_val = np.floor(n_u * (test + val) + 0.5)
+        is_test, is_val = from_end < n_test, (from_end >= n_test) & (from_end < n_val)
+    split = np.zeros(n, dtype=np.int8)  # 0 train, 1 val, 2 test, in original row order
+    split[order[is_val]] = 1
+    split[order[is_test]] = 2
+    return {
+        name: torch.from_numpy(np.flatnonzero(split == code))
+        for code, name in enumerate(("train", "val", "test"))
+    }

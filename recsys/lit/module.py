@@ -1,0 +1,102 @@
+"""The LightningModule shared by every model: loss, metrics and optimizers."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from hydra.utils import get_class, instantiate
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from torchmetrics import MeanMetric, MetricCollection
+from torchmetrics.classification import BinaryAccuracy, BinaryAUROC
+
+from recsys.data.batch import Batch
+from recsys.data.spec import FeatureSpec
+
+LOSSES = ("bce",)
+
+
+def _plain(x: Any) -> Any:
+    """Hydra containers -> plain dicts and lists, so checkpoints load with weights_only."""
+    return OmegaConf.to_container(x, resolve=True) if isinstance(x, DictConfig | ListConfig) else x
+
+
+class RecommenderModule(L.LightningModule):
+    """Trains any `recsys.models` network on `Batch` objects with a pointwise loss.
+
+    All arguments are primitives (saved as hyperparameters), so
+    ``RecommenderModule.load_from_checkpoint(path)`` rebuilds the network without Hydra.
+
+    Args:
+        net: import path of the network class, e.g. ``recsys.models.NeuMF``.
+        spec: the dataset's `FeatureSpec` as a dict (``FeatureSpec.to_dict()``).
+        optimizer: Hydra config of a partial optimizer (``_partial_: true``).
+        loss: ``bce`` (binary cross-entropy on logits).
+        **net_kwargs: passed to the network (e.g. ``variant``, ``mlp_layers``).
+    """
+
+    def __init__(
+        self,
+        net: str,
+        spec: dict,
+        optimizer: dict,
+        loss: str = "bce",
+        **net_kwargs: Any,
+    ):
+        super().__init__()
+        if loss not in LOSSES:
+            raise ValueError(f"model.loss={loss!r} is not one of {LOSSES}")
+        optimizer, spec = _plain(optimizer), _plain(spec)
+        net_kwargs = {k: _plain(v) for k, v in net_kwargs.items()}
+        self.save_hyperparameters()
+        self.spec = FeatureSpec.from_dict(spec)
+        self.net = get_class(net)(spec=self.spec, **net_kwargs)
+        self.val_metrics = self._metrics("val/")
+        self.test_metrics = self._metrics("test/")
+        self.val_loss, self.test_logloss = MeanMetric(), MeanMetric()
+
+    @staticmethod
+    def _metrics(prefix: str) -> MetricCollection:
+        return MetricCollection(
+            {"auroc": BinaryAUROC(), "accuracy": BinaryAccuracy()}, prefix=prefix
+        )
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        """Logits [B] for the pairs of the batch."""
+        return self.net(batch)
+
+    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+        loss = F.binary_cross_entropy_with_logits(self(batch), batch.labels)
+        self.log(
+            "train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(batch)
+        )
+        return loss
+
+    def _eval_step(self, batch: Batch, metrics: MetricCollection, loss: MeanMetric) -> None:
+        logits = self(batch)
+        labels = batch.labels
+        loss.update(F.binary_cross_entropy_with_logits(logits, labels, reduction="none"))
+        metrics.update(torch.sigmoid(logits), labels.long())
+
+    def validation_step(self, batch: Batch, batch_idx: int) -> None:
+        self._eval_step(batch, self.val_metrics, self.val_loss)
+
+    def on_validation_epoch_end(self) -> None:
+        self.log_dict(self.val_metrics.compute(), prog_bar=True)
+        self.log("val/loss", self.val_loss.compute(), prog_bar=True)
+        self.val_metrics.reset()
+        self.val_loss.reset()
+
+    def test_step(self, batch: Batch, batch_idx: int) -> None:
+        self._eval_step(batch, self.test_metrics, self.test_logloss)
+
+    def on_test_epoch_end(self) -> None:
+        self.log_dict(self.test_metrics.compute())
+        self.log("test/logloss", self.test_logloss.compute())
+        self.test_metrics.reset()
+        self.test_logloss.reset()
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return instantiate(self.hparams.optimizer)(params=self.parameters())

@@ -1,0 +1,194 @@
+"""Preprocessing, caching, splits and batches on the real MovieLens files."""
+
+from __future__ import annotations
+
+import hashlib
+import zipfile
+
+import pandas as pd
+import pytest
+import torch
+from hydra.utils import instantiate
+
+import recsys.data.movielens as movielens
+from recsys.data.download import download_and_extract
+from recsys.data.loader import BatchIndexSampler
+from recsys.data.store import ragged_gather
+
+
+def _datamodule(make_cfg, *overrides):
+    dm = instantiate(make_cfg("data=movielens", *overrides).data)
+    dm.prepare_data()
+    dm.setup()
+    return dm
+
+
+def test_ml100k_parsed_with_side_features(make_cfg, data_dir):
+    dm = _datamodule(make_cfg, "data.variant=100k")
+    raw = pd.read_csv(data_dir / "ml-100k" / "u.data", sep="\t", header=None)
+    assert len(dm.data.interactions) == len(raw)
+    assert dm.spec.num_users == raw[0].nunique()
+    assert dm.spec.num_items == raw[1].nunique()
+    assert dm.spec.sparse_names == [
+        "user_id",
+        "item_id",
+        "genres",
+        "year",
+        "gender",
+        "age",
+        "occupation",
+        "zip",
+    ]
+    assert [d.name for d in dm.spec.dense] == ["age_value", "release_year"]
+    # labels are rating > 3
+    assert torch.equal(dm.data.interactions.labels, (dm.data.interactions.ratings > 3).float())
+    # Toy Story (item 1): Animation, Children's, Comedy; 1995
+    toy = int((dm.data.item_ids == "1").nonzero()[0][0])
+    batch = dm.data.features.make_batch(torch.tensor([0]), torch.tensor([toy]))
+    vocab = dm.data.meta["vocab"]
+    genres = [vocab["genres"][c] for c in batch.sparse_features["genres"].values().tolist()]
+    assert genres == ["Animation", "Children's", "Comedy"]
+    assert vocab["year"][int(batch.sparse_features["year"].values())] == "[1990, 2000)"
+    assert dm.data.item_titles[toy] == "Toy Story (1995)"
+
+
+def test_ml1m_parsed(make_cfg, data_dir):
+    """ml-1m here is a subset of the ratings: counts come from the files, never constants."""
+    dm = _datamodule(make_cfg, "data.variant=1m")
+    raw = pd.read_csv(
+        data_dir / "ml-1m" / "ratings.dat",
+        sep="::",
+        engine="python",
+        header=None,
+        names=["u", "i", "r", "t"],
+    )
+    inter = dm.data.interactions
+    assert len(inter) == len(raw)
+    assert dm.spec.num_users == raw.u.nunique() and dm.spec.num_items == raw.i.nunique()
+    first = raw.iloc[0]
+    user = int((dm.data.user_ids == str(first.u)).nonzero()[0][0])
+    item = int((dm.data.item_ids == str(first.i)).nonzero()[0][0])
+    row = int(((inter.users == user) & (inter.items == item)).nonzero()[0][0])
+    assert inter.ratings[row] == first.r and inter.timestamps[row] == first.t
+    vocab = dm.data.meta["vocab"]
+    assert vocab["gender"] == ["<unknown>", "F", "M"]
+    assert len(vocab["genres"]) == 1 + 18
+    # user 1 is F, age code 1 (under 18)
+    u1 = int((dm.data.user_ids == "1").nonzero()[0][0])
+    b = dm.data.features.make_batch(torch.tensor([u1]), torch.tensor([0]))
+    assert vocab["gender"][int(b.sparse_features["gender"].values())] == "F"
+    assert vocab["age"][int(b.sparse_features["age"].values())] == "[-inf, 18)"
+
+
+def test_cache_reused_and_keyed_by_settings(make_cfg):
+    dm = _datamodule(make_cfg, "data.variant=100k")
+    meta = dm.processed_dir / "meta.json"
+    stamp = meta.stat().st_mtime_ns
+    again = _datamodule(make_cfg, "data.variant=100k")
+    assert again.processed_dir == dm.processed_dir and meta.stat().st_mtime_ns == stamp
+    other = _datamodule(make_cfg, "data.variant=100k", "data.rating_threshold=4")
+    assert other.processed_dir != dm.processed_dir
+    assert other.data.interactions.labels.sum() < dm.data.interactions.labels.sum()
+
+
+def test_report_counts_are_saved(make_cfg, data_dir):
+    dm = _datamodule(make_cfg, "data.variant=100k")
+    raw_rows = len((data_dir / "ml-100k" / "u.data").read_text().splitlines())
+    steps = {s["step"]: s for s in dm.data.meta["report"]}
+    missing = steps["rows with a missing user, item or rating"]
+    assert missing["rows"] == 0 and missing["of"] == raw_rows
+    assert dm.data.meta["num_interactions"] == raw_rows
+
+
+@pytest.mark.parametrize("kind", ["random", "temporal", "leave_one_out"])
+def test_splits_partition_rows(make_cfg, kind):
+    dm = _datamodule(make_cfg, "data.variant=100k", f"data.split.kind={kind}")
+    rows = torch.cat([dm.rows[s] for s in ("train", "val", "test")])
+    assert torch.equal(rows.sort().values, torch.arange(len(dm.data.interactions)))
+    if kind == "random":
+        assert len(dm.rows["test"]) == round(0.1 * len(rows))
+        return
+    inter = dm.data.interactions
+    # every test row of a user is at least as late as every train row of that user
+    latest_train = torch.zeros(dm.spec.num_users, dtype=torch.long).scatter_reduce(
+        0, inter.users[dm.rows["train"]], inter.timestamps[dm.rows["train"]], "amax"
+    )
+    test_rows = dm.rows["test"]
+    assert (inter.timestamps[test_rows] >= latest_train[inter.users[test_rows]]).all()
+    if kind == "leave_one_out":
+        assert len(test_rows) == len(inter.users[test_rows].unique()) == dm.spec.num_users
+
+
+def test_temporal_split_needs_timestamps(make_cfg, cache_dir):
+    from recsys.data.split import split_indices
+    from recsys.data.store import Interactions
+
+    inter = Interactions(
+        *(torch.zeros(3, dtype=torch.long) for _ in range(4)), timestamps=torch.full((3,), -1)
+    )
+    with pytest.raises(ValueError, match="needs timestamps"):
+        split_indices(inter, "temporal", 0.1, 0.1, seed=0)
+
+
+def test_batches_are_gathered_whole(make_cfg):
+    dm = _datamodule(make_cfg, "data.variant=100k", "data.batch_size=256")
+    loader = dm.train_dataloader()
+    assert loader.batch_size is None  # no per-sample collate
+    batch = next(iter(loader))
+    assert len(batch) == 256 and batch.dense_features.shape == (256, 2)
+    kjt = batch.sparse_features
+    assert kjt.keys() == dm.spec.sparse_names and kjt.stride() == 256
+    # the batch equals the rows it was gathered from
+    sampler = BatchIndexSampler(dm.rows["train"], 256, shuffle=True, seed=dm.seed)
+    rows = next(iter(sampler))
+    inter = dm.data.interactions
+    assert torch.equal(batch.ids("user_id"), inter.users[rows])
+    assert torch.equal(batch.ids("item_id"), inter.items[rows])
+    assert torch.equal(batch.labels, inter.labels[rows])
+
+
+def test_sampler_epochs_differ_and_cover_rows():
+    rows = torch.arange(1000)
+    sampler = BatchIndexSampler(rows, 64, shuffle=True, seed=1)
+    first = torch.cat(list(sampler))
+    sampler.set_epoch(1)
+    second = torch.cat(list(sampler))
+    assert not torch.equal(first, second)
+    assert torch.equal(first.sort().values, rows) and len(sampler) == 16
+
+
+def test_ragged_gather_matches_python():
+    offsets = torch.tensor([0, 2, 2, 5, 6])
+    values = torch.tensor([10, 11, 20, 21, 22, 30])
+    lengths, out = ragged_gather(offsets, values, torch.tensor([2, 1, 0, 2, 3]))
+    assert lengths.tolist() == [3, 0, 2, 3, 1]
+    assert out.tolist() == [20, 21, 22, 10, 11, 20, 21, 22, 30]
+
+
+def test_missing_files_error_names_folder_and_files(make_cfg, tmp_path, monkeypatch):
+    empty = tmp_path / "nothing-here"
+    cfg = make_cfg("data=movielens", f"paths.data_dir={empty}", "data.download=false")
+    with pytest.raises(FileNotFoundError) as err:
+        instantiate(cfg.data).prepare_data()
+    msg = str(err.value)
+    assert str(empty / "ml-100k") in msg and "u.data" in msg and "u.user" in msg
+    assert "RECSYS_DATA_DIR" in msg
+
+    # with download on and no network (a closed local port), the error says that too
+    monkeypatch.setattr(movielens, "GROUPLENS", "http://127.0.0.1:9")
+    cfg = make_cfg("data=movielens", f"paths.data_dir={empty}", "data.download=true")
+    with pytest.raises(FileNotFoundError, match="Downloading http://127.0.0.1:9/ml-100k.zip"):
+        instantiate(cfg.data).prepare_data()
+
+
+def test_download_checks_md5_and_extracts(tmp_path):
+    archive = tmp_path / "src" / "ml-test.zip"
+    archive.parent.mkdir()
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("ml-test/u.data", "1\t2\t3\t4\n")
+    md5 = hashlib.md5(archive.read_bytes()).hexdigest()
+    with pytest.raises(ValueError, match="checksum mismatch"):
+        download_and_extract(archive.as_uri(), "0" * 32, tmp_path / "bad")
+    assert not list((tmp_path / "bad").glob("*.part"))
+    download_and_extract(archive.as_uri(), md5, tmp_path / "good")
+    assert (tmp_path / "good" / "ml-test" / "u.data").read_text() == "1\t2\t3\t4\n"
