@@ -9,8 +9,10 @@ import torch
 import torch.nn.functional as F
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
+from torch import nn
 from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import BinaryAccuracy, BinaryAUROC
+from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
 
 from recsys.data.batch import Batch
 from recsys.data.spec import FeatureSpec
@@ -32,7 +34,12 @@ class RecommenderModule(L.LightningModule):
     Args:
         net: import path of the network class, e.g. ``recsys.models.NeuMF``.
         spec: the dataset's `FeatureSpec` as a dict (``FeatureSpec.to_dict()``).
-        optimizer: Hydra config of a partial optimizer (``_partial_: true``).
+        optimizer: Hydra config of a partial optimizer (``_partial_: true``) for the dense
+            parameters, and for all parameters when ``sparse_optimizer`` is None.
+        sparse_optimizer: optional partial optimizer for the embedding tables (TorchRec
+            practice: e.g. Adagrad for the sparse part, Adam for the dense part). Two
+            optimizers are stepped by manual optimization, so Trainer-level gradient
+            clipping and accumulation then do not apply.
         loss: ``bce`` (binary cross-entropy on logits).
         **net_kwargs: passed to the network (e.g. ``variant``, ``mlp_layers``).
     """
@@ -42,13 +49,18 @@ class RecommenderModule(L.LightningModule):
         net: str,
         spec: dict,
         optimizer: dict,
+        sparse_optimizer: dict | None = None,
         loss: str = "bce",
         **net_kwargs: Any,
     ):
         super().__init__()
         if loss not in LOSSES:
             raise ValueError(f"model.loss={loss!r} is not one of {LOSSES}")
-        optimizer, spec = _plain(optimizer), _plain(spec)
+        optimizer, sparse_optimizer, spec = (
+            _plain(optimizer),
+            _plain(sparse_optimizer),
+            _plain(spec),
+        )
         net_kwargs = {k: _plain(v) for k, v in net_kwargs.items()}
         self.save_hyperparameters()
         self.spec = FeatureSpec.from_dict(spec)
@@ -56,6 +68,7 @@ class RecommenderModule(L.LightningModule):
         self.val_metrics = self._metrics("val/")
         self.test_metrics = self._metrics("test/")
         self.val_loss, self.test_logloss = MeanMetric(), MeanMetric()
+        self.automatic_optimization = sparse_optimizer is None
 
     @staticmethod
     def _metrics(prefix: str) -> MetricCollection:
@@ -69,6 +82,13 @@ class RecommenderModule(L.LightningModule):
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         loss = F.binary_cross_entropy_with_logits(self(batch), batch.labels)
+        if not self.automatic_optimization:  # sparse + dense optimizers
+            optimizers = self.optimizers()
+            for opt in optimizers:
+                opt.zero_grad()
+            self.manual_backward(loss)
+            for opt in optimizers:
+                opt.step()
         self.log(
             "train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(batch)
         )
@@ -98,5 +118,23 @@ class RecommenderModule(L.LightningModule):
         self.test_metrics.reset()
         self.test_logloss.reset()
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return instantiate(self.hparams.optimizer)(params=self.parameters())
+    def configure_optimizers(self) -> torch.optim.Optimizer | list[torch.optim.Optimizer]:
+        dense_opt = instantiate(self.hparams.optimizer)
+        if self.hparams.sparse_optimizer is None:
+            return dense_opt(params=self.parameters())
+        sparse = {id(p) for p in embedding_parameters(self.net)}
+        if not sparse:
+            raise ValueError(
+                f"model.sparse_optimizer is set but {type(self.net).__name__} has no embedding "
+                "tables; set model.sparse_optimizer=null"
+            )
+        dense = [p for p in self.parameters() if id(p) not in sparse]
+        sparse_opt = instantiate(self.hparams.sparse_optimizer)
+        return [sparse_opt(params=embedding_parameters(self.net)), dense_opt(params=dense)]
+
+
+def embedding_parameters(module: nn.Module) -> list[nn.Parameter]:
+    """Parameters of the embedding tables (nn.Embedding(Bag), TorchRec collections)."""
+    kinds = (nn.Embedding, nn.EmbeddingBag, EmbeddingBagCollection, EmbeddingCollection)
+    tables = [m for m in module.modules() if isinstance(m, kinds)]
+    return list({id(p): p for m in tables for p in m.parameters()}.values())

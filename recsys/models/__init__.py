@@ -1,5 +1,7 @@
 """Models: plain `nn.Module`s that map a `Batch` to logits [B]."""
 
+from recsys.models.dlrm import DLRM
+from recsys.models.hybrid import Hybrid
 from recsys.models.ncf import NeuMF
 
-__all__ = ["NeuMF"]
+__all__ = ["DLRM", "Hybrid", "NeuMF"]

@@ -1,0 +1,69 @@
+"""The Hybrid recommender (brief 004): a dot product plus an MLP over user and item vectors."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from recsys.data.batch import Batch
+from recsys.data.spec import FeatureSpec
+from recsys.models.common import mlp
+from recsys.models.dlrm import embedding_bags
+
+
+class Hybrid(nn.Module):
+    """logit = <u, i> + h . MLP([u; i (; dense)]).
+
+    Notation: B batch size, D embedding dim, Dd dense features.
+
+    u and i are the user and item embeddings [B, D]. With ``use_side_features``, the pooled
+    embeddings of the user's side features (e.g. age, gender) are added to u, the item's (e.g.
+    genres) to i, and the dense features join the MLP input.
+
+    Example::
+
+        net = Hybrid(spec, embedding_dim=32, mlp_layers=[64, 32], use_side_features=True)
+        logits = net(batch)  # [B]
+    """
+
+    def __init__(
+        self,
+        spec: FeatureSpec,
+        embedding_dim: int = 32,
+        mlp_layers: Sequence[int] = (64, 32),
+        dropout: float = 0.0,
+        use_side_features: bool = False,
+        pooling: str = "mean",
+    ):
+        super().__init__()
+        if not mlp_layers:
+            raise ValueError("model.mlp_layers must name at least one layer")
+        self.user = nn.Embedding(spec.num_users, embedding_dim)
+        self.item = nn.Embedding(spec.num_items, embedding_dim)
+        nn.init.normal_(self.user.weight, std=0.01)
+        nn.init.normal_(self.item.weight, std=0.01)
+        side = spec.side_features() if use_side_features else ()
+        self.side = (
+            embedding_bags(spec, embedding_dim, pooling, features=[f.name for f in side])
+            if side
+            else None
+        )
+        self.user_side = [f.name for f in side if f.entity == "user"]
+        self.item_side = [f.name for f in side if f.entity == "item"]
+        self.num_dense = spec.num_dense if use_side_features else 0
+        self.mlp = mlp(2 * embedding_dim + self.num_dense, mlp_layers, dropout)
+        self.head = nn.Linear(mlp_layers[-1], 1)
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        """Returns: logits [B]."""
+        u = self.user(batch.ids("user_id"))
+        i = self.item(batch.ids("item_id"))
+        if self.side is not None:
+            pooled = self.side(batch.sparse_features).to_dict()  # name -> [B, D]
+            u = u + sum((pooled[f] for f in self.user_side), torch.zeros_like(u))
+            i = i + sum((pooled[f] for f in self.item_side), torch.zeros_like(i))
+        mlp_in = [u, i, batch.dense_features] if self.num_dense else [u, i]
+        deep = self.head(self.mlp(torch.cat(mlp_in, dim=1))).squeeze(1)
+        return (u * i).sum(dim=1) + deep
