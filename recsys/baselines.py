@@ -15,7 +15,7 @@ def item_popularity(dm: RecDataModule) -> torch.Tensor:
 
 
 def popularity_auroc(dm: RecDataModule, split: str = "test") -> float:
-    """AUROC of scoring each (user, item) row of ``split`` by the item's training popularity."""
-    inter, rows = dm.data.interactions, dm.rows[split]
-    scores = item_popularity(dm)[inter.items[rows]]
-    return float(binary_auroc(scores, inter.labels[rows].long()))
+    """AUROC of scoring each (user, item) pair of ``split`` by the item's training popularity."""
+    pairs = dm.eval_pairs(split)
+    scores = item_popularity(dm)[pairs.items]
+    return float(binary_auroc(scores, pairs.labels.long()))

@@ -3,17 +3,24 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import astuple
 from pathlib import Path
 
 import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from recsys.data.loader import BatchIndexSampler, InteractionBatches, batch_loader
+from recsys.data.loader import (
+    BatchIndexSampler,
+    InteractionBatches,
+    NegativeSamplingBatches,
+    batch_loader,
+)
+from recsys.data.negatives import PositiveSet
 from recsys.data.preprocess import META_FILE, ProcessedData, cache_key
 from recsys.data.spec import FeatureSpec
 from recsys.data.split import split_indices
-from recsys.data.store import ProcessedDataset, read_meta
+from recsys.data.store import Interactions, ProcessedDataset, read_meta
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +43,11 @@ class RecDataModule(L.LightningDataModule):
         split: ``{kind: random|temporal|leave_one_out, val: fraction, test: fraction}``.
         seed: seed of the split and of the per-epoch shuffles.
         rating_threshold, threshold_op: label = rating `op` threshold (op ``>`` or ``>=``).
+        feedback: ``explicit`` (labels from ratings) or ``implicit`` (every interaction is a
+            positive; training batches add ``num_negatives`` sampled negatives per positive,
+            drawn anew each epoch; validation/test rows get as many negatives, drawn once
+            with ``seed``).
+        num_negatives: negatives per positive under implicit feedback.
         num_workers, pin_memory: DataLoader options.
         rebuild: preprocess again even if the processed folder exists.
     """
@@ -50,6 +62,8 @@ class RecDataModule(L.LightningDataModule):
         seed: int = 42,
         rating_threshold: float = 3.0,
         threshold_op: str = ">",
+        feedback: str = "explicit",
+        num_negatives: int = 4,
         num_workers: int = 0,
         pin_memory: bool = False,
         rebuild: bool = False,
@@ -57,6 +71,10 @@ class RecDataModule(L.LightningDataModule):
         super().__init__()
         if threshold_op not in (">", ">="):
             raise ValueError(f"data.threshold_op must be '>' or '>=', got {threshold_op!r}")
+        if feedback not in ("explicit", "implicit"):
+            raise ValueError(f"data.feedback must be 'explicit' or 'implicit', got {feedback!r}")
+        self.feedback = feedback
+        self.num_negatives = num_negatives
         self.data_dir = Path(data_dir).expanduser()
         self.cache_dir = Path(cache_dir).expanduser()
         self.batch_size = batch_size
@@ -70,6 +88,8 @@ class RecDataModule(L.LightningDataModule):
         self.rebuild = rebuild
         self.data: ProcessedDataset | None = None
         self.rows: dict[str, torch.Tensor] = {}
+        self.positives: PositiveSet | None = None
+        self._eval_pairs: dict[str, Interactions] = {}
 
     # --- to implement -------------------------------------------------------------------
     @property
@@ -98,6 +118,7 @@ class RecDataModule(L.LightningDataModule):
             "source": self.source,
             "rating_threshold": self.rating_threshold,
             "threshold_op": self.threshold_op,
+            "feedback": self.feedback,
         }
         if self.expected_files():  # another raw folder or a changed file is another dataset
             settings["raw_dir"] = str(self.raw_dir.resolve())
@@ -134,6 +155,10 @@ class RecDataModule(L.LightningDataModule):
             log.info("%s: using processed data in %s", self.source, folder)
             return
         processed = self.preprocess()
+        if self.feedback == "implicit":
+            n = len(processed.interactions)
+            processed.interactions["label"] = 1.0
+            processed.report.record("implicit feedback: every interaction", n, n, "labelled 1:")
         log.info(processed.report.summary())
         processed.save(folder, self.settings())
         meta = read_meta(folder)
@@ -160,7 +185,10 @@ class RecDataModule(L.LightningDataModule):
         if self.data is not None:
             return
         self.data = ProcessedDataset.load(self.processed_dir)
-        self.rows = split_indices(self.data.interactions, seed=self.seed, **self.split)
+        inter = self.data.interactions
+        self.rows = split_indices(inter, seed=self.seed, **self.split)
+        if self.feedback == "implicit":  # every observed pair, held-out ones included
+            self.positives = PositiveSet(inter.users, inter.items, self.spec.num_items)
         labels = self.data.interactions.labels
         log.info(
             "%s: %d users, %d items; %s; positives %.1f%%",
@@ -171,24 +199,56 @@ class RecDataModule(L.LightningDataModule):
             100 * float(labels.mean()) if len(labels) else 0.0,
         )
 
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+    def eval_pairs(self, split: str) -> Interactions:
+        """The (user, item, label) rows scored in ``val`` or ``test``.
+
+        Explicit feedback: the split's interactions. Implicit feedback: its positives followed
+        by ``num_negatives`` negatives per positive, sampled once (seeded), so every model and
+        run is scored on the same pairs.
+        """
+        inter, rows = self.data.interactions, self.rows[split]
+        if self.feedback == "explicit":
+            return Interactions(*(t[rows] for t in astuple(inter)))
+        if split not in self._eval_pairs:
+            users, items = inter.users[rows], inter.items[rows]
+            g = torch.Generator().manual_seed(self.seed + (1 if split == "val" else 2))
+            negatives = self.positives.sample(users, self.num_negatives, generator=g).flatten()
+            n, m = len(rows), len(negatives)
+            self._eval_pairs[split] = Interactions(
+                users=torch.cat([users, users.repeat_interleave(self.num_negatives)]),
+                items=torch.cat([items, negatives]),
+                labels=torch.cat([torch.ones(n), torch.zeros(m)]),
+                ratings=torch.cat([inter.ratings[rows], torch.full((m,), float("nan"))]),
+                timestamps=torch.cat([inter.timestamps[rows], torch.full((m,), -1)]),
+            )
+        return self._eval_pairs[split]
+
+    def _loader(self, split: str) -> DataLoader:
         if self.data is None:
             raise RuntimeError(f"{self.source}: call setup() before asking for a loader")
-        sampler = BatchIndexSampler(
-            self.rows[split],
-            self.batch_size if shuffle else self.eval_batch_size,
-            shuffle=shuffle,
-            seed=self.seed,
-            even_shards=shuffle,
-        )
-        dataset = InteractionBatches(self.data.interactions, self.data.features)
+        features = self.data.features
+        if split == "train":
+            rows = self.rows["train"]
+            if self.feedback == "implicit":
+                dataset = NegativeSamplingBatches(
+                    self.data.interactions, features, self.positives, self.num_negatives
+                )
+            else:
+                dataset = InteractionBatches(self.data.interactions, features)
+            sampler = BatchIndexSampler(rows, self.batch_size, shuffle=True, seed=self.seed)
+        else:
+            pairs = self.eval_pairs(split)
+            dataset = InteractionBatches(pairs, features)
+            sampler = BatchIndexSampler(
+                torch.arange(len(pairs)), self.eval_batch_size, shuffle=False, even_shards=False
+            )
         return batch_loader(dataset, sampler, self.num_workers, self.pin_memory)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
+        return self._loader("train")
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
+        return self._loader("val")
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
+        return self._loader("test")

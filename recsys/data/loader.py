@@ -9,6 +9,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from recsys.data.batch import Batch
+from recsys.data.negatives import PositiveSet
 from recsys.data.store import FeatureStore, Interactions
 
 
@@ -80,6 +81,33 @@ class InteractionBatches(Dataset):
     def __getitem__(self, rows: torch.Tensor) -> Batch:
         return self.features.make_batch(
             self.inter.users[rows], self.inter.items[rows], self.inter.labels[rows]
+        )
+
+
+class NegativeSamplingBatches(InteractionBatches):
+    """Implicit feedback: ``ds[rows]`` is the positives ``rows`` plus fresh negatives.
+
+    Layout of the returned `Batch` (B = len(rows), n = num_negatives): rows 0..B-1 are the
+    positives (label 1); rows B + b*n .. B + b*n + n-1 are the n negatives of positive b
+    (label 0), items the user never interacted with. Negatives are drawn anew at every call,
+    so every epoch sees new ones.
+    """
+
+    def __init__(self, interactions, features, positives: PositiveSet, num_negatives: int):
+        super().__init__(interactions, features)
+        if num_negatives < 1:
+            raise ValueError(f"data.num_negatives must be >= 1, got {num_negatives}")
+        self.positives = positives
+        self.num_negatives = num_negatives
+
+    def __getitem__(self, rows: torch.Tensor) -> Batch:
+        users, items = self.inter.users[rows], self.inter.items[rows]
+        negatives = self.positives.sample(users, self.num_negatives)
+        n = len(rows)
+        return self.features.make_batch(
+            torch.cat([users, users.repeat_interleave(self.num_negatives)]),
+            torch.cat([items, negatives.flatten()]),
+            torch.cat([torch.ones(n), torch.zeros(n * self.num_negatives)]),
         )
 
 

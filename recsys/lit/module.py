@@ -17,7 +17,7 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection, Embedding
 from recsys.data.batch import Batch
 from recsys.data.spec import FeatureSpec
 
-LOSSES = ("bce",)
+LOSSES = ("bce", "bpr")
 
 
 def _plain(x: Any) -> Any:
@@ -40,7 +40,9 @@ class RecommenderModule(L.LightningModule):
             practice: e.g. Adagrad for the sparse part, Adam for the dense part). Two
             optimizers are stepped by manual optimization, so Trainer-level gradient
             clipping and accumulation then do not apply.
-        loss: ``bce`` (binary cross-entropy on logits).
+        loss: ``bce`` (binary cross-entropy on logits) or ``bpr`` (Bayesian personalised
+            ranking: -log sigmoid(s_pos - s_neg) over each positive and its sampled
+            negatives; needs ``data.feedback=implicit``). Evaluation is pointwise either way.
         **net_kwargs: passed to the network (e.g. ``variant``, ``mlp_layers``).
     """
 
@@ -81,7 +83,11 @@ class RecommenderModule(L.LightningModule):
         return self.net(batch)
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
-        loss = F.binary_cross_entropy_with_logits(self(batch), batch.labels)
+        logits = self(batch)
+        if self.hparams.loss == "bpr":
+            loss = bpr_loss(logits, batch.labels)
+        else:
+            loss = F.binary_cross_entropy_with_logits(logits, batch.labels)
         if not self.automatic_optimization:  # sparse + dense optimizers
             optimizers = self.optimizers()
             for opt in optimizers:
@@ -131,6 +137,25 @@ class RecommenderModule(L.LightningModule):
         dense = [p for p in self.parameters() if id(p) not in sparse]
         sparse_opt = instantiate(self.hparams.sparse_optimizer)
         return [sparse_opt(params=embedding_parameters(self.net)), dense_opt(params=dense)]
+
+
+def bpr_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """BPR over a negative-sampling batch: P positives first, then n negatives per positive.
+
+    Args:
+        logits: [P * (1 + n)] scores in the layout of `NegativeSamplingBatches`.
+        labels: [P * (1 + n)] 1 for the first P rows, 0 after.
+    """
+    p = int(labels.sum())
+    n_neg = (len(labels) - p) // max(p, 1)
+    if p == 0 or n_neg == 0 or len(labels) != p * (1 + n_neg) or not bool(labels[:p].all()):
+        raise ValueError(
+            "model.loss=bpr needs batches of positives followed by their sampled negatives: "
+            "set data.feedback=implicit"
+        )
+    pos = logits[:p].unsqueeze(1)  # [P, 1]
+    neg = logits[p:].view(p, n_neg)  # [P, n]
+    return -F.logsigmoid(pos - neg).mean()
 
 
 def embedding_parameters(module: nn.Module) -> list[nn.Parameter]:
