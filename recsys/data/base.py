@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import astuple
 from pathlib import Path
 
 import lightning as L
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 from torch.utils.data import DataLoader
 
@@ -18,6 +22,7 @@ from recsys.data.loader import (
 )
 from recsys.data.negatives import PositiveSet
 from recsys.data.preprocess import META_FILE, ProcessedData, cache_key
+from recsys.data.ranking import RANKING_MODES, FullRanking, SampledRanking
 from recsys.data.spec import FeatureSpec
 from recsys.data.split import split_indices
 from recsys.data.store import Interactions, ProcessedDataset, read_meta
@@ -48,6 +53,11 @@ class RecDataModule(L.LightningDataModule):
             drawn anew each epoch; validation/test rows get as many negatives, drawn once
             with ``seed``).
         num_negatives: negatives per positive under implicit feedback.
+        ranking: ranking evaluation beside the pointwise one: ``sampled`` (each held-out
+            positive against ``ranking_negatives`` negatives sampled once with ``seed`` and
+            saved beside the processed data: the NCF protocol), ``full`` (every item not in
+            the user's training interactions) or None.
+        ranking_negatives: negatives per held-out positive in ``sampled`` ranking.
         num_workers, pin_memory: DataLoader options.
         rebuild: preprocess again even if the processed folder exists.
     """
@@ -64,6 +74,8 @@ class RecDataModule(L.LightningDataModule):
         threshold_op: str = ">",
         feedback: str = "explicit",
         num_negatives: int = 4,
+        ranking: str | None = None,
+        ranking_negatives: int = 99,
         num_workers: int = 0,
         pin_memory: bool = False,
         rebuild: bool = False,
@@ -73,8 +85,12 @@ class RecDataModule(L.LightningDataModule):
             raise ValueError(f"data.threshold_op must be '>' or '>=', got {threshold_op!r}")
         if feedback not in ("explicit", "implicit"):
             raise ValueError(f"data.feedback must be 'explicit' or 'implicit', got {feedback!r}")
+        if ranking not in (None, *RANKING_MODES):
+            raise ValueError(f"data.ranking must be null, 'sampled' or 'full', got {ranking!r}")
         self.feedback = feedback
         self.num_negatives = num_negatives
+        self.ranking = ranking
+        self.ranking_negatives = ranking_negatives
         self.data_dir = Path(data_dir).expanduser()
         self.cache_dir = Path(cache_dir).expanduser()
         self.batch_size = batch_size
@@ -187,8 +203,8 @@ class RecDataModule(L.LightningDataModule):
         self.data = ProcessedDataset.load(self.processed_dir)
         inter = self.data.interactions
         self.rows = split_indices(inter, seed=self.seed, **self.split)
-        if self.feedback == "implicit":  # every observed pair, held-out ones included
-            self.positives = PositiveSet(inter.users, inter.items, self.spec.num_items)
+        # every observed pair, held-out ones included: never sampled as a negative
+        self.positives = PositiveSet(inter.users, inter.items, self.spec.num_items)
         labels = self.data.interactions.labels
         log.info(
             "%s: %d users, %d items; %s; positives %.1f%%",
@@ -198,6 +214,24 @@ class RecDataModule(L.LightningDataModule):
             ", ".join(f"{k} {len(v):,}" for k, v in self.rows.items()),
             100 * float(labels.mean()) if len(labels) else 0.0,
         )
+
+    def item_popularity(self) -> torch.Tensor:
+        """Training interactions per item [num_items] (popularity baseline, novelty)."""
+        items = self.data.interactions.items[self.rows["train"]]
+        return torch.bincount(items, minlength=self.spec.num_items).float()
+
+    def item_vectors(self) -> torch.Tensor | None:
+        """Multi-hot [num_items, V] of the first multi-hot item feature (genres, tags), for
+        intra-list diversity; None when items have none."""
+        f = next((f for f in self.spec.side_features() if f.entity == "item" and f.multi_hot), None)
+        if f is None:
+            return None
+        items = torch.arange(self.spec.num_items)
+        kjt = self.data.features.make_batch(torch.zeros_like(items), items).sparse_features[f.name]
+        rows = torch.repeat_interleave(items, kjt.lengths())
+        vectors = torch.zeros(self.spec.num_items, f.num_embeddings)
+        vectors[rows, kjt.values()] = 1.0
+        return vectors
 
     def eval_pairs(self, split: str) -> Interactions:
         """The (user, item, label) rows scored in ``val`` or ``test``.
@@ -244,11 +278,78 @@ class RecDataModule(L.LightningDataModule):
             )
         return batch_loader(dataset, sampler, self.num_workers, self.pin_memory)
 
+    def _ranking_loader(self, split: str) -> DataLoader:
+        inter, rows = self.data.interactions, self.rows[split]
+        held_out = rows[inter.labels[rows] > 0]
+        users, items = inter.users[held_out], inter.items[held_out]
+        if self.ranking == "sampled":
+            negatives = self._saved_negatives(split, users)
+            dataset = SampledRanking(self.data.features, users, items, negatives)
+            per_query = 1 + self.ranking_negatives
+        else:
+            seen_rows = self.rows["train"]
+            if split == "test":
+                seen_rows = torch.cat([seen_rows, self.rows["val"]])
+            num_items = self.spec.num_items
+            dataset = FullRanking(
+                self.data.features,
+                users.unique(),
+                held_out=PositiveSet(users, items, num_items),
+                seen=PositiveSet(inter.users[seen_rows], inter.items[seen_rows], num_items),
+                num_items=num_items,
+            )
+            per_query = num_items
+        sampler = BatchIndexSampler(
+            torch.arange(len(dataset)),
+            max(1, self.eval_batch_size // per_query),
+            shuffle=False,
+            even_shards=False,
+        )
+        return batch_loader(dataset, sampler, self.num_workers, self.pin_memory)
+
+    def _saved_negatives(self, split: str, users: torch.Tensor) -> torch.Tensor:
+        """[Q, ranking_negatives] negatives of each held-out positive, sampled once with the
+        seed and kept beside the processed data, so every model and run ranks the same ones."""
+        key = cache_key(
+            f"ranking-{split}",
+            {
+                "split": self.split,
+                "seed": self.seed,
+                "negatives": self.ranking_negatives,
+                "feedback": self.feedback,
+            },
+        )
+        path = self.processed_dir / f"{key}.parquet"
+        if path.exists():
+            table = pq.read_table(path)
+            negatives = torch.from_numpy(
+                np.array(table.column("negatives").combine_chunks().flatten(), dtype=np.int64)
+            ).view(table.num_rows, self.ranking_negatives)
+            if torch.equal(torch.from_numpy(table.column("user").to_numpy()), users):
+                return negatives
+        g = torch.Generator().manual_seed(self.seed)
+        negatives = self.positives.sample(users, self.ranking_negatives, generator=g)
+        flat = pa.array(negatives.flatten().numpy())
+        table = pa.table(
+            {
+                "user": users.numpy(),
+                "negatives": pa.FixedSizeListArray.from_arrays(flat, self.ranking_negatives),
+            }
+        )
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        pq.write_table(table, tmp)
+        os.replace(tmp, path)
+        return negatives
+
     def train_dataloader(self) -> DataLoader:
         return self._loader("train")
 
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val")
+    def val_dataloader(self) -> DataLoader | list[DataLoader]:
+        if self.ranking is None:
+            return self._loader("val")
+        return [self._loader("val"), self._ranking_loader("val")]
 
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test")
+    def test_dataloader(self) -> DataLoader | list[DataLoader]:
+        if self.ranking is None:
+            return self._loader("test")
+        return [self._loader("test"), self._ranking_loader("test")]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import lightning as L
@@ -10,12 +11,20 @@ import torch.nn.functional as F
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import nn
-from torchmetrics import MeanMetric, MetricCollection
+from torchmetrics import CatMetric, MeanMetric, MetricCollection
 from torchmetrics.classification import BinaryAccuracy, BinaryAUROC
 from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
 
 from recsys.data.batch import Batch
+from recsys.data.ranking import RankingBatch
 from recsys.data.spec import FeatureSpec
+from recsys.metrics.ranking import (
+    RankingMetrics,
+    catalogue_coverage,
+    intra_list_diversity,
+    novelty,
+    personalization,
+)
 
 LOSSES = ("bce", "bpr")
 
@@ -42,7 +51,11 @@ class RecommenderModule(L.LightningModule):
             clipping and accumulation then do not apply.
         loss: ``bce`` (binary cross-entropy on logits) or ``bpr`` (Bayesian personalised
             ranking: -log sigmoid(s_pos - s_neg) over each positive and its sampled
-            negatives; needs ``data.feedback=implicit``). Evaluation is pointwise either way.
+            negatives; needs ``data.feedback=implicit``).
+        ranking_ks: cut-offs of the ranking metrics (``hr@K``, ``ndcg@K``, ``recall@K``) when
+            the data module adds a ranking loader (``data.ranking``).
+        list_k: length of the recommendation lists whose coverage, novelty, diversity and
+            personalization are reported after full-ranking tests.
         **net_kwargs: passed to the network (e.g. ``variant``, ``mlp_layers``).
     """
 
@@ -53,6 +66,8 @@ class RecommenderModule(L.LightningModule):
         optimizer: dict,
         sparse_optimizer: dict | None = None,
         loss: str = "bce",
+        ranking_ks: tuple[int, ...] = (5, 10, 20),
+        list_k: int = 10,
         **net_kwargs: Any,
     ):
         super().__init__()
@@ -70,6 +85,9 @@ class RecommenderModule(L.LightningModule):
         self.val_metrics = self._metrics("val/")
         self.test_metrics = self._metrics("test/")
         self.val_loss, self.test_logloss = MeanMetric(), MeanMetric()
+        self.val_ranking, self.test_ranking = RankingMetrics(ranking_ks), RankingMetrics(ranking_ks)
+        self.test_lists = CatMetric()  # top-K lists of full-ranking tests, flattened
+        self.scoring = {"users": 0, "seconds": 0.0}
         self.automatic_optimization = sparse_optimizer is None
 
     @staticmethod
@@ -106,23 +124,69 @@ class RecommenderModule(L.LightningModule):
         loss.update(F.binary_cross_entropy_with_logits(logits, labels, reduction="none"))
         metrics.update(torch.sigmoid(logits), labels.long())
 
-    def validation_step(self, batch: Batch, batch_idx: int) -> None:
-        self._eval_step(batch, self.val_metrics, self.val_loss)
+    def rank(self, batch: RankingBatch) -> torch.Tensor:
+        """Scores [Q, C] of each query's candidates; -inf where a candidate is not valid."""
+        logits = self(batch.pairs).view(batch.items.shape)
+        return logits.masked_fill(~batch.valid, float("-inf"))
+
+    def validation_step(self, batch: Batch | RankingBatch, batch_idx: int, dataloader_idx=0):
+        if isinstance(batch, RankingBatch):
+            self.val_ranking.update(self.rank(batch), batch.relevant)
+        else:
+            self._eval_step(batch, self.val_metrics, self.val_loss)
 
     def on_validation_epoch_end(self) -> None:
         self.log_dict(self.val_metrics.compute(), prog_bar=True)
         self.log("val/loss", self.val_loss.compute(), prog_bar=True)
-        self.val_metrics.reset()
-        self.val_loss.reset()
+        if self.val_ranking.update_called:
+            self.log_dict({f"val/{k}": v for k, v in self.val_ranking.compute().items()})
+        for m in (self.val_metrics, self.val_loss, self.val_ranking):
+            m.reset()
 
-    def test_step(self, batch: Batch, batch_idx: int) -> None:
-        self._eval_step(batch, self.test_metrics, self.test_logloss)
+    def test_step(self, batch: Batch | RankingBatch, batch_idx: int, dataloader_idx=0):
+        if not isinstance(batch, RankingBatch):
+            self._eval_step(batch, self.test_metrics, self.test_logloss)
+            return
+        start = time.perf_counter()
+        scores = self.rank(batch)
+        self.scoring["seconds"] += time.perf_counter() - start
+        self.scoring["users"] += len(batch)
+        self.test_ranking.update(scores, batch.relevant)
+        if not bool(batch.valid.all()):  # full ranking: these are recommendation lists
+            top = scores.topk(min(self.hparams.list_k, scores.shape[1]), dim=1).indices
+            self.test_lists.update(batch.items.gather(1, top).flatten())
 
     def on_test_epoch_end(self) -> None:
         self.log_dict(self.test_metrics.compute())
         self.log("test/logloss", self.test_logloss.compute())
-        self.test_metrics.reset()
-        self.test_logloss.reset()
+        if self.test_ranking.update_called:
+            self.log_dict({f"test/{k}": v for k, v in self.test_ranking.compute().items()})
+            seconds = max(self.scoring["seconds"], 1e-9)
+            self.log(
+                "test/users_per_sec", self.scoring["users"] / seconds * self.trainer.world_size
+            )
+        if self.test_lists.update_called:
+            self.log_dict(self._list_metrics(self.test_lists.compute()))
+        for m in (self.test_metrics, self.test_logloss, self.test_ranking, self.test_lists):
+            m.reset()
+        self.scoring = {"users": 0, "seconds": 0.0}
+
+    def _list_metrics(self, flat_lists: torch.Tensor) -> dict[str, float]:
+        """Coverage, novelty, diversity and personalization of the test top-K lists."""
+        dm = self.trainer.datamodule
+        k = min(self.hparams.list_k, self.spec.num_items)
+        lists = flat_lists.long().view(-1, k).cpu()
+        vectors = dm.item_vectors()
+        if vectors is None:  # no multi-hot item feature: diversity by the model's item vectors
+            vectors = self.net.item_embeddings().detach().float().cpu()
+        out = {
+            f"test/coverage@{k}": catalogue_coverage(lists, self.spec.num_items),
+            f"test/novelty@{k}": novelty(lists, dm.item_popularity()),
+            f"test/diversity@{k}": intra_list_diversity(lists, vectors),
+        }
+        if len(lists) > 1:
+            out[f"test/personalization@{k}"] = personalization(lists, self.spec.num_items)
+        return out
 
     def configure_optimizers(self) -> torch.optim.Optimizer | list[torch.optim.Optimizer]:
         dense_opt = instantiate(self.hparams.optimizer)

@@ -111,6 +111,10 @@ class DLRM(nn.Module):
                 **layers, dcn_num_layers=dcn_num_layers, dcn_low_rank_dim=dcn_low_rank_dim
             )
 
+    def item_embeddings(self) -> torch.Tensor:
+        """Item id vectors [num_items, D] (the ``item_id`` table)."""
+        return self.dlrm.sparse_arch.embedding_bag_collection.embedding_bags["t_item_id"].weight
+
     def forward(self, batch: Batch) -> torch.Tensor:
         """Returns: logits [B]."""
         dense = batch.dense_features

@@ -56,6 +56,10 @@ class Hybrid(nn.Module):
         self.mlp = mlp(2 * embedding_dim + self.num_dense, mlp_layers, dropout)
         self.head = nn.Linear(mlp_layers[-1], 1)
 
+    def item_embeddings(self) -> torch.Tensor:
+        """Item id vectors [num_items, D]."""
+        return self.item.weight
+
     def forward(self, batch: Batch) -> torch.Tensor:
         """Returns: logits [B]."""
         u = self.user(batch.ids("user_id"))

@@ -60,6 +60,11 @@ class NeuMF(nn.Module):
             if isinstance(m, nn.Embedding):
                 nn.init.normal_(m.weight, std=0.01)
 
+    def item_embeddings(self) -> torch.Tensor:
+        """Item vectors [num_items, G + M] (the towers' item tables side by side)."""
+        tables = [getattr(self, n).weight for n in ("gmf_item", "mlp_item") if hasattr(self, n)]
+        return torch.cat(tables, dim=1)
+
     def forward(self, batch: Batch) -> torch.Tensor:
         """Returns: logits [B]."""
         users, items = batch.ids("user_id"), batch.ids("item_id")

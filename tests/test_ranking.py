@@ -1,0 +1,98 @@
+"""Ranking evaluation: saved leave-one-out candidates, full-ranking masks, metrics in runs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hydra.utils import instantiate
+
+from recsys.train import run
+
+LOO = [
+    "data=movielens",
+    "data.variant=100k",
+    "data.feedback=implicit",
+    "data.split.kind=leave_one_out",
+]
+
+
+def _dm(make_cfg, *overrides):
+    dm = instantiate(make_cfg(*LOO, *overrides).data)
+    dm.prepare_data()
+    dm.setup()
+    return dm
+
+
+def _ranking_batches(dm, split="test"):
+    loaders = dm.test_dataloader() if split == "test" else dm.val_dataloader()
+    return list(loaders[1])
+
+
+def test_loo_candidates_saved_and_identical_across_runs(make_cfg, tmp_path):
+    dm = _dm(make_cfg, "data.ranking=sampled")
+    first = torch.cat([b.items for b in _ranking_batches(dm)])
+    saved = list(dm.processed_dir.glob("ranking-test-*.parquet"))
+    assert len(saved) == 1
+    assert first.shape == (dm.spec.num_users, 100)  # one held-out item + 99 negatives each
+    again = torch.cat([b.items for b in _ranking_batches(_dm(make_cfg, "data.ranking=sampled"))])
+    assert torch.equal(first, again)
+    saved[0].unlink()  # regenerated from the seed: the same candidates
+    regenerated = torch.cat(
+        [b.items for b in _ranking_batches(_dm(make_cfg, "data.ranking=sampled"))]
+    )
+    assert torch.equal(first, regenerated)
+    other_seed = _dm(make_cfg, "data.ranking=sampled", "seed=3")
+    assert not torch.equal(first, torch.cat([b.items for b in _ranking_batches(other_seed)]))
+
+
+def test_sampled_candidates_hold_the_test_item_and_no_other_positive(make_cfg):
+    dm = _dm(make_cfg, "data.ranking=sampled")
+    inter = dm.data.interactions
+    test_item = torch.full((dm.spec.num_users,), -1)
+    test_item[inter.users[dm.rows["test"]]] = inter.items[dm.rows["test"]]
+    for b in _ranking_batches(dm):
+        assert torch.equal(b.items[:, 0], test_item[b.users]) and b.relevant[:, 0].all()
+        users = b.users.repeat_interleave(99)
+        assert not dm.positives.contains(users, b.items[:, 1:].flatten()).any()
+
+
+def test_full_ranking_masks_training_items(make_cfg):
+    dm = _dm(make_cfg, "data.ranking=full")
+    inter = dm.data.interactions
+    b = _ranking_batches(dm)[0]
+    assert b.items.shape[1] == dm.spec.num_items
+    for q in range(3):
+        user = b.users[q]
+        train = inter.items[dm.rows["train"]][inter.users[dm.rows["train"]] == user]
+        val = inter.items[dm.rows["val"]][inter.users[dm.rows["val"]] == user]
+        test = inter.items[dm.rows["test"]][inter.users[dm.rows["test"]] == user]
+        invalid = (~b.valid[q]).nonzero().flatten()
+        assert torch.equal(invalid, torch.cat([train, val]).unique())
+        assert torch.equal(b.relevant[q].nonzero().flatten(), test)
+
+
+@pytest.mark.parametrize("mode", ["sampled", "full"])
+def test_runs_report_ranking_metrics(make_cfg, mode):
+    metrics = run(
+        make_cfg(
+            *LOO,
+            f"data.ranking={mode}",
+            "trainer.max_epochs=1",
+            "callbacks.model_checkpoint.monitor=val/ndcg@10",
+            "callbacks.early_stopping.monitor=val/ndcg@10",
+        )
+    )
+    for name in (
+        "val/ndcg@10",
+        "test/hr@10",
+        "test/ndcg@10",
+        "test/mrr",
+        "test/recall@20",
+        "test/users_per_sec",
+    ):
+        assert name in metrics, name
+    assert 0 < metrics["test/hr@10"] <= 1 and metrics["test/ndcg@10"] <= metrics["test/hr@10"]
+    if mode == "full":
+        for name in ("coverage@10", "novelty@10", "diversity@10", "personalization@10"):
+            assert f"test/{name}" in metrics, name
+        assert 0 < metrics["test/coverage@10"] <= 1
