@@ -47,7 +47,7 @@ def main(overrides: list[str]) -> None:
                     data,
                     model,
                     m["test/auroc"],
-                    m["test/popularity_auroc"],
+                    m["popularity/test/auroc"],
                     m.get("train/samples_per_sec", float("nan")),
                     time.perf_counter() - start,
                 )

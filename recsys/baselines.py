@@ -1,14 +1,36 @@
-"""Non-learned baselines scored on the same splits as the models."""
+"""Non-learned baselines, scored by the same LightningModule code as the models."""
 
 from __future__ import annotations
 
-from torchmetrics.functional.classification import binary_auroc
+import lightning as L
 
 from recsys.data.base import RecDataModule
+from recsys.lit.module import RecommenderModule
 
 
-def popularity_auroc(dm: RecDataModule, split: str = "test") -> float:
-    """AUROC of scoring each (user, item) pair of ``split`` by the item's training popularity."""
-    pairs = dm.eval_pairs(split)
-    scores = dm.item_popularity()[pairs.items]
-    return float(binary_auroc(scores, pairs.labels.long()))
+def popularity_module(dm: RecDataModule, like: RecommenderModule) -> RecommenderModule:
+    """The popularity baseline (items scored by training interactions), evaluated with the
+    ranking settings of ``like``; its test metrics are named ``popularity/test/...``."""
+    module = RecommenderModule(
+        net="recsys.models.Popularity",
+        spec=dm.spec.to_dict(),
+        ranking_ks=like.hparams.ranking_ks,
+        list_k=like.hparams.list_k,
+    )
+    module.net.fit(dm.item_popularity())
+    module.metric_prefix = "popularity/"
+    return module
+
+
+def evaluate_with_baseline(
+    trainer: L.Trainer, model: RecommenderModule, dm: RecDataModule, ckpt_path: str | None
+) -> dict[str, float]:
+    """Test ``model`` (from ``ckpt_path`` when given), then the popularity baseline on the same
+    pairs and candidates; returns both sets of metrics."""
+    trainer.test(model, datamodule=dm, ckpt_path=ckpt_path)
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    trainer.test(popularity_module(dm, model), datamodule=dm)
+    metrics.update(
+        {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("popularity/")}
+    )
+    return metrics

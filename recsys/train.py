@@ -11,7 +11,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from recsys.baselines import popularity_auroc
+from recsys.baselines import evaluate_with_baseline
 from recsys.callbacks import SamplesPerSecond
 from recsys.data.base import RecDataModule
 
@@ -29,6 +29,7 @@ def build(cfg: DictConfig) -> tuple[RecDataModule, L.LightningModule, L.Trainer]
     dm: RecDataModule = instantiate(cfg.data)
     dm.prepare_data()  # the model needs the dataset's sizes before the Trainer starts
     model = instantiate(cfg.model, spec=dm.spec.to_dict(), _recursive_=False)
+    model.data_config = OmegaConf.to_container(cfg.data, resolve=True)
     callbacks = instantiate_group(cfg.get("callbacks"))
     loggers = instantiate_group(cfg.get("logger"))
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
@@ -39,11 +40,11 @@ def build(cfg: DictConfig) -> tuple[RecDataModule, L.LightningModule, L.Trainer]
 
 
 def run(cfg: DictConfig) -> dict[str, float | str]:
-    """Train, test the best checkpoint, write ``metrics.json``; returns the metrics.
+    """Train, test the best checkpoint and the popularity baseline, write ``metrics.json``.
 
-    The returned dict holds every metric logged at the end (``test/auroc``, ``val/auroc``,
-    ...), the popularity baseline on the test split, training throughput and
-    ``best_model_path``. A sweeper optimises ``cfg.optimized_metric`` from it.
+    Returns every metric logged at the end (``test/auroc``, ``val/auroc``,
+    ``popularity/test/auroc``, ...), training throughput and ``best_model_path``. A sweeper
+    optimises ``cfg.optimized_metric`` from it.
     """
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
@@ -58,27 +59,21 @@ def run(cfg: DictConfig) -> dict[str, float | str]:
             "no best checkpoint (fast_dev_run or no checkpoint callback): "
             "testing the current weights"
         )
-    trainer.test(model, datamodule=dm, ckpt_path=best or None)
-
     metrics: dict[str, float | str] = {**fit_metrics}
-    metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
-    metrics["test/popularity_auroc"] = popularity_auroc(dm, "test")
+    metrics.update(evaluate_with_baseline(trainer, model, dm, best or None))
     speed = next((c for c in trainer.callbacks if isinstance(c, SamplesPerSecond)), None)
     if speed is not None and speed.overall is not None:
         metrics["train/samples_per_sec"] = speed.overall
     metrics["best_model_path"] = best
-    _report(metrics, Path(cfg.paths.output_dir))
+    report(metrics, Path(cfg.paths.output_dir))
     return metrics
 
 
 @rank_zero_only
-def _report(metrics: dict, output_dir: Path) -> None:
+def report(metrics: dict, output_dir: Path) -> None:
+    """Write ``metrics.json`` into the run folder and print the numbers."""
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
-    lines = [f"  {k:<28} {v:.4f}" for k, v in sorted(metrics.items()) if isinstance(v, float)]
-    log.info(
-        "Results (also in %s):\n%s\n  best checkpoint: %s",
-        output_dir / "metrics.json",
-        "\n".join(lines),
-        metrics["best_model_path"] or "-",
-    )
+    lines = [f"  {k:<32} {v:.4f}" for k, v in sorted(metrics.items()) if isinstance(v, float)]
+    extra = [f"  {k}: {v}" for k, v in sorted(metrics.items()) if isinstance(v, str)]
+    log.info("Results (also in %s):\n%s", output_dir / "metrics.json", "\n".join(lines + extra))

@@ -102,6 +102,6 @@ def test_bpr_learns_on_ml100k(make_cfg):
     )
     print(
         f"implicit ml-100k NeuMF+BPR test AUROC {metrics['test/auroc']:.4f}, "
-        f"popularity {metrics['test/popularity_auroc']:.4f}"
+        f"popularity {metrics['popularity/test/auroc']:.4f}"
     )
-    assert metrics["test/auroc"] > metrics["test/popularity_auroc"]
+    assert metrics["test/auroc"] > metrics["popularity/test/auroc"]

@@ -325,7 +325,7 @@ class RecDataModule(L.LightningDataModule):
             negatives = torch.from_numpy(
                 np.array(table.column("negatives").combine_chunks().flatten(), dtype=np.int64)
             ).view(table.num_rows, self.ranking_negatives)
-            if torch.equal(torch.from_numpy(table.column("user").to_numpy()), users):
+            if torch.equal(torch.from_numpy(table.column("user").to_numpy().copy()), users):
                 return negatives
         g = torch.Generator().manual_seed(self.seed)
         negatives = self.positives.sample(users, self.ranking_negatives, generator=g)

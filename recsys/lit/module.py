@@ -63,7 +63,7 @@ class RecommenderModule(L.LightningModule):
         self,
         net: str,
         spec: dict,
-        optimizer: dict,
+        optimizer: dict | None = None,
         sparse_optimizer: dict | None = None,
         loss: str = "bce",
         ranking_ks: tuple[int, ...] = (5, 10, 20),
@@ -88,6 +88,10 @@ class RecommenderModule(L.LightningModule):
         self.val_ranking, self.test_ranking = RankingMetrics(ranking_ks), RankingMetrics(ranking_ks)
         self.test_lists = CatMetric()  # top-K lists of full-ranking tests, flattened
         self.scoring = {"users": 0, "seconds": 0.0}
+        # prepended to the names of test metrics, e.g. "popularity/" for the baseline
+        self.metric_prefix = ""
+        # the data config of the run, stored in checkpoints so evaluate/predict rebuild the data
+        self.data_config: dict | None = None
         self.automatic_optimization = sparse_optimizer is None
 
     @staticmethod
@@ -157,16 +161,14 @@ class RecommenderModule(L.LightningModule):
             self.test_lists.update(batch.items.gather(1, top).flatten())
 
     def on_test_epoch_end(self) -> None:
-        self.log_dict(self.test_metrics.compute())
-        self.log("test/logloss", self.test_logloss.compute())
+        out = {**self.test_metrics.compute(), "test/logloss": self.test_logloss.compute()}
         if self.test_ranking.update_called:
-            self.log_dict({f"test/{k}": v for k, v in self.test_ranking.compute().items()})
+            out.update({f"test/{k}": v for k, v in self.test_ranking.compute().items()})
             seconds = max(self.scoring["seconds"], 1e-9)
-            self.log(
-                "test/users_per_sec", self.scoring["users"] / seconds * self.trainer.world_size
-            )
+            out["test/users_per_sec"] = self.scoring["users"] / seconds * self.trainer.world_size
         if self.test_lists.update_called:
-            self.log_dict(self._list_metrics(self.test_lists.compute()))
+            out.update(self._list_metrics(self.test_lists.compute()))
+        self.log_dict({self.metric_prefix + k: v for k, v in out.items()})
         for m in (self.test_metrics, self.test_logloss, self.test_ranking, self.test_lists):
             m.reset()
         self.scoring = {"users": 0, "seconds": 0.0}
@@ -188,7 +190,16 @@ class RecommenderModule(L.LightningModule):
             out[f"test/personalization@{k}"] = personalization(lists, self.spec.num_items)
         return out
 
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        if self.data_config is not None:
+            checkpoint["data_config"] = self.data_config
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.data_config = checkpoint.get("data_config")
+
     def configure_optimizers(self) -> torch.optim.Optimizer | list[torch.optim.Optimizer]:
+        if self.hparams.optimizer is None:
+            raise ValueError("training needs model.optimizer (a partial torch optimizer config)")
         dense_opt = instantiate(self.hparams.optimizer)
         if self.hparams.sparse_optimizer is None:
             return dense_opt(params=self.parameters())

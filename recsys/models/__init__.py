@@ -3,5 +3,6 @@
 from recsys.models.dlrm import DLRM
 from recsys.models.hybrid import Hybrid
 from recsys.models.ncf import NeuMF
+from recsys.models.popularity import Popularity
 
-__all__ = ["DLRM", "Hybrid", "NeuMF"]
+__all__ = ["DLRM", "Hybrid", "NeuMF", "Popularity"]

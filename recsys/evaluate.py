@@ -1,0 +1,61 @@
+"""Evaluation of a checkpoint: rebuild its model and data, test, report."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from recsys.baselines import evaluate_with_baseline
+from recsys.data.base import RecDataModule
+from recsys.lit.module import RecommenderModule
+from recsys.train import report
+
+log = logging.getLogger(__name__)
+
+
+def load_checkpoint(cfg: DictConfig) -> tuple[RecDataModule, RecommenderModule]:
+    """The model of ``cfg.ckpt_path`` and its data module (prepared and set up).
+
+    The data config saved in the checkpoint is used with this run's ``paths`` (data and cache
+    folders) and the changes in ``cfg.data`` (and ``cfg.ranking`` when set).
+    """
+    path = Path(cfg.ckpt_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"ckpt_path={path} is not a file; pass a .ckpt of a training run")
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    data_cfg = checkpoint.get("data_config")
+    if data_cfg is None:
+        raise ValueError(f"{path} holds no data config: it was not written by recsys train.py")
+    for key in ("data_dir", "cache_dir"):
+        if key in data_cfg:
+            data_cfg[key] = str(cfg.paths[key])
+    if cfg.get("data") is not None:
+        data_cfg.update(OmegaConf.to_container(cfg.data, resolve=True))
+    if cfg.get("ranking") is not None:
+        data_cfg["ranking"] = cfg.ranking
+    dm: RecDataModule = instantiate(data_cfg)
+    dm.prepare_data()
+    dm.setup("test")
+    model = RecommenderModule.load_from_checkpoint(path, map_location="cpu")
+    if model.spec != dm.spec:
+        raise ValueError(
+            f"the data ({dm.source}: {dm.spec.num_users} users, {dm.spec.num_items} items) "
+            f"differs from the data {path} was trained on ({model.spec.num_users} users, "
+            f"{model.spec.num_items} items); point paths.data_dir at the same files"
+        )
+    return dm, model
+
+
+def run(cfg: DictConfig) -> dict[str, float | str]:
+    """Test the checkpoint (pointwise and, with ``data.ranking``, ranking metrics) beside the
+    popularity baseline; print the table and write ``metrics.json`` in the run folder."""
+    dm, model = load_checkpoint(cfg)
+    trainer = instantiate(cfg.trainer, logger=False, callbacks=[])
+    metrics: dict[str, float | str] = evaluate_with_baseline(trainer, model, dm, None)
+    metrics["ckpt_path"] = str(cfg.ckpt_path)
+    report(metrics, Path(cfg.paths.output_dir))
+    return metrics

@@ -1,0 +1,137 @@
+"""evaluate.py and predict.py on a checkpoint written by a real training run."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+from hydra import compose, initialize_config_dir
+
+from recsys import evaluate, predict
+from recsys.train import run as train
+from tests.conftest import CONF_DIR
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, data_dir, cache_dir):
+    """A short implicit-feedback NeuMF run on ml-100k with leave-one-out ranking."""
+    out = tmp_path_factory.mktemp("train")
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        cfg = compose(
+            "train",
+            overrides=[
+                f"paths.data_dir={data_dir}",
+                f"paths.cache_dir={cache_dir}",
+                f"paths.output_dir={out}",
+                "trainer.accelerator=cpu",
+                "logger=none",
+                "data.feedback=implicit",
+                "data.split.kind=leave_one_out",
+                "data.ranking=sampled",
+                "trainer.max_epochs=1",
+                "~callbacks.progress_bar",
+            ],
+        )
+    metrics = train(cfg)
+    return metrics, metrics["best_model_path"]
+
+
+def _cfg(name, data_dir, cache_dir, out, *overrides):
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        return compose(
+            name,
+            overrides=[
+                f"paths.data_dir={data_dir}",
+                f"paths.cache_dir={cache_dir}",
+                f"paths.output_dir={out}",
+                *overrides,
+            ],
+        )
+
+
+def test_evaluate_reproduces_training_test_metrics(trained, data_dir, cache_dir, tmp_path):
+    train_metrics, ckpt = trained
+    cfg = _cfg(
+        "evaluate",
+        data_dir,
+        cache_dir,
+        tmp_path,
+        f"ckpt_path={ckpt}",
+        "trainer.accelerator=cpu",
+        "+trainer.enable_progress_bar=false",
+    )
+    metrics = evaluate.run(cfg)
+    for name in (
+        "test/auroc",
+        "test/logloss",
+        "test/hr@10",
+        "test/ndcg@10",
+        "test/mrr",
+        "popularity/test/hr@10",
+    ):
+        assert metrics[name] == pytest.approx(train_metrics[name], abs=1e-6), name
+    assert json.loads((tmp_path / "metrics.json").read_text())["test/hr@10"] == pytest.approx(
+        train_metrics["test/hr@10"]
+    )
+
+
+def test_evaluate_full_ranking_adds_list_metrics(trained, data_dir, cache_dir, tmp_path):
+    cfg = _cfg(
+        "evaluate",
+        data_dir,
+        cache_dir,
+        tmp_path,
+        f"ckpt_path={trained[1]}",
+        "ranking=full",
+        "trainer.accelerator=cpu",
+        "+trainer.enable_progress_bar=false",
+    )
+    metrics = evaluate.run(cfg)
+    assert 0 < metrics["test/coverage@10"] <= 1 and metrics["test/novelty@10"] > 0
+    assert "popularity/test/coverage@10" in metrics
+
+
+def test_predict_excludes_seen_items(trained, data_dir, cache_dir, tmp_path):
+    out = tmp_path / "recs.parquet"
+    cfg = _cfg(
+        "predict", data_dir, cache_dir, tmp_path, f"ckpt_path={trained[1]}", "k=7", f"output={out}"
+    )
+    assert predict.run(cfg)["rows"] > 0
+    recs = pd.read_parquet(out)
+    ratings = pd.read_csv(
+        data_dir / "ml-100k" / "u.data",
+        sep="\t",
+        header=None,
+        names=["user", "item", "rating", "ts"],
+    ).astype(str)
+    seen = set(zip(ratings.user, ratings.item, strict=True))
+    assert not any(p in seen for p in zip(recs.user_id, recs.item_id, strict=True))
+    assert recs.groupby("user_id").size().eq(7).all()
+    assert recs.user_id.nunique() == ratings.user.nunique()
+    assert recs.title.str.len().gt(0).all() and (recs.source == "model").all()
+
+
+def test_predict_unknown_ids(trained, data_dir, cache_dir, tmp_path):
+    base = [f"ckpt_path={trained[1]}", "k=3"]
+    with pytest.raises(ValueError, match=r"unknown user ids \['424242'\].*fallback=popular"):
+        predict.run(_cfg("predict", data_dir, cache_dir, tmp_path, *base, "user_ids=[1,424242]"))
+    cfg = _cfg(
+        "predict", data_dir, cache_dir, tmp_path, *base, "user_ids=[1,424242]", "fallback=popular"
+    )
+    recs = pd.read_csv(predict.run(cfg)["output"], dtype={"user_id": str, "item_id": str})
+    assert (recs[recs.user_id == "424242"].source == "popular").all()
+    assert (recs[recs.user_id == "1"].source == "model").all()
+    with pytest.raises(ValueError, match="similar_to='no-such-item' is not an item id"):
+        predict.run(
+            _cfg("predict", data_dir, cache_dir, tmp_path, *base, "similar_to=no-such-item")
+        )
+
+
+def test_predict_similar_items(trained, data_dir, cache_dir, tmp_path):
+    cfg = _cfg(
+        "predict", data_dir, cache_dir, tmp_path, f"ckpt_path={trained[1]}", "similar_to=1", "k=5"
+    )
+    recs = pd.read_csv(predict.run(cfg)["output"], dtype={"item_id": str})
+    assert len(recs) == 5 and "1" not in set(recs.item_id)
+    assert recs.similarity.is_monotonic_decreasing
