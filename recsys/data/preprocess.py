@@ -239,7 +239,7 @@ def assemble(
     ):
         table = pd.DataFrame({"raw_id": ids.astype(str)})
         if side is not None:
-            unknown = ~ids.isin(side.index)
+            unknown = side.index.get_indexer(ids) < 0  # (faster than isin on Arrow strings)
             report.record(
                 f"interactions whose {entity} has no row in the {entity} file",
                 int(unknown[codes].sum()),

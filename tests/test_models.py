@@ -1,0 +1,117 @@
+"""Every model on every dataset, and the model-specific options."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+
+from recsys.lit.module import embedding_parameters
+from recsys.train import run
+
+MODELS = ["ncf", "hybrid", "dlrm"]
+
+
+@pytest.fixture(scope="session")
+def interactions_csv(tmp_path_factory):
+    """A small interaction file in the brief-004 layout (userId,itemId,target)."""
+    rng = np.random.default_rng(0)
+    n = 3000
+    df = pd.DataFrame(
+        {
+            "userId": rng.integers(0, 100, n),
+            "itemId": rng.integers(0, 80, n),
+            "target": rng.integers(0, 2, n),
+        }
+    ).drop_duplicates(["userId", "itemId"])
+    path = tmp_path_factory.mktemp("csv") / "train.csv"
+    df.to_csv(path, index=False)
+    return path
+
+
+DATASETS = {
+    "movielens": ["data=movielens", "data.variant=100k"],
+    "synthetic": ["data=synthetic"],
+    "books": ["data=books"],
+    "csv": ["data=csv"],
+}
+
+
+@pytest.mark.parametrize("data", list(DATASETS))
+@pytest.mark.parametrize("model", MODELS)
+def test_every_model_on_every_dataset(make_cfg, interactions_csv, model, data):
+    overrides = [*DATASETS[data], f"model={model}", "debug=fdr"]
+    if data == "csv":
+        overrides.append(f"data.path={interactions_csv}")
+    metrics = run(make_cfg(*overrides))
+    assert np.isfinite(metrics["train/loss"]) and 0.0 <= metrics["test/auroc"] <= 1.0
+
+
+def _net_and_batch(make_cfg, *overrides):
+    cfg = make_cfg("data=movielens", "data.variant=100k", "data.batch_size=64", *overrides)
+    dm = instantiate(cfg.data)
+    dm.prepare_data()
+    dm.setup()
+    module = instantiate(cfg.model, spec=dm.spec.to_dict(), _recursive_=False)
+    return module, next(iter(dm.train_dataloader())), dm
+
+
+def test_dlrm_tables_cover_every_sparse_feature(make_cfg):
+    module, batch, dm = _net_and_batch(
+        make_cfg, "model=dlrm", "model.feature_pooling={genres: mean}"
+    )
+    ebc = module.net.dlrm.sparse_arch.embedding_bag_collection
+    configs = {c.feature_names[0]: c for c in ebc.embedding_bag_configs()}
+    assert list(configs) == dm.spec.sparse_names
+    for f in dm.spec.sparse:
+        assert configs[f.name].num_embeddings == f.num_embeddings
+    assert configs["genres"].pooling.name == "MEAN" and configs["gender"].pooling.name == "SUM"
+    assert module(batch).shape == (64,)
+
+
+def test_dlrm_dcn_interaction(make_cfg):
+    module, batch, _ = _net_and_batch(make_cfg, "model=dlrm", "model.interaction=dcn")
+    assert type(module.net.dlrm).__name__ == "DLRM_DCN"
+    assert module(batch).shape == (64,)
+
+
+def test_dlrm_rejects_bad_options(make_cfg):
+    with pytest.raises(InstantiationException, match="must end in model.embedding_dim"):
+        _net_and_batch(make_cfg, "model=dlrm", "model.dense_arch_layers=[64,16]")
+    with pytest.raises(InstantiationException, match="unknown features"):
+        _net_and_batch(make_cfg, "model=dlrm", "model.feature_pooling={colour: mean}")
+
+
+def test_dlrm_sparse_and_dense_optimizers(make_cfg):
+    module, _, _ = _net_and_batch(make_cfg, "model=dlrm")
+    sparse_opt, dense_opt = module.configure_optimizers()
+    assert isinstance(sparse_opt, torch.optim.Adagrad) and isinstance(dense_opt, torch.optim.Adam)
+    sparse = {id(p) for g in sparse_opt.param_groups for p in g["params"]}
+    dense = {id(p) for g in dense_opt.param_groups for p in g["params"]}
+    assert sparse == {id(p) for p in embedding_parameters(module.net)}
+    assert not sparse & dense and sparse | dense == {id(p) for p in module.parameters()}
+
+
+def test_hybrid_side_features_change_the_score(make_cfg):
+    module, batch, dm = _net_and_batch(make_cfg, "model=hybrid", "model.use_side_features=true")
+    torch.manual_seed(0)
+    for p in module.parameters():  # make the side tables matter
+        torch.nn.init.normal_(p, std=0.5)
+    users, items = batch.ids("user_id")[:2], batch.ids("item_id")[:2]
+    a = dm.data.features.make_batch(users, items)
+    b = dm.data.features.make_batch(users, items)
+    b.dense_features = b.dense_features + 1.0
+    assert not torch.allclose(module(a), module(b))
+    plain, _, _ = _net_and_batch(make_cfg, "model=hybrid")
+    assert plain.net.side is None and plain.net.num_dense == 0
+
+
+def test_hybrid_is_dot_plus_mlp(make_cfg):
+    module, batch, _ = _net_and_batch(make_cfg, "model=hybrid")
+    net = module.net
+    u, i = net.user(batch.ids("user_id")), net.item(batch.ids("item_id"))
+    expected = (u * i).sum(1) + net.head(net.mlp(torch.cat([u, i], 1))).squeeze(1)
+    assert torch.allclose(module(batch), expected)
