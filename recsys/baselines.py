@@ -11,6 +11,7 @@ from recsys.lit.module import RecommenderModule
 def popularity_module(dm: RecDataModule, like: RecommenderModule) -> RecommenderModule:
     """The popularity baseline (items scored by training interactions), evaluated with the
     ranking settings of ``like``; its test metrics are named ``popularity/test/...``."""
+    dm.setup("test")  # a no-op unless the data was only set up in spawned processes
     module = RecommenderModule(
         net="recsys.models.Popularity",
         spec=dm.spec.to_dict(),
