@@ -28,6 +28,7 @@ def test_groups_exist():
         "paths",
         "hydra",
         "experiment",
+        "hparams_search",
         "debug",
     ):
         assert options(group), group
@@ -89,7 +90,9 @@ def test_debug_options_compose(make_cfg, name):
 
 @pytest.mark.parametrize("name", options("experiment"))
 def test_experiments_run(make_cfg, name):
-    metrics = run(make_cfg(f"experiment={name}", "debug=fdr"))
+    # cluster experiments run here on one CPU process: what is tested is the rest of the file
+    single = ["trainer.devices=1", "++trainer.num_nodes=1", "++trainer.strategy=auto"]
+    metrics = run(make_cfg(f"experiment={name}", "debug=fdr", *single))
     assert "test/auroc" in metrics
 
 

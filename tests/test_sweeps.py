@@ -1,0 +1,104 @@
+"""Hydra multirun grids, the Optuna sweeper, the SLURM launcher config, run comparison."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from hydra import compose, initialize_config_dir
+
+from tests.conftest import CONF_DIR
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _train(tmp_path, data_dir, cache_dir, *args: str) -> str:
+    out = subprocess.run(
+        [
+            sys.executable,
+            "train.py",
+            *args,
+            "data=synthetic",
+            "debug=limit",
+            "logger=csv",
+            "trainer.accelerator=cpu",
+            f"paths.data_dir={data_dir}",
+            f"paths.cache_dir={cache_dir}",
+            f"paths.log_dir={tmp_path}",
+            "callbacks.progress_bar.refresh_rate=0",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    return out.stdout + out.stderr
+
+
+def test_grid_sweep_and_compare(tmp_path, data_dir, cache_dir):
+    _train(tmp_path, data_dir, cache_dir, "-m", "model=ncf,hybrid", "data.batch_size=256,512")
+    (sweep,) = (tmp_path / "train" / "multiruns").iterdir()
+    runs = sorted(sweep.glob("*/metrics.json"))
+    assert len(runs) == 4
+
+    chart = tmp_path / "chart.png"
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "recsys.compare",
+            str(sweep),
+            "--metric",
+            "val/auroc",
+            "--output",
+            str(chart),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    header, *rows = out.stdout.strip().splitlines()[:5]
+    assert "model" in header and "data.batch_size" in header and "val/auroc" in header
+    assert len(rows) == 4 and sum("hybrid" in r for r in rows) == 2
+    assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_optuna_sweep(tmp_path, data_dir, cache_dir):
+    _train(
+        tmp_path,
+        data_dir,
+        cache_dir,
+        "hparams_search=ncf_optuna",
+        "hydra.sweeper.n_trials=3",
+        "hydra.sweeper.sampler.n_startup_trials=2",
+    )
+    (sweep,) = (tmp_path / "train" / "multiruns").iterdir()
+    assert len(list(sweep.glob("*/metrics.json"))) == 3
+    best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
+    assert 0 < best["best_value"] <= 1 and "model.optimizer.lr" in best["best_params"]
+
+
+def test_slurm_experiment_composes():
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=["experiment=slurm_2x8_dlrm"], return_hydra_config=True)
+    assert cfg.trainer.num_nodes == 2 and cfg.trainer.devices == 8
+    assert cfg.trainer.strategy == "ddp"
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("SlurmLauncher")
+    assert launcher.nodes == 2 and launcher.tasks_per_node == 8 and launcher.gpus_per_node == 8
+
+
+@pytest.mark.parametrize("path", ["nowhere"])
+def test_compare_rejects_missing_folders(tmp_path, path):
+    from recsys.compare import load_runs
+
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_runs([tmp_path / path])
+    with pytest.raises(FileNotFoundError, match="no metrics.json"):
+        load_runs([tmp_path])
