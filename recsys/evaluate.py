@@ -11,6 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from recsys.baselines import evaluate_with_baseline
 from recsys.data.base import RecDataModule
+from recsys.distributed.torchrec_strategy import META_FILE, TorchRecStrategy
 from recsys.lit.module import RecommenderModule
 from recsys.train import report
 
@@ -24,9 +25,12 @@ def load_checkpoint(cfg: DictConfig) -> tuple[RecDataModule, RecommenderModule]:
     folders) and the changes in ``cfg.data`` (and ``cfg.ranking`` when set).
     """
     path = Path(cfg.ckpt_path)
-    if not path.is_file():
-        raise FileNotFoundError(f"ckpt_path={path} is not a file; pass a .ckpt of a training run")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    if path.is_dir():  # a sharded checkpoint of trainer.strategy=torchrec: weights load at test
+        checkpoint = torch.load(path / META_FILE, map_location="cpu", weights_only=False)
+    elif path.is_file():
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    else:
+        raise FileNotFoundError(f"ckpt_path={path} does not exist; pass a training checkpoint")
     data_cfg = checkpoint.get("data_config")
     if data_cfg is None:
         raise ValueError(f"{path} holds no data config: it was not written by recsys train.py")
@@ -40,7 +44,10 @@ def load_checkpoint(cfg: DictConfig) -> tuple[RecDataModule, RecommenderModule]:
     dm: RecDataModule = instantiate(data_cfg)
     dm.prepare_data()
     dm.setup("test")
-    model = RecommenderModule.load_from_checkpoint(path, map_location="cpu")
+    if path.is_dir():
+        model = RecommenderModule(**checkpoint["hyper_parameters"])
+    else:
+        model = RecommenderModule.load_from_checkpoint(path, map_location="cpu")
     if model.spec != dm.spec:
         raise ValueError(
             f"the data ({dm.source}: {dm.spec.num_users} users, {dm.spec.num_items} items) "
@@ -55,7 +62,10 @@ def run(cfg: DictConfig) -> dict[str, float | str]:
     popularity baseline; print the table and write ``metrics.json`` in the run folder."""
     dm, model = load_checkpoint(cfg)
     trainer = instantiate(cfg.trainer, logger=False, callbacks=[])
-    metrics: dict[str, float | str] = evaluate_with_baseline(trainer, model, dm, None)
+    sharded = Path(cfg.ckpt_path).is_dir()  # the strategy loads its shards at test
+    if sharded and not isinstance(trainer.strategy, TorchRecStrategy):
+        raise ValueError(f"{cfg.ckpt_path} is a sharded checkpoint: add trainer=torchrec")
+    metrics = evaluate_with_baseline(trainer, model, dm, str(cfg.ckpt_path) if sharded else None)
     metrics["ckpt_path"] = str(cfg.ckpt_path)
     report(metrics, Path(cfg.paths.output_dir))
     return metrics

@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from recsys.baselines import evaluate_with_baseline
 from recsys.callbacks import SamplesPerSecond
 from recsys.data.base import RecDataModule
+from recsys.distributed import TorchRecStrategy  # noqa: F401  (registers trainer.strategy=torchrec)
 
 log = logging.getLogger(__name__)
 

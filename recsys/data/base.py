@@ -105,6 +105,8 @@ class RecDataModule(L.LightningDataModule):
         self.data: ProcessedDataset | None = None
         self.rows: dict[str, torch.Tensor] = {}
         self.positives: PositiveSet | None = None
+        # every rank gets as many evaluation rows (set by strategies whose steps are collective)
+        self.even_eval_shards = False
         self._eval_pairs: dict[str, Interactions] = {}
 
     # --- to implement -------------------------------------------------------------------
@@ -274,7 +276,10 @@ class RecDataModule(L.LightningDataModule):
             pairs = self.eval_pairs(split)
             dataset = InteractionBatches(pairs, features)
             sampler = BatchIndexSampler(
-                torch.arange(len(pairs)), self.eval_batch_size, shuffle=False, even_shards=False
+                torch.arange(len(pairs)),
+                self.eval_batch_size,
+                shuffle=False,
+                even_shards=self.even_eval_shards,
             )
         return batch_loader(dataset, sampler, self.num_workers, self.pin_memory)
 
@@ -303,7 +308,7 @@ class RecDataModule(L.LightningDataModule):
             torch.arange(len(dataset)),
             max(1, self.eval_batch_size // per_query),
             shuffle=False,
-            even_shards=False,
+            even_shards=self.even_eval_shards,
         )
         return batch_loader(dataset, sampler, self.num_workers, self.pin_memory)
 

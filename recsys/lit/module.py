@@ -14,6 +14,7 @@ from torch import nn
 from torchmetrics import CatMetric, MeanMetric, MetricCollection
 from torchmetrics.classification import BinaryAccuracy, BinaryAUROC
 from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
+from torchrec.optim.optimizers import in_backward_optimizer_filter
 
 from recsys.data.batch import Batch
 from recsys.data.ranking import RankingBatch
@@ -93,6 +94,8 @@ class RecommenderModule(L.LightningModule):
         # the data config of the run, stored in checkpoints so evaluate/predict rebuild the data
         self.data_config: dict | None = None
         self.automatic_optimization = sparse_optimizer is None
+        # set by the torchrec strategy: the tables' optimizer runs fused in the backward pass
+        self.fused_sparse = False
 
     @staticmethod
     def _metrics(prefix: str) -> MetricCollection:
@@ -201,6 +204,9 @@ class RecommenderModule(L.LightningModule):
         if self.hparams.optimizer is None:
             raise ValueError("training needs model.optimizer (a partial torch optimizer config)")
         dense_opt = instantiate(self.hparams.optimizer)
+        if self.fused_sparse:
+            dense = [p for _, p in in_backward_optimizer_filter(self.named_parameters())]
+            return dense_opt(params=dense)
         if self.hparams.sparse_optimizer is None:
             return dense_opt(params=self.parameters())
         sparse = {id(p) for p in embedding_parameters(self.net)}
