@@ -13,6 +13,7 @@ from recsys.baselines import evaluate_with_baseline
 from recsys.data.base import RecDataModule
 from recsys.distributed.torchrec_strategy import META_FILE, TorchRecStrategy
 from recsys.lit.module import RecommenderModule
+from recsys.metrics.ranking import latency_percentiles, peak_memory_mb
 from recsys.train import report
 
 log = logging.getLogger(__name__)
@@ -57,15 +58,34 @@ def load_checkpoint(cfg: DictConfig) -> tuple[RecDataModule, RecommenderModule]:
     return dm, model
 
 
+@torch.inference_mode()
+def request_latency(model: RecommenderModule, dm: RecDataModule, repeats: int) -> dict:
+    """Latency of one recommendation request: build the batch of one user x every item and
+    score it (``test/latency_p50_ms``, ``test/latency_p99_ms``)."""
+    model.eval()
+    items = torch.arange(dm.spec.num_items)
+    users = torch.zeros_like(items)
+
+    def request(_) -> torch.Tensor:
+        return model(dm.data.features.make_batch(users, items))
+
+    timing = latency_percentiles(request, None, warmup=5, repeats=repeats)
+    return {f"test/latency_{k}": v for k, v in timing.items()}
+
+
 def run(cfg: DictConfig) -> dict[str, float | str]:
     """Test the checkpoint (pointwise and, with ``data.ranking``, ranking metrics) beside the
-    popularity baseline; print the table and write ``metrics.json`` in the run folder."""
+    popularity baseline, time single requests, and report peak memory; print the table and
+    write ``metrics.json`` in the run folder."""
     dm, model = load_checkpoint(cfg)
     trainer = instantiate(cfg.trainer, logger=False, callbacks=[])
     sharded = Path(cfg.ckpt_path).is_dir()  # the strategy loads its shards at test
     if sharded and not isinstance(trainer.strategy, TorchRecStrategy):
         raise ValueError(f"{cfg.ckpt_path} is a sharded checkpoint: add trainer=torchrec")
     metrics = evaluate_with_baseline(trainer, model, dm, str(cfg.ckpt_path) if sharded else None)
+    if not sharded:  # a sharded model scores collectively: no single-request timing
+        metrics.update(request_latency(model, dm, repeats=cfg.latency_repeats))
+    metrics["test/peak_memory_mb"] = peak_memory_mb()
     metrics["ckpt_path"] = str(cfg.ckpt_path)
     report(metrics, Path(cfg.paths.output_dir))
     return metrics

@@ -89,6 +89,8 @@ def test_evaluate_full_ranking_adds_list_metrics(trained, data_dir, cache_dir, t
     )
     metrics = evaluate.run(cfg)
     assert 0 < metrics["test/coverage@10"] <= 1 and metrics["test/novelty@10"] > 0
+    p50, p99 = metrics["test/latency_p50_ms"], metrics["test/latency_p99_ms"]
+    assert 0 < p50 <= p99 and metrics["test/peak_memory_mb"] > 0
     assert "popularity/test/coverage@10" in metrics
 
 
