@@ -18,7 +18,7 @@ from recsys.lit.module import RecommenderModule
 log = logging.getLogger(__name__)
 
 
-def codes_of(raw_ids: np.ndarray, wanted: list, kind: str) -> tuple[np.ndarray, list]:
+def codes_of(raw_ids: np.ndarray, wanted: list) -> tuple[np.ndarray, list]:
     """Codes of the raw ids found, and the raw ids not in the dataset."""
     index = pd.Index(raw_ids)
     wanted_str = [str(w) for w in wanted]
@@ -57,7 +57,7 @@ def _item_table(dm: RecDataModule, items: np.ndarray) -> dict[str, np.ndarray]:
 
 def similar_items(model: RecommenderModule, dm: RecDataModule, raw_item, k: int) -> pd.DataFrame:
     """The k items nearest to ``raw_item`` by cosine similarity of the model's item vectors."""
-    (code,), unknown = codes_of(dm.data.item_ids, [raw_item], "item")
+    (code,), unknown = codes_of(dm.data.item_ids, [raw_item])
     if unknown:
         raise ValueError(f"similar_to={raw_item!r} is not an item id of {dm.source}")
     vectors = F.normalize(model.net.item_embeddings().detach().float(), dim=1)
@@ -105,7 +105,7 @@ def _recommendations(cfg: DictConfig, model: RecommenderModule, dm: RecDataModul
         unknown: list = []
     else:
         raw_users = np.array([str(u) for u in cfg.user_ids])
-        codes, unknown = codes_of(dm.data.user_ids, list(cfg.user_ids), "user")
+        codes, unknown = codes_of(dm.data.user_ids, list(cfg.user_ids))
         if unknown and cfg.fallback is None:
             raise ValueError(
                 f"unknown user ids {unknown} (not in {dm.source}); pass ids from the dataset, "

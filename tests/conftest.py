@@ -33,28 +33,44 @@ def cache_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("cache")
 
 
+def compose_cfg(name: str, data_dir, cache_dir, output_dir, *overrides: str) -> DictConfig:
+    """Compose ``conf/<name>.yaml`` with the test's data, cache and output folders."""
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        return compose(
+            name,
+            overrides=[
+                f"paths.data_dir={data_dir}",
+                f"paths.cache_dir={cache_dir}",
+                f"paths.output_dir={output_dir}",
+                *overrides,
+            ],
+        )
+
+
+def compose_train(data_dir, cache_dir, output_dir, *overrides: str) -> DictConfig:
+    """``conf/train.yaml`` shrunk for tests: CPU, no logger, no progress bar or summary."""
+    cfg = compose_cfg(
+        "train",
+        data_dir,
+        cache_dir,
+        output_dir,
+        "trainer.accelerator=cpu",
+        "logger=none",
+        *overrides,
+    )
+    with open_dict(cfg):
+        for name in ("progress_bar", "model_summary"):
+            cfg.callbacks.pop(name, None)
+        cfg.trainer.enable_progress_bar = False
+        cfg.trainer.enable_model_summary = False
+    return cfg
+
+
 @pytest.fixture
 def make_cfg(data_dir, cache_dir, tmp_path):
-    """Compose ``conf/train.yaml`` with overrides, shrunk for tests (CPU, no logger)."""
+    """`compose_train` with this test's folder as the output folder by default."""
 
     def _make(*overrides: str, output_dir: Path | None = None) -> DictConfig:
-        with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-            cfg = compose(
-                "train",
-                overrides=[
-                    f"paths.data_dir={data_dir}",
-                    f"paths.cache_dir={cache_dir}",
-                    f"paths.output_dir={output_dir or tmp_path}",
-                    "trainer.accelerator=cpu",
-                    "logger=none",
-                    *overrides,
-                ],
-            )
-        with open_dict(cfg):
-            for name in ("progress_bar", "model_summary"):
-                cfg.callbacks.pop(name, None)
-            cfg.trainer.enable_progress_bar = False
-            cfg.trainer.enable_model_summary = False
-        return cfg
+        return compose_train(data_dir, cache_dir, output_dir or tmp_path, *overrides)
 
     return _make

@@ -6,53 +6,32 @@ import json
 
 import pandas as pd
 import pytest
-from hydra import compose, initialize_config_dir
 
 from recsys import evaluate, predict
 from recsys.train import run as train
-from tests.conftest import CONF_DIR
+from tests.conftest import compose_cfg, compose_train
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, data_dir, cache_dir):
     """A short implicit-feedback NeuMF run on ml-100k with leave-one-out ranking."""
     out = tmp_path_factory.mktemp("train")
-    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-        cfg = compose(
-            "train",
-            overrides=[
-                f"paths.data_dir={data_dir}",
-                f"paths.cache_dir={cache_dir}",
-                f"paths.output_dir={out}",
-                "trainer.accelerator=cpu",
-                "logger=none",
-                "data.feedback=implicit",
-                "data.split.kind=leave_one_out",
-                "data.ranking=sampled",
-                "trainer.max_epochs=1",
-                "~callbacks.progress_bar",
-            ],
-        )
+    cfg = compose_train(
+        data_dir,
+        cache_dir,
+        out,
+        "data.feedback=implicit",
+        "data.split.kind=leave_one_out",
+        "data.ranking=sampled",
+        "trainer.max_epochs=1",
+    )
     metrics = train(cfg)
     return metrics, metrics["best_model_path"]
 
 
-def _cfg(name, data_dir, cache_dir, out, *overrides):
-    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-        return compose(
-            name,
-            overrides=[
-                f"paths.data_dir={data_dir}",
-                f"paths.cache_dir={cache_dir}",
-                f"paths.output_dir={out}",
-                *overrides,
-            ],
-        )
-
-
 def test_evaluate_reproduces_training_test_metrics(trained, data_dir, cache_dir, tmp_path):
     train_metrics, ckpt = trained
-    cfg = _cfg(
+    cfg = compose_cfg(
         "evaluate",
         data_dir,
         cache_dir,
@@ -77,7 +56,7 @@ def test_evaluate_reproduces_training_test_metrics(trained, data_dir, cache_dir,
 
 
 def test_evaluate_full_ranking_adds_list_metrics(trained, data_dir, cache_dir, tmp_path):
-    cfg = _cfg(
+    cfg = compose_cfg(
         "evaluate",
         data_dir,
         cache_dir,
@@ -96,7 +75,7 @@ def test_evaluate_full_ranking_adds_list_metrics(trained, data_dir, cache_dir, t
 
 def test_predict_excludes_seen_items(trained, data_dir, cache_dir, tmp_path):
     out = tmp_path / "recs.parquet"
-    cfg = _cfg(
+    cfg = compose_cfg(
         "predict", data_dir, cache_dir, tmp_path, f"ckpt_path={trained[1]}", "k=7", f"output={out}"
     )
     assert predict.run(cfg)["rows"] > 0
@@ -117,8 +96,10 @@ def test_predict_excludes_seen_items(trained, data_dir, cache_dir, tmp_path):
 def test_predict_unknown_ids(trained, data_dir, cache_dir, tmp_path):
     base = [f"ckpt_path={trained[1]}", "k=3"]
     with pytest.raises(ValueError, match=r"unknown user ids \['424242'\].*fallback=popular"):
-        predict.run(_cfg("predict", data_dir, cache_dir, tmp_path, *base, "user_ids=[1,424242]"))
-    cfg = _cfg(
+        predict.run(
+            compose_cfg("predict", data_dir, cache_dir, tmp_path, *base, "user_ids=[1,424242]")
+        )
+    cfg = compose_cfg(
         "predict", data_dir, cache_dir, tmp_path, *base, "user_ids=[1,424242]", "fallback=popular"
     )
     recs = pd.read_csv(predict.run(cfg)["output"], dtype={"user_id": str, "item_id": str})
@@ -126,12 +107,12 @@ def test_predict_unknown_ids(trained, data_dir, cache_dir, tmp_path):
     assert (recs[recs.user_id == "1"].source == "model").all()
     with pytest.raises(ValueError, match="similar_to='no-such-item' is not an item id"):
         predict.run(
-            _cfg("predict", data_dir, cache_dir, tmp_path, *base, "similar_to=no-such-item")
+            compose_cfg("predict", data_dir, cache_dir, tmp_path, *base, "similar_to=no-such-item")
         )
 
 
 def test_predict_similar_items(trained, data_dir, cache_dir, tmp_path):
-    cfg = _cfg(
+    cfg = compose_cfg(
         "predict", data_dir, cache_dir, tmp_path, f"ckpt_path={trained[1]}", "similar_to=1", "k=5"
     )
     recs = pd.read_csv(predict.run(cfg)["output"], dtype={"item_id": str})

@@ -17,7 +17,7 @@ class PositiveSet:
     def __init__(self, users: torch.Tensor, items: torch.Tensor, num_items: int):
         self.num_items = num_items
         self.keys = torch.unique(users * num_items + items)  # sorted
-        self.count = torch.bincount(users).clamp_min(0)
+        self.count = torch.bincount(users)  # interactions per user code
 
     def contains(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         """bool [B]: whether each (users[b], items[b]) is an observed interaction."""
@@ -36,8 +36,8 @@ class PositiveSet:
         Raises:
             ValueError: a user has interacted with every item, so has no negative.
         """
-        full = self.count[users] >= self.num_items if len(self.count) else None
-        if full is not None and full.any():
+        full = self.count[users] >= self.num_items
+        if full.any():
             raise ValueError(
                 f"user code {int(users[full][0])} has interacted with all {self.num_items} "
                 "items: no negative can be sampled; filter such users out"
