@@ -3,14 +3,38 @@
 from __future__ import annotations
 
 import lightning as L
+import torch
 
 from recsys.data.base import RecDataModule
 from recsys.lit.module import RecommenderModule
 
 
+def item_label_counts(dm: RecDataModule) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positive and negative training examples per item, each float [num_items]: what the
+    popularity baseline is calibrated on.
+
+    Explicit feedback: the training rows' labels. Implicit feedback: every training row is a
+    positive, and the negatives are what training draws (``num_negatives`` per positive among
+    the user's non-training items), drawn once with ``seed`` so every process gets the same.
+    """
+    inter, rows, num_items = dm.data.interactions, dm.rows["train"], dm.spec.num_items
+    items = inter.items[rows]
+    if dm.feedback == "explicit":
+        labels = inter.labels[rows].double()
+        positives = torch.bincount(items, weights=labels, minlength=num_items)
+        negatives = torch.bincount(items, minlength=num_items) - positives
+        return positives.float(), negatives.float()
+    g = torch.Generator().manual_seed(dm.seed)
+    sampled = dm.train_positives.sample(inter.users[rows], dm.num_negatives, generator=g)
+    positives = torch.bincount(items, minlength=num_items)
+    negatives = torch.bincount(sampled.flatten(), minlength=num_items)
+    return positives.float(), negatives.float()
+
+
 def popularity_module(dm: RecDataModule, like: RecommenderModule) -> RecommenderModule:
-    """The popularity baseline (items scored by training interactions), evaluated with the
-    ranking settings of ``like``; its test metrics are named ``popularity/test/...``."""
+    """The popularity baseline (items ranked by training interactions, Platt-scaled into
+    probabilities on the training examples: `item_label_counts`), evaluated with the ranking
+    settings of ``like``; its test metrics are named ``popularity/test/...``."""
     dm.setup("test")  # a no-op unless the data was only set up in spawned processes
     module = RecommenderModule(
         net="recsys.models.Popularity",
@@ -18,7 +42,7 @@ def popularity_module(dm: RecDataModule, like: RecommenderModule) -> Recommender
         ranking_ks=like.hparams.ranking_ks,
         list_k=like.hparams.list_k,
     )
-    module.net.fit(dm.item_popularity())
+    module.net.fit(dm.item_popularity(), *item_label_counts(dm))
     module.metric_prefix = "popularity/"
     return module
 
@@ -27,11 +51,13 @@ def evaluate_with_baseline(
     trainer: L.Trainer, model: RecommenderModule, dm: RecDataModule, ckpt_path: str | None
 ) -> dict[str, float]:
     """Test ``model`` (from ``ckpt_path`` when given), then the popularity baseline on the same
-    pairs and candidates; returns both sets of metrics."""
+    pairs and candidates; returns both sets of metrics and the test split's cold-start counts."""
     trainer.test(model, datamodule=dm, ckpt_path=ckpt_path)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     trainer.test(popularity_module(dm, model), datamodule=dm)
     metrics.update(
         {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("popularity/")}
     )
+    # the test rows whose user or item has no training row (and those left out, if any)
+    metrics.update({f"test/{k}": float(v) for k, v in dm.cold_rows["test"].items()})
     return metrics

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import math
+import random
 import time
 
 import lightning as L
+import numpy as np
+import torch
 from lightning.pytorch.callbacks import Callback
 
 
@@ -49,3 +53,88 @@ class SamplesPerSecond(Callback):
         rate = self._epoch_samples / self._epoch_seconds * trainer.world_size
         self.overall = self._samples / self._seconds * trainer.world_size
         pl_module.log("train/samples_per_sec", rate, prog_bar=False)
+
+
+class ValidationHistory(Callback):
+    """Keeps the figures of every validation of a fit, so that a run reports those of the
+    checkpoint it tests rather than those of its last epoch.
+
+    ``validations`` holds one entry per validation (sanity checks excluded): ``epoch``,
+    ``step`` (the global step, as in the checkpoint saved then) and ``metrics``, the ``val/*``
+    figures as floats. ``train_epochs`` maps each finished epoch to its ``train/*`` figures
+    (the epoch means). Both travel in the checkpoints, so a resumed fit still knows the epochs
+    before the interruption.
+    """
+
+    def __init__(self) -> None:
+        self.validations: list[dict] = []
+        self.train_epochs: dict[int, dict[str, float]] = {}
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        figures = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+        self.validations.append(
+            {"epoch": trainer.current_epoch, "step": trainer.global_step, "metrics": figures}
+        )
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.train_epochs[trainer.current_epoch] = {
+            k: float(v)
+            for k, v in trainer.callback_metrics.items()
+            if k.startswith("train/") and not k.endswith(("_step", "_epoch"))
+        }
+
+    def of_best(self, monitor: str | None, best_score, mode: str) -> dict | None:
+        """The validation that scored ``best_score`` on ``monitor`` (a ModelCheckpoint's
+        ``best_model_score``), the first of equal scores as ModelCheckpoint keeps the first;
+        None without a monitor or best score, or when no validation has that score."""
+        if monitor is None or best_score is None:
+            return None
+        target = float(best_score)
+        worst = float("-inf") if mode == "max" else float("inf")  # ModelCheckpoint's NaN
+        for entry in self.validations:
+            value = entry["metrics"].get(monitor)
+            if value is not None and (worst if math.isnan(value) else value) == target:
+                return entry
+        return None
+
+    def state_dict(self) -> dict:
+        return {"validations": self.validations, "train_epochs": self.train_epochs}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.validations = list(state_dict["validations"])
+        self.train_epochs = dict(state_dict["train_epochs"])
+
+
+class RandomState(Callback):
+    """Saves the random generators' states (torch CPU and CUDA, numpy, Python) in every
+    checkpoint and puts them back when the resumed run takes its first training step, so it
+    draws what the uninterrupted run drew there (dropout masks, ...). Lightning's checkpoints
+    do not hold them; the loaders' draws have seeds of their own (`BatchIndexSampler`)."""
+
+    def __init__(self) -> None:
+        self._to_restore: dict | None = None
+
+    def state_dict(self) -> dict:
+        kind, keys, pos, has_gauss, gauss = np.random.get_state()
+        return {
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
+            "python": random.getstate(),
+        }
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._to_restore = state_dict
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self._to_restore is None:
+            return
+        state, self._to_restore = self._to_restore, None
+        torch.set_rng_state(state["torch"])
+        if state["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"])
+        kind, keys, pos, has_gauss, gauss = state["numpy"]
+        np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+        random.setstate(state["python"])

@@ -11,7 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from recsys.baselines import evaluate_with_baseline
 from recsys.data.base import RecDataModule
-from recsys.distributed.torchrec_strategy import META_FILE, TorchRecStrategy
+from recsys.distributed.torchrec_strategy import TorchRecStrategy, load_meta, load_weights_only
 from recsys.lit.module import RecommenderModule
 from recsys.metrics.ranking import latency_percentiles, peak_memory_mb
 from recsys.train import report
@@ -23,13 +23,14 @@ def load_checkpoint(cfg: DictConfig) -> tuple[RecDataModule, RecommenderModule]:
     """The model of ``cfg.ckpt_path`` and its data module (prepared and set up).
 
     The data config saved in the checkpoint is used with this run's ``paths`` (data and cache
-    folders) and the changes in ``cfg.data`` (and ``cfg.ranking`` when set).
+    folders) and the changes in ``cfg.data`` (and ``cfg.ranking`` when set). Checkpoints are
+    read with ``weights_only=True``: one from elsewhere never runs code here.
     """
     path = Path(cfg.ckpt_path)
     if path.is_dir():  # a sharded checkpoint of trainer.strategy=torchrec: weights load at test
-        checkpoint = torch.load(path / META_FILE, map_location="cpu", weights_only=False)
+        checkpoint = load_meta(path)
     elif path.is_file():
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        checkpoint = load_weights_only(path)
     else:
         raise FileNotFoundError(f"ckpt_path={path} does not exist; pass a training checkpoint")
     data_cfg = checkpoint.get("data_config")
@@ -48,7 +49,7 @@ def load_checkpoint(cfg: DictConfig) -> tuple[RecDataModule, RecommenderModule]:
     if path.is_dir():
         model = RecommenderModule(**checkpoint["hyper_parameters"])
     else:
-        model = RecommenderModule.load_from_checkpoint(path, map_location="cpu")
+        model = RecommenderModule.load_from_checkpoint(path, map_location="cpu", weights_only=True)
     if model.spec != dm.spec:
         raise ValueError(
             f"the data ({dm.source}: {dm.spec.num_users} users, {dm.spec.num_items} items) "

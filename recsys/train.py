@@ -12,7 +12,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from recsys.baselines import evaluate_with_baseline
-from recsys.callbacks import SamplesPerSecond
+from recsys.callbacks import SamplesPerSecond, ValidationHistory
 from recsys.data.base import RecDataModule
 from recsys.distributed import TorchRecStrategy  # noqa: F401  (registers trainer.strategy=torchrec)
 
@@ -31,7 +31,8 @@ def build(cfg: DictConfig) -> tuple[RecDataModule, L.LightningModule, L.Trainer]
     dm.prepare_data()  # the model needs the dataset's sizes before the Trainer starts
     model = instantiate(cfg.model, spec=dm.spec.to_dict(), _recursive_=False)
     model.data_config = OmegaConf.to_container(cfg.data, resolve=True)
-    callbacks = instantiate_group(cfg.get("callbacks"))
+    # ValidationHistory is what run() reports the validation figures from: not optional
+    callbacks = [*instantiate_group(cfg.get("callbacks")), ValidationHistory()]
     loggers = instantiate_group(cfg.get("logger"))
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     config = OmegaConf.to_container(cfg, resolve=True)
@@ -40,27 +41,28 @@ def build(cfg: DictConfig) -> tuple[RecDataModule, L.LightningModule, L.Trainer]
     return dm, model, trainer
 
 
-def run(cfg: DictConfig) -> dict[str, float | str]:
+def run(cfg: DictConfig) -> dict[str, float | int | str]:
     """Train, test the best checkpoint and the popularity baseline, write ``metrics.json``.
 
-    Returns every metric logged at the end (``test/auroc``, ``val/auroc``,
-    ``popularity/test/auroc``, ...), training throughput and ``best_model_path``. A sweeper
-    optimises ``cfg.optimized_metric`` from it.
+    Returns the test metrics of the best checkpoint (``test/auroc``, ...), the popularity
+    baseline's (``popularity/test/auroc``, ...), the validation and training figures of that
+    checkpoint (`fit_figures`: ``val/auroc``, ``train/loss``, ``best_epoch``, ``best_step``),
+    the training throughput over the whole fit and ``best_model_path``. A sweeper optimises
+    ``cfg.optimized_metric`` from it.
     """
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
     dm, model, trainer = build(cfg)
     trainer.fit(model, datamodule=dm, ckpt_path=cfg.get("ckpt_path"))
-    fit_metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
 
     ckpt = trainer.checkpoint_callback
     best = ckpt.best_model_path if ckpt is not None else ""
     if not best:
         log.warning(
-            "no best checkpoint (fast_dev_run or no checkpoint callback): "
-            "testing the current weights"
+            "no best checkpoint (fast_dev_run or no checkpoint callback): testing the current "
+            "weights; val/* are those of the last validation (last_epoch, last_step)"
         )
-    metrics: dict[str, float | str] = {**fit_metrics}
+    metrics: dict[str, float | int | str] = fit_figures(trainer)
     metrics.update(evaluate_with_baseline(trainer, model, dm, best or None))
     speed = next((c for c in trainer.callbacks if isinstance(c, SamplesPerSecond)), None)
     if speed is not None and speed.overall is not None:
@@ -70,11 +72,44 @@ def run(cfg: DictConfig) -> dict[str, float | str]:
     return metrics
 
 
+def fit_figures(trainer: L.Trainer) -> dict[str, float | int]:
+    """The validation figures of the checkpoint that is tested, and where they come from.
+
+    With a best checkpoint by a monitored metric: every ``val/*`` figure of the validation
+    that saved it, the ``train/*`` means of its epoch, ``best_epoch`` and ``best_step`` (as in
+    the checkpoint). Without one (fast_dev_run, ``callbacks=none``, a checkpoint callback
+    without ``monitor``): those of the last validation, with ``last_epoch`` and ``last_step``;
+    the weights tested are then the last ones too. The per-epoch history is in the loggers.
+    """
+    history = next(c for c in trainer.callbacks if isinstance(c, ValidationHistory))
+    ckpt = trainer.checkpoint_callback
+    entry, source = None, "best"
+    if ckpt is not None and ckpt.best_model_path and ckpt.monitor is not None:
+        entry = history.of_best(ckpt.monitor, ckpt.best_model_score, ckpt.mode)
+        if entry is None:
+            log.warning(
+                "no validation scored the best checkpoint's %s=%s: reporting the val/* figures "
+                "of the last validation (last_epoch, last_step)",
+                ckpt.monitor,
+                ckpt.best_model_score,
+            )
+    if entry is None:
+        if not history.validations:
+            return {}
+        entry, source = history.validations[-1], "last"
+    return {
+        **history.train_epochs.get(entry["epoch"], {}),
+        **entry["metrics"],
+        f"{source}_epoch": entry["epoch"],
+        f"{source}_step": entry["step"],
+    }
+
+
 @rank_zero_only
 def report(metrics: dict, output_dir: Path) -> None:
     """Write ``metrics.json`` into the run folder and print the numbers."""
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
     lines = [f"  {k:<32} {v:.4f}" for k, v in sorted(metrics.items()) if isinstance(v, float)]
-    extra = [f"  {k}: {v}" for k, v in sorted(metrics.items()) if isinstance(v, str)]
+    extra = [f"  {k}: {v}" for k, v in sorted(metrics.items()) if not isinstance(v, float)]
     log.info("Results (also in %s):\n%s", output_dir / "metrics.json", "\n".join(lines + extra))

@@ -112,6 +112,20 @@ def test_implicit_feedback_keeps_the_positive_rows(make_cfg, tmp_path):
     assert steps["rows labelled 0 (feedback=implicit)"]["rows"] == 2
 
 
+@pytest.mark.parametrize("columns", [["user_id", "item_id", "timestamp"], ["user_id", "item_id"]])
+def test_implicit_feedback_needs_no_label_column(make_cfg, interactions, columns):
+    """Under implicit feedback a file of interactions alone is every row a positive."""
+    path, df = interactions
+    df[columns].to_csv(path, index=False)
+    dm = _datamodule(make_cfg, path, "data.feedback=implicit")
+    inter = dm.data.interactions
+    assert len(inter) == len(df) and (inter.labels == 1).all() and torch.isnan(inter.ratings).all()
+    expected = sorted(df["timestamp"]) if "timestamp" in columns else [-1] * len(df)
+    assert sorted(inter.timestamps.tolist()) == expected
+    metrics = run(_cfg(make_cfg, path, "data.feedback=implicit", "debug=fdr"))
+    assert metrics["test/auroc"] == metrics["test/auroc"]  # present, not NaN
+
+
 def test_timestamps_and_temporal_split(make_cfg, interactions):
     path, df = interactions
     dm = _datamodule(make_cfg, path, "data.split.kind=temporal")
@@ -203,6 +217,13 @@ def test_no_label_or_rating_column(make_cfg, tmp_path):
     path = _write(tmp_path, "user_id,item_id,outcome\n1,2,1\n")
     msg = _error(make_cfg, path)
     assert "no label or rating column" in msg and "'outcome'" in msg
+
+
+def test_explicit_feedback_without_label_names_the_fix(make_cfg, tmp_path):
+    path = _write(tmp_path, "user_id,item_id,timestamp\n1,2,1500000000\n2,3,1500000100\n")
+    msg = _error(make_cfg, path, "data.feedback=explicit")
+    assert str(path) in msg and "['user_id', 'item_id', 'timestamp']" in msg
+    assert "set data.feedback=implicit" in msg and "data.columns.label=" in msg
 
 
 def test_ambiguous_columns(make_cfg, tmp_path):

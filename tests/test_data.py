@@ -140,7 +140,7 @@ def test_batches_are_gathered_whole(make_cfg):
     assert kjt.keys() == dm.spec.sparse_names and kjt.stride() == 256
     # the batch equals the rows it was gathered from
     sampler = BatchIndexSampler(dm.rows["train"], 256, shuffle=True, seed=dm.seed)
-    rows = next(iter(sampler))
+    rows = next(iter(sampler)).rows
     inter = dm.data.interactions
     assert torch.equal(batch.ids("user_id"), inter.users[rows])
     assert torch.equal(batch.ids("item_id"), inter.items[rows])
@@ -150,9 +150,9 @@ def test_batches_are_gathered_whole(make_cfg):
 def test_sampler_epochs_differ_and_cover_rows():
     rows = torch.arange(1000)
     sampler = BatchIndexSampler(rows, 64, shuffle=True, seed=1)
-    first = torch.cat(list(sampler))
+    first = torch.cat([b.rows for b in sampler])
     sampler.set_epoch(1)
-    second = torch.cat(list(sampler))
+    second = torch.cat([b.rows for b in sampler])
     assert not torch.equal(first, second)
     assert torch.equal(first.sort().values, rows) and len(sampler) == 16
 
@@ -192,3 +192,57 @@ def test_download_checks_md5_and_extracts(tmp_path):
     assert not list((tmp_path / "bad").glob("*.part"))
     download_and_extract(archive.as_uri(), md5, tmp_path / "good")
     assert (tmp_path / "good" / "ml-test" / "u.data").read_text() == "1\t2\t3\t4\n"
+
+
+def test_same_size_edit_of_a_raw_file_rebuilds_the_cache(make_cfg, data_dir, tmp_path):
+    """The processed-data cache is keyed by the raw files' content, not their sizes."""
+    raw = tmp_path / "raw"
+    (raw / "ml-100k").mkdir(parents=True)
+    for name in movielens.FILES["100k"]:
+        (raw / "ml-100k" / name).write_bytes((data_dir / "ml-100k" / name).read_bytes())
+    cache = tmp_path / "cache"
+    overrides = ("data.variant=100k", f"paths.data_dir={raw}", f"paths.cache_dir={cache}")
+    before = _datamodule(make_cfg, *overrides)
+
+    # the first row's rating 3 becomes 5: same size, different content (and label)
+    u_data = raw / "ml-100k" / "u.data"
+    lines = u_data.read_text().splitlines(keepends=True)
+    user, item, rating, ts = lines[0].split("\t")
+    assert rating == "3"
+    lines[0] = "\t".join([user, item, "5", ts])
+    edited = "".join(lines)
+    assert len(edited) == u_data.stat().st_size
+    u_data.write_text(edited)
+
+    after = _datamodule(make_cfg, *overrides)
+    assert after.processed_dir != before.processed_dir
+    assert sorted(p.name for p in cache.iterdir() if not p.name.startswith(".")) == sorted(
+        [before.processed_dir.name, after.processed_dir.name]
+    )
+    first = (after.data.interactions.ratings[0], after.data.interactions.labels[0])
+    assert first == (5.0, 1.0)
+    assert before.data.interactions.labels[0] == 0.0
+
+
+def test_cold_start_rows_are_counted_and_can_be_dropped(make_cfg, data_dir):
+    """Test rows whose user or item has no training row are counted (and on request left
+    out), checked against an independent count with pandas."""
+    raw = pd.read_csv(data_dir / "ml-100k" / "u.data", sep="\t", header=None, names=list("uirt"))
+    dm = _datamodule(make_cfg, "data.variant=100k")
+    codes = dm.data.interactions
+    train = raw.iloc[dm.rows["train"].numpy()]
+    test = raw.iloc[dm.rows["test"].numpy()]
+    cold_users = int((~test.u.isin(train.u)).sum())
+    cold_items = int((~test.i.isin(train.i)).sum())
+    assert cold_items > 0  # ml-100k has items rated once: a random split leaves some cold
+    assert dm.cold_rows["test"] == {"cold_user_rows": cold_users, "cold_item_rows": cold_items}
+    assert len(codes) == len(raw)
+
+    kept = _datamodule(make_cfg, "data.variant=100k", "data.drop_cold_start=true")
+    warm = test[test.u.isin(train.u) & test.i.isin(train.i)]
+    assert (
+        len(kept.rows["test"])
+        == len(warm)
+        == len(test) - kept.cold_rows["test"]["cold_rows_dropped"]
+    )
+    assert torch.equal(kept.rows["train"], dm.rows["train"])

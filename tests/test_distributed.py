@@ -14,7 +14,8 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from omegaconf import open_dict
+from hydra.utils import instantiate
+from omegaconf import OmegaConf, open_dict
 
 from recsys.data.loader import BatchIndexSampler
 from recsys.train import run
@@ -35,8 +36,8 @@ def _iterate_sampler(rank: int, world: int, port: int, out: str) -> None:
     train = BatchIndexSampler(rows, 64, shuffle=True, seed=5)
     evaluation = BatchIndexSampler(rows, 64, shuffle=False, even_shards=False)
     seen = {
-        "train": torch.cat(list(train)),
-        "eval": torch.cat(list(evaluation)),
+        "train": torch.cat([b.rows for b in train]),
+        "eval": torch.cat([b.rows for b in evaluation]),
         "train_len": len(train),
     }
     torch.save(seen, Path(out) / f"rank{rank}.pt")
@@ -51,6 +52,32 @@ def test_sampler_gives_each_rank_a_disjoint_share(tmp_path):
     assert not set(r0["train"].tolist()) & set(r1["train"].tolist())
     # evaluation: every row exactly once over the two ranks
     assert torch.equal(torch.cat([r0["eval"], r1["eval"]]).sort().values, torch.arange(1003))
+
+
+def _first_negatives(rank: int, world: int, port: int, data_cfg: dict, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    L.seed_everything(42)  # as Lightning does on every rank
+    dm = instantiate(data_cfg)
+    dm.setup()
+    batch = next(iter(dm.train_dataloader()))
+    p = int(batch.labels.sum())
+    torch.save(batch.ids("item_id")[p:], Path(out) / f"negatives{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_ranks_draw_different_training_negatives(make_cfg, tmp_path):
+    """Under DDP each rank draws its own negatives (its own generator per rank and epoch),
+    not the same items at the same positions."""
+    cfg = make_cfg("data=movielens", "data.variant=100k", "data.feedback=implicit")
+    instantiate(cfg.data).prepare_data()
+    data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
+    mp.spawn(_first_negatives, args=(2, _free_port(), data_cfg, str(tmp_path)), nprocs=2)
+    n0, n1 = (torch.load(tmp_path / f"negatives{r}.pt") for r in (0, 1))
+    assert n0.shape == n1.shape
+    same = (n0 == n1).float().mean().item()
+    print(f"positions holding the same negative on both ranks: {same:.1%}")
+    assert same < 0.01  # ~1/1682 by chance
 
 
 class RecordTrainingPairs(L.Callback):

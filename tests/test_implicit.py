@@ -8,6 +8,7 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
+from recsys.data.loader import BatchIndex
 from recsys.data.negatives import PositiveSet
 from recsys.lit.module import bpr_loss
 from recsys.train import run
@@ -42,10 +43,38 @@ def test_training_batches_pair_positives_with_fresh_negatives(make_cfg):
     users, items = batch.ids("user_id"), batch.ids("item_id")
     # negative j of positive b sits at 128 + 3b + j and belongs to the same user
     assert torch.equal(users[128:].view(128, 3), users[:128, None].expand(128, 3))
-    assert not dm.positives.contains(users[128:], items[128:]).any()
-    again = next(iter(loader))  # same positives (same epoch order), new negatives
-    assert torch.equal(again.ids("item_id")[:128], items[:128])
-    assert not torch.equal(again.ids("item_id")[128:], items[128:])
+    assert not dm.train_positives.contains(users[128:], items[128:]).any()
+    again = next(iter(loader))  # the same epoch again: the same positives and negatives
+    assert torch.equal(again.ids("item_id"), items)
+    # the same rows in the next epoch get new negatives
+    first = next(iter(loader.sampler))
+    loader.sampler.set_epoch(1)
+    later = loader.dataset[BatchIndex(first.rows, next(iter(loader.sampler)).seed)]
+    assert torch.equal(later.ids("item_id")[:128], items[:128])
+    assert (later.ids("item_id")[128:] != items[128:]).float().mean() > 0.9
+
+
+def test_training_negatives_exclude_only_training_positives(make_cfg):
+    """The NCF protocol: a user's held-out items can be training negatives; only the
+    training pairs are excluded (else the model is never pushed down on exactly the items
+    it is ranked on later)."""
+    dm = _implicit_dm(make_cfg, "data.split.kind=leave_one_out", "data.batch_size=4096")
+    inter = dm.data.interactions
+    held_out = torch.cat([dm.rows["val"], dm.rows["test"]])
+    held = PositiveSet(inter.users[held_out], inter.items[held_out], dm.spec.num_items)
+    hits = drawn = 0
+    for batch in dm.train_dataloader():
+        p = int(batch.labels.sum())
+        users, items = batch.ids("user_id")[p:], batch.ids("item_id")[p:]
+        assert not dm.train_positives.contains(users, items).any()
+        hits += int(held.contains(users, items).sum())
+        drawn += len(items)
+    # expected: sum over users of 2 held-out items x 4 draws x n_u / (items - n_u), ~500
+    train_users = inter.users[dm.rows["train"]]
+    n_u = torch.bincount(train_users, minlength=dm.spec.num_users).double()
+    expected = float((2 * 4 * n_u / (dm.spec.num_items - n_u)).sum())
+    print(f"held-out items among {drawn:,} training negatives: {hits} (expected ~{expected:.0f})")
+    assert 0.7 * expected < hits < 1.3 * expected
 
 
 def test_evaluation_negatives_fixed_by_seed(make_cfg):
@@ -60,8 +89,30 @@ def test_evaluation_negatives_fixed_by_seed(make_cfg):
 def test_user_with_every_item_has_no_negative():
     positives = PositiveSet(torch.tensor([0, 0, 1]), torch.tensor([0, 1, 0]), num_items=2)
     assert positives.sample(torch.tensor([1]), 3).eq(1).all()
-    with pytest.raises(ValueError, match="user code 0 has interacted with all 2 items"):
+    with pytest.raises(ValueError, match="user code 0 has 0 of 2 items left as negatives"):
         positives.sample(torch.tensor([0]), 1)
+
+
+def test_distinct_sampling_draws_different_items_per_row():
+    positives = PositiveSet(torch.tensor([0, 0]), torch.tensor([0, 1]), num_items=12)
+    g = torch.Generator().manual_seed(0)
+    draws = positives.sample(torch.zeros(2000, dtype=torch.long), 10, generator=g, distinct=True)
+    assert (draws.sort(dim=1).values.diff(dim=1) > 0).all()  # 10 different items per row
+    assert (draws >= 2).all()  # none of the positives 0 and 1
+    # uniform: each of the 10 non-positives is in every row
+    assert torch.equal(draws.sort(dim=1).values[0], torch.arange(2, 12))
+    with pytest.raises(ValueError, match="fewer than the 11 to sample"):
+        positives.sample(torch.tensor([0]), 11, distinct=True)
+
+
+def test_sampled_ranking_candidates_are_distinct(make_cfg):
+    """The NCF protocol ranks each held-out item among 99 *different* negatives."""
+    dm = _implicit_dm(make_cfg, "data.split.kind=leave_one_out", "data.ranking=sampled")
+    for batch in dm.test_dataloader()[1]:
+        candidates = batch.items.sort(dim=1).values
+        assert (candidates.diff(dim=1) > 0).all(), "an item repeats among a query's candidates"
+        users = batch.users.repeat_interleave(candidates.shape[1] - 1)
+        assert not dm.positives.contains(users, batch.items[:, 1:].flatten()).any()
 
 
 def test_bpr_loss_by_hand():

@@ -78,8 +78,6 @@ def test_runs_report_ranking_metrics(make_cfg, mode):
             *LOO,
             f"data.ranking={mode}",
             "trainer.max_epochs=1",
-            "callbacks.model_checkpoint.monitor=val/ndcg@10",
-            "callbacks.early_stopping.monitor=val/ndcg@10",
         )
     )
     for name in (

@@ -10,6 +10,7 @@ import pytest
 import yaml
 from hydra import compose, initialize_config_dir
 
+import recsys  # noqa: F401  (registers the resolvers conf/ uses)
 from tests.conftest import CONF_DIR
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -82,6 +83,19 @@ def test_optuna_sweep(tmp_path, data_dir, cache_dir):
     assert len(list(sweep.glob("*/metrics.json"))) == 3
     best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
     assert 0 < best["best_value"] <= 1 and "model.optimizer.lr" in best["best_params"]
+
+
+@pytest.mark.parametrize(("ranking", "expected"), [("null", "val/auroc"), ("full", "val/ndcg@10")])
+def test_optuna_search_maximises_the_monitored_metric(ranking, expected):
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        cfg = compose(
+            "train",
+            overrides=["hparams_search=ncf_optuna", f"data.ranking={ranking}"],
+            return_hydra_config=True,
+        )
+    assert cfg.optimized_metric == cfg.callbacks.model_checkpoint.monitor == expected
+    assert cfg.callbacks.model_checkpoint.mode == "max"
+    assert cfg.hydra.sweeper.direction == "maximize"
 
 
 def test_slurm_experiment_composes():

@@ -3,15 +3,25 @@
 from __future__ import annotations
 
 import json
+import pickle
 import subprocess
 import sys
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
+import torch.distributed.checkpoint as dcp
+from lightning.fabric.utilities.data import AttributeDict
+from omegaconf import OmegaConf
+from torch import nn
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+from recsys import evaluate
+from recsys.distributed import TorchRecStrategy
+from tests.conftest import compose_cfg
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -41,21 +51,16 @@ class DumpShards(L.Callback):
         torch.save(out, Path(self.folder) / f"rank{trainer.global_rank}.pt")
 
 
-def _train(tmp_path, data_dir, cache_dir, run_dir, *overrides):
+def _run(script, data_dir, cache_dir, run_dir, *overrides):
     out = subprocess.run(
         [
             sys.executable,
-            "train.py",
-            "model=dlrm",
+            script,
             "trainer=torchrec",
             "trainer.accelerator=cpu",
-            "data=movielens",
-            "data.variant=100k",
-            "logger=csv",
             f"paths.data_dir={data_dir}",
             f"paths.cache_dir={cache_dir}",
             f"hydra.run.dir={run_dir}",
-            "callbacks.progress_bar.refresh_rate=0",
             *overrides,
         ],
         cwd=ROOT,
@@ -67,6 +72,21 @@ def _train(tmp_path, data_dir, cache_dir, run_dir, *overrides):
     return out.stdout + out.stderr
 
 
+def _train(tmp_path, data_dir, cache_dir, run_dir, *overrides):
+    return _run(
+        "train.py",
+        data_dir,
+        cache_dir,
+        run_dir,
+        "model=dlrm",
+        "data=movielens",
+        "data.variant=100k",
+        "logger=csv",
+        "callbacks.progress_bar.refresh_rate=0",
+        *overrides,
+    )
+
+
 @pytest.mark.slow
 def test_sharded_dlrm_trains_saves_and_resumes_exactly(tmp_path, data_dir, cache_dir):
     first = tmp_path / "first"
@@ -75,6 +95,20 @@ def test_sharded_dlrm_trains_saves_and_resumes_exactly(tmp_path, data_dir, cache
     assert metrics["test/auroc"] > metrics["popularity/test/auroc"]
     last = first / "checkpoints" / "last.ckpt"
     assert (last / "meta.pt").is_file() and list(last.glob("*.distcp"))
+    meta = torch.load(last / "meta.pt", weights_only=True)  # no code runs from a checkpoint
+    assert {"loops", "callbacks", "optimizer_states", "hyper_parameters"} <= meta.keys()
+
+    # evaluate.py tests the sharded checkpoint as the run did (1 epoch: last is the best)
+    _run(
+        "evaluate.py",
+        data_dir,
+        cache_dir,
+        tmp_path / "evaluate",
+        f"ckpt_path={last}",
+        "+trainer.enable_progress_bar=false",
+    )
+    evaluated = json.loads((tmp_path / "evaluate" / "metrics.json").read_text())
+    assert evaluated["test/auroc"] == pytest.approx(metrics["test/auroc"], abs=1e-6)
 
     dumps = tmp_path / "dumps"
     dumps.mkdir()
@@ -90,8 +124,8 @@ def test_sharded_dlrm_trains_saves_and_resumes_exactly(tmp_path, data_dir, cache
     )
 
     dcp_to_torch_save(last, tmp_path / "full.pt")
-    full = torch.load(tmp_path / "full.pt", weights_only=False)
-    ranks = [torch.load(dumps / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+    full = torch.load(tmp_path / "full.pt", weights_only=True)
+    ranks = [torch.load(dumps / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
     tables = {k for k in full["state_dict"] if "embedding_bags" in k}
     # every table lives on exactly one rank (table-wise), and both ranks hold tables
     holders = [
@@ -122,3 +156,91 @@ def test_sharded_dlrm_trains_saves_and_resumes_exactly(tmp_path, data_dir, cache
     assert optimizer_keys and any(
         bool(t.abs().sum() > 0) for r in ranks for k in optimizer_keys if k in r for _, t in r[k]
     )
+
+
+class Tripwire:
+    """Unpickles as a call that leaves ``marker`` behind: loading must refuse it, not run it."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return Path.touch, (self.marker,)
+
+
+class WithExtraState(L.LightningModule):
+    """A layer plus a non-tensor, non-container state entry, which DCP stores pickled."""
+
+    def __init__(self):
+        super().__init__()
+        self.layer = nn.Linear(3, 1)
+        self.extra = None
+
+    def get_extra_state(self):
+        return self.extra
+
+    def set_extra_state(self, state):
+        self.extra = state
+
+
+def _sharded_checkpoint(folder: Path, module: L.LightningModule, meta: dict) -> None:
+    """A checkpoint folder as `TorchRecStrategy.save_checkpoint` lays it out (one process)."""
+    dcp.save({"state_dict": module.state_dict(), "sparse_optimizer": {}}, checkpoint_id=folder)
+    torch.save(meta, folder / "meta.pt")
+
+
+def test_sharded_checkpoint_meta_loads_weights_only(tmp_path):
+    """meta.pt holds plain containers and tensors, whatever Lightning or callbacks put there
+    (AttributeDict, Hydra containers, numpy), and the folder restores weights and meta."""
+    source = WithExtraState()
+    source.extra = "seen 7"
+    checkpoint = {
+        "state_dict": source.state_dict(),
+        "epoch": np.int64(2),
+        "hyper_parameters": AttributeDict(net="x", optimizer=OmegaConf.create({"lr": 0.1})),
+        "callbacks": {"ModelCheckpoint": {"best_k_models": {"a.ckpt": np.float32(0.5)}}},
+        "loops": {"scores": np.arange(3)},
+    }
+    folder = tmp_path / "last.ckpt"
+    TorchRecStrategy().save_checkpoint(checkpoint, folder)
+
+    meta = torch.load(folder / "meta.pt", weights_only=True)
+    assert "state_dict" not in meta and meta["epoch"] == 2
+    assert meta["hyper_parameters"] == {"net": "x", "optimizer": {"lr": 0.1}}
+    assert type(meta["hyper_parameters"]["optimizer"]) is dict
+    assert meta["callbacks"]["ModelCheckpoint"]["best_k_models"] == {"a.ckpt": 0.5}
+    assert torch.equal(meta["loops"]["scores"], torch.arange(3))
+
+    target = WithExtraState()
+    strategy = TorchRecStrategy()
+    strategy.connect(target)
+    assert strategy.load_checkpoint(folder)["hyper_parameters"] == meta["hyper_parameters"]
+    assert torch.equal(target.layer.weight, source.layer.weight)
+    assert target.extra == "seen 7"
+
+
+@pytest.mark.parametrize("where", ["meta", "shard", "dcp_metadata"])
+def test_sharded_checkpoint_with_code_is_refused(where, tmp_path, data_dir, cache_dir):
+    """A pickled object that would run code, in meta.pt, in a non-tensor shard entry or in
+    DCP's .metadata: loading raises ValueError and the code never runs."""
+    marker = tmp_path / "code_ran"
+    folder = tmp_path / "last.ckpt"
+    module = WithExtraState()
+    module.extra = Tripwire(marker) if where == "shard" else "seen 1"
+    meta = {"epoch": 0, "data_config": {"_target_": "recsys.data.MovieLensDataModule"}}
+    if where == "meta":
+        meta["hyper_parameters"] = Tripwire(marker)
+    _sharded_checkpoint(folder, module, meta)
+    if where == "dcp_metadata":
+        (folder / ".metadata").write_bytes(pickle.dumps(Tripwire(marker)))
+
+    strategy = TorchRecStrategy()
+    strategy.connect(WithExtraState())
+    with pytest.raises(ValueError, match="never runs code"):
+        strategy.load_checkpoint(folder)
+    assert not marker.exists()
+    if where == "meta":
+        cfg = compose_cfg("evaluate", data_dir, cache_dir, tmp_path, f"ckpt_path={folder}")
+        with pytest.raises(ValueError, match=r"meta\.pt holds .* never runs code"):
+            evaluate.load_checkpoint(cfg)
+        assert not marker.exists()

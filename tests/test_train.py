@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 
+import pandas as pd
 import pytest
 import torch
 
+import recsys.train
 from recsys.train import run
 
 
@@ -20,10 +22,14 @@ def test_fast_dev_run(make_cfg, tmp_path, data):
         "test/auroc",
         "test/logloss",
         "test/accuracy",
+        "test/cold_user_rows",
+        "test/cold_item_rows",
     ):
         assert name in metrics and metrics[name] == metrics[name], name  # present, not NaN
     written = json.loads((tmp_path / "metrics.json").read_text())
     assert written["test/auroc"] == pytest.approx(metrics["test/auroc"])
+    # no best checkpoint: the figures are the last validation's, and say so
+    assert written["last_epoch"] == 0 and "best_epoch" not in written
 
 
 def test_neumf_beats_popularity_on_ml100k(make_cfg, tmp_path):
@@ -40,6 +46,50 @@ def test_neumf_beats_popularity_on_ml100k(make_cfg, tmp_path):
     assert metrics["best_model_path"].endswith(".ckpt")
     assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
     assert (tmp_path / "csv" / "metrics.csv").is_file()
+
+
+def test_reports_the_validation_of_the_best_checkpoint(make_cfg, tmp_path, monkeypatch):
+    """metrics.json and the value a sweeper gets are the figures of the checkpoint tested (the
+    best by the monitor), not those of the last epoch."""
+    import train  # the entry point: what main returns is what a Hydra sweeper optimises
+
+    trainers = []
+    build = recsys.train.build
+
+    def spy(cfg):
+        dm, model, trainer = build(cfg)
+        trainers.append(trainer)
+        return dm, model, trainer
+
+    monkeypatch.setattr(recsys.train, "build", spy)
+    # a high learning rate: the validation AUROC peaks early, then overfits
+    cfg = make_cfg(
+        "data=movielens",
+        "data.variant=100k",
+        "trainer.max_epochs=4",
+        "model.optimizer.lr=0.05",
+        "callbacks.early_stopping.patience=10",
+        "logger=csv",
+    )
+    returned = train.main(cfg)
+
+    written = json.loads((tmp_path / "metrics.json").read_text())
+    history = pd.read_csv(tmp_path / "csv" / "metrics.csv")
+    val = history.dropna(subset=["val/auroc"]).set_index("epoch")
+    assert list(val.index) == [0, 1, 2, 3]
+    best_score = float(trainers[0].checkpoint_callback.best_model_score)
+    assert val["val/auroc"].max() == pytest.approx(best_score)
+    assert abs(val["val/auroc"].iloc[-1] - best_score) > 1e-3  # the last epoch is not the best
+
+    assert written["val/auroc"] == pytest.approx(best_score)
+    epoch = written["best_epoch"]
+    for name in ("val/auroc", "val/loss", "val/accuracy"):  # all of that validation
+        assert written[name] == pytest.approx(val.loc[epoch, name]), name
+    train_rows = history.dropna(subset=["train/loss_epoch"]).set_index("epoch")
+    assert written["train/loss"] == pytest.approx(train_rows.loc[epoch, "train/loss_epoch"])
+    best = torch.load(written["best_model_path"], weights_only=False)
+    assert (best["epoch"], best["global_step"]) == (epoch, written["best_step"])
+    assert cfg.optimized_metric == "val/auroc" and returned == written["val/auroc"]
 
 
 def test_neumf_learns_synthetic_structure(make_cfg):
@@ -63,6 +113,9 @@ def test_resume_from_last_checkpoint(make_cfg, tmp_path):
     second = tmp_path / "second"
     run(make_cfg("data=synthetic", "trainer.max_epochs=2", f"ckpt_path={last}", output_dir=second))
     resumed = torch.load(second / "checkpoints" / "last.ckpt", weights_only=False)
+    # the validation history travels in the checkpoint: the resumed run knows epoch 0 too
+    validations = resumed["callbacks"]["ValidationHistory"]["validations"]
+    assert [v["epoch"] for v in validations] == [0, 1]
     assert resumed["epoch"] == 1
     assert resumed["global_step"] == 2 * step_after_one
 

@@ -15,13 +15,13 @@ import torch
 from torch.utils.data import DataLoader
 
 from recsys.data.loader import (
-    BatchIndexSampler,
+    BatchLoader,
     InteractionBatches,
     NegativeSamplingBatches,
-    batch_loader,
+    batch_sampler,
 )
 from recsys.data.negatives import PositiveSet
-from recsys.data.preprocess import META_FILE, ProcessedData, cache_key
+from recsys.data.preprocess import META_FILE, ProcessedData, cache_key, file_digest
 from recsys.data.ranking import RANKING_MODES, FullRanking, SampledRanking
 from recsys.data.spec import FeatureSpec
 from recsys.data.split import split_indices
@@ -58,6 +58,9 @@ class RecDataModule(L.LightningDataModule):
             saved beside the processed data: the NCF protocol), ``full`` (every item not in
             the user's training interactions) or None.
         ranking_negatives: negatives per held-out positive in ``sampled`` ranking.
+        drop_cold_start: leave out of validation and test the rows whose user or item has
+            no training row (scored by untrained embeddings otherwise). Off by default: such
+            rows are counted either way (``test/cold_user_rows``, ``test/cold_item_rows``).
         num_workers, pin_memory: DataLoader options.
         rebuild: preprocess again even if the processed folder exists.
     """
@@ -76,6 +79,7 @@ class RecDataModule(L.LightningDataModule):
         num_negatives: int = 4,
         ranking: str | None = None,
         ranking_negatives: int = 99,
+        drop_cold_start: bool = False,
         num_workers: int = 0,
         pin_memory: bool = False,
         rebuild: bool = False,
@@ -91,6 +95,9 @@ class RecDataModule(L.LightningDataModule):
         self.num_negatives = num_negatives
         self.ranking = ranking
         self.ranking_negatives = ranking_negatives
+        self.drop_cold_start = drop_cold_start
+        # per evaluation split: rows whose user / item has no training row (and rows dropped)
+        self.cold_rows: dict[str, dict[str, int]] = {}
         self.data_dir = Path(data_dir).expanduser()
         self.cache_dir = Path(cache_dir).expanduser()
         self.batch_size = batch_size
@@ -104,10 +111,14 @@ class RecDataModule(L.LightningDataModule):
         self.rebuild = rebuild
         self.data: ProcessedDataset | None = None
         self.rows: dict[str, torch.Tensor] = {}
+        # every known (user, item) pair: excluded from evaluation candidates and predictions
         self.positives: PositiveSet | None = None
+        # the training pairs only: excluded from training negatives (the NCF protocol)
+        self.train_positives: PositiveSet | None = None
         # every rank gets as many evaluation rows (set by strategies whose steps are collective)
         self.even_eval_shards = False
         self._eval_pairs: dict[str, Interactions] = {}
+        self._digests: dict[str, str] | None = None
 
     # --- to implement -------------------------------------------------------------------
     @property
@@ -138,9 +149,8 @@ class RecDataModule(L.LightningDataModule):
             "threshold_op": self.threshold_op,
             "feedback": self.feedback,
         }
-        if self.expected_files():  # another raw folder or a changed file is another dataset
-            settings["raw_dir"] = str(self.raw_dir.resolve())
-            settings["raw_files"] = {f: self._file_size(f) for f in self.expected_files()}
+        if self.expected_files():  # an edited raw file is another dataset
+            settings["raw_files"] = self._raw_digests()
         return settings
 
     # --- shared ---------------------------------------------------------------------------
@@ -148,9 +158,14 @@ class RecDataModule(L.LightningDataModule):
     def processed_dir(self) -> Path:
         return self.cache_dir / cache_key(self.source, self.settings())
 
-    def _file_size(self, name: str) -> int | None:
-        path = self.raw_dir / name
-        return path.stat().st_size if path.is_file() else None
+    def _raw_digests(self) -> dict[str, str | None]:
+        """Content hash of each raw file (None: missing); computed once all are present."""
+        if self._digests is not None:
+            return self._digests
+        digests = {f: file_digest(self.raw_dir / f) for f in self.expected_files()}
+        if None not in digests.values():
+            self._digests = digests
+        return digests
 
     def missing_files(self) -> list[str]:
         return [f for f in self.expected_files() if not (self.raw_dir / f).is_file()]
@@ -205,8 +220,11 @@ class RecDataModule(L.LightningDataModule):
         self.data = ProcessedDataset.load(self.processed_dir)
         inter = self.data.interactions
         self.rows = split_indices(inter, seed=self.seed, **self.split)
-        # every observed pair, held-out ones included: never sampled as a negative
-        self.positives = PositiveSet(inter.users, inter.items, self.spec.num_items)
+        self._count_cold_rows()
+        num_items = self.spec.num_items
+        self.positives = PositiveSet(inter.users, inter.items, num_items)
+        train = self.rows["train"]
+        self.train_positives = PositiveSet(inter.users[train], inter.items[train], num_items)
         labels = self.data.interactions.labels
         log.info(
             "%s: %d users, %d items; %s; positives %.1f%%",
@@ -216,6 +234,37 @@ class RecDataModule(L.LightningDataModule):
             ", ".join(f"{k} {len(v):,}" for k, v in self.rows.items()),
             100 * float(labels.mean()) if len(labels) else 0.0,
         )
+
+    def _count_cold_rows(self) -> None:
+        """Count (and with ``drop_cold_start`` remove) the validation and test rows whose user
+        or item has no training row."""
+        inter, train = self.data.interactions, self.rows["train"]
+        trained_users = torch.bincount(inter.users[train], minlength=self.spec.num_users) > 0
+        trained_items = torch.bincount(inter.items[train], minlength=self.spec.num_items) > 0
+        for split in ("val", "test"):
+            rows = self.rows[split]
+            cold_user = ~trained_users[inter.users[rows]]
+            cold_item = ~trained_items[inter.items[rows]]
+            cold = cold_user | cold_item
+            self.cold_rows[split] = {
+                "cold_user_rows": int(cold_user.sum()),
+                "cold_item_rows": int(cold_item.sum()),
+            }
+            action = "scored by untrained embeddings (data.drop_cold_start=true drops them)"
+            if self.drop_cold_start:
+                self.rows[split] = rows[~cold]
+                self.cold_rows[split]["cold_rows_dropped"] = int(cold.sum())
+                action = "dropped (data.drop_cold_start=true)"
+            log.info(
+                "%s: %s rows with a user without training rows: %d, with an item without "
+                "training rows: %d, of %d; %s",
+                self.source,
+                split,
+                int(cold_user.sum()),
+                int(cold_item.sum()),
+                len(rows),
+                action,
+            )
 
     def item_popularity(self) -> torch.Tensor:
         """Training interactions per item [num_items] (popularity baseline, novelty)."""
@@ -267,21 +316,23 @@ class RecDataModule(L.LightningDataModule):
             rows = self.rows["train"]
             if self.feedback == "implicit":
                 dataset = NegativeSamplingBatches(
-                    self.data.interactions, features, self.positives, self.num_negatives
+                    self.data.interactions, features, self.train_positives, self.num_negatives
                 )
             else:
                 dataset = InteractionBatches(self.data.interactions, features)
-            sampler = BatchIndexSampler(rows, self.batch_size, shuffle=True, seed=self.seed)
+            # Lightning's overfit_batches trains on the same first batches every epoch
+            overfit = self.trainer is not None and self.trainer.overfit_batches > 0
+            sampler = batch_sampler(rows, self.batch_size, shuffle=not overfit, seed=self.seed)
         else:
             pairs = self.eval_pairs(split)
             dataset = InteractionBatches(pairs, features)
-            sampler = BatchIndexSampler(
+            sampler = batch_sampler(
                 torch.arange(len(pairs)),
                 self.eval_batch_size,
                 shuffle=False,
                 even_shards=self.even_eval_shards,
             )
-        return batch_loader(dataset, sampler, self.num_workers, self.pin_memory)
+        return BatchLoader(dataset, sampler, self.num_workers, self.pin_memory)
 
     def _ranking_loader(self, split: str) -> DataLoader:
         inter, rows = self.data.interactions, self.rows[split]
@@ -304,13 +355,13 @@ class RecDataModule(L.LightningDataModule):
                 num_items=num_items,
             )
             per_query = num_items
-        sampler = BatchIndexSampler(
+        sampler = batch_sampler(
             torch.arange(len(dataset)),
             max(1, self.eval_batch_size // per_query),
             shuffle=False,
             even_shards=self.even_eval_shards,
         )
-        return batch_loader(dataset, sampler, self.num_workers, self.pin_memory)
+        return BatchLoader(dataset, sampler, self.num_workers, self.pin_memory)
 
     def _saved_negatives(self, split: str, users: torch.Tensor) -> torch.Tensor:
         """[Q, ranking_negatives] negatives of each held-out positive, sampled once with the
@@ -322,6 +373,7 @@ class RecDataModule(L.LightningDataModule):
                 "seed": self.seed,
                 "negatives": self.ranking_negatives,
                 "feedback": self.feedback,
+                "sampling": "distinct",  # each query's negatives are different items
             },
         )
         path = self.processed_dir / f"{key}.parquet"
@@ -333,7 +385,7 @@ class RecDataModule(L.LightningDataModule):
             if torch.equal(torch.from_numpy(table.column("user").to_numpy().copy()), users):
                 return negatives
         g = torch.Generator().manual_seed(self.seed)
-        negatives = self.positives.sample(users, self.ranking_negatives, generator=g)
+        negatives = self.positives.sample(users, self.ranking_negatives, generator=g, distinct=True)
         flat = pa.array(negatives.flatten().numpy())
         table = pa.table(
             {

@@ -45,8 +45,10 @@ class CSVDataModule(RecDataModule):
     ``user_id,item_id,label``, ``user,item,rating,timestamp`` ... need no mapping. Name them
     in ``columns`` when the header differs or is ambiguous. With both a label and a rating
     column the label is the label and the rating is kept. With ``feedback=implicit`` rows
-    labelled 0 are removed (and reported): the kept rows are the positives. A ``timestamp``
-    column (unix seconds or dates) allows the temporal splits; without one it is -1.
+    labelled 0 are removed (and reported): the kept rows are the positives; there a file of
+    ``user,item[,timestamp]`` alone also does, each row a positive (rating NaN). A
+    ``timestamp`` column (unix seconds or dates) allows the temporal splits; without one it
+    is -1.
 
     Side features are columns of the same file that describe the user (item) of the row:
     ``user_features`` / ``item_features`` = ``{categorical: [col, ...], multi_hot: {col:
@@ -137,8 +139,10 @@ class CSVDataModule(RecDataModule):
             label = self._numbers(df, cols["label"])
             self._fail_where(~label.isin([0, 1]), df, cols["label"], "must hold labels 0 or 1")
             ratings["label"] = label.to_numpy(np.float32)
-        else:
+        elif cols["rating"]:
             ratings["label"] = label_from_rating(rating, self.rating_threshold, self.threshold_op)
+        else:  # feedback=implicit (checked): every row is an interaction, a positive
+            ratings["label"] = np.float32(1)
         ratings["rating"] = rating.to_numpy(np.float32)
         ratings["timestamp"] = (
             self._timestamps(df, cols["timestamp"]) if cols["timestamp"] else np.int64(-1)
@@ -206,11 +210,12 @@ class CSVDataModule(RecDataModule):
                     f"{self.path}: no {role} column among {present}: name it "
                     f"{ALIASES[role][0]!r}, {role}_id, ... or set data.columns.{role}=..."
                 )
-        if cols["label"] is None and cols["rating"] is None:
+        if cols["label"] is None and cols["rating"] is None and self.feedback == "explicit":
             raise ValueError(
-                f"{self.path}: no label or rating column among {present}: name a 0/1 column "
-                f"'label' or 'target', a rating column 'rating', or set data.columns.label=... "
-                f"or data.columns.rating=..."
+                f"{self.path}: no label or rating column among {present}, which "
+                f"data.feedback=explicit needs: name a 0/1 column 'label' or 'target', a rating "
+                f"column 'rating', or set data.columns.label=... or data.columns.rating=...; "
+                f"if every row is an interaction (a positive), set data.feedback=implicit"
             )
         for entity, feats in self.features.items():
             for col in _feature_columns(feats):

@@ -43,6 +43,15 @@ def cache_key(source: str, settings: dict) -> str:
     return f"{source}-{hashlib.sha1(blob.encode()).hexdigest()[:10]}"
 
 
+def file_digest(path: Path) -> str | None:
+    """BLAKE2b of a file's bytes (None when it does not exist): the processed-data cache is
+    keyed by content, so an edit of a raw file, even one that keeps its size, rebuilds."""
+    if not path.is_file():
+        return None
+    with path.open("rb") as f:
+        return hashlib.file_digest(f, lambda: hashlib.blake2b(digest_size=16)).hexdigest()
+
+
 def encode_ids(raw: pd.Series) -> tuple[np.ndarray, pd.Index]:
     """Sorted dense codes 0..n-1 for raw ids; returns (codes, raw ids in code order)."""
     codes, uniques = pd.factorize(raw, sort=True)

@@ -8,6 +8,7 @@ import torch
 from torch.utils.data import Dataset
 
 from recsys.data.batch import Batch
+from recsys.data.loader import BatchIndex
 from recsys.data.negatives import PositiveSet
 from recsys.data.store import FeatureStore
 
@@ -55,7 +56,8 @@ class RankingBatch:
 class SampledRanking(Dataset):
     """NCF protocol: each held-out positive ranked among its own sampled negatives.
 
-    ``ds[queries]`` -> `RankingBatch` with candidates [positive, negative_1, ..., negative_n].
+    ``ds[index]`` -> `RankingBatch` of the queries ``index.rows``, with candidates
+    [positive, negative_1, ..., negative_n].
     """
 
     def __init__(
@@ -72,8 +74,8 @@ class SampledRanking(Dataset):
     def __len__(self) -> int:
         return len(self.users)
 
-    def __getitem__(self, queries: torch.Tensor) -> RankingBatch:
-        users, items = self.users[queries], self.candidates[queries]
+    def __getitem__(self, index: BatchIndex) -> RankingBatch:
+        users, items = self.users[index.rows], self.candidates[index.rows]
         q, c = items.shape
         relevant = torch.zeros(q, c, dtype=torch.bool)
         relevant[:, 0] = True
@@ -104,8 +106,8 @@ class FullRanking(Dataset):
     def __len__(self) -> int:
         return len(self.users)
 
-    def __getitem__(self, queries: torch.Tensor) -> RankingBatch:
-        users = self.users[queries]
+    def __getitem__(self, index: BatchIndex) -> RankingBatch:
+        users = self.users[index.rows]
         q, c = len(users), self.num_items
         flat_users = users.repeat_interleave(c)
         flat_items = torch.arange(c).repeat(q)
