@@ -1,9 +1,13 @@
 """Train a recommender: ``python train.py data=movielens model=ncf`` (see README.md)."""
 
+import logging
+
 import hydra
 from omegaconf import DictConfig
 
 from recsys.train import run
+
+log = logging.getLogger(__name__)
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
@@ -14,10 +18,13 @@ def main(cfg: DictConfig) -> float | None:
     if not name:
         return None
     if name not in metrics:
-        raise ValueError(
-            f"optimized_metric={name} is not among this run's metrics "
-            f"({', '.join(sorted(metrics))}): set optimized_metric= (or monitor=) to one of them"
+        log.warning(
+            "optimized_metric=%s is not among this run's metrics (%s): nothing to return to a "
+            "sweeper; set optimized_metric= (or monitor=) to one of them",
+            name,
+            ", ".join(sorted(metrics)),
         )
+        return None
     return metrics[name]
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import random
 import time
 
@@ -19,6 +18,10 @@ class SamplesPerSecond(Callback):
     loading, forward, backward and optimizer step; validation excluded), on each process;
     the logged figure is that rate times the world size. ``overall`` holds the figure over
     the whole fit.
+
+    Kept beside Lightning's ``ThroughputMonitor``, which reports a sliding window of recent
+    steps: ``overall`` is the one whole-fit figure that ``metrics.json`` and the benchmarks
+    print, so runs of different lengths compare.
     """
 
     def __init__(self) -> None:
@@ -84,20 +87,6 @@ class ValidationHistory(Callback):
             for k, v in trainer.callback_metrics.items()
             if k.startswith("train/") and not k.endswith(("_step", "_epoch"))
         }
-
-    def of_best(self, monitor: str | None, best_score, mode: str) -> dict | None:
-        """The validation that scored ``best_score`` on ``monitor`` (a ModelCheckpoint's
-        ``best_model_score``), the first of equal scores as ModelCheckpoint keeps the first;
-        None without a monitor or best score, or when no validation has that score."""
-        if monitor is None or best_score is None:
-            return None
-        target = float(best_score)
-        worst = float("-inf") if mode == "max" else float("inf")  # ModelCheckpoint's NaN
-        for entry in self.validations:
-            value = entry["metrics"].get(monitor)
-            if value is not None and (worst if math.isnan(value) else value) == target:
-                return entry
-        return None
 
     def state_dict(self) -> dict:
         return {"validations": self.validations, "train_epochs": self.train_epochs}

@@ -72,12 +72,7 @@ def similar_items(model: RecommenderModule, dm: RecDataModule, raw_item, k: int)
 
 def run(cfg: DictConfig) -> dict[str, str | int]:
     """Write and print recommendations (or similar items); returns the output path and rows."""
-    if Path(cfg.ckpt_path).is_dir():
-        raise ValueError(
-            f"{cfg.ckpt_path} is a sharded (trainer=torchrec) checkpoint; predict.py "
-            "reads single-file checkpoints: train with trainer=ddp for serving"
-        )
-    dm, model = load_checkpoint(cfg)
+    dm, model = load_checkpoint(cfg)  # a sharded checkpoint's tables are gathered whole
     if cfg.similar_to is not None:
         frame = similar_items(model, dm, cfg.similar_to, cfg.k)
     else:

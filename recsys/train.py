@@ -15,6 +15,7 @@ from recsys.baselines import evaluate_with_baseline
 from recsys.callbacks import SamplesPerSecond, ValidationHistory
 from recsys.data.base import RecDataModule
 from recsys.distributed import TorchRecStrategy  # noqa: F401  (registers trainer.strategy=torchrec)
+from recsys.distributed.torchrec_strategy import load_meta, load_weights_only
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +31,6 @@ def build(cfg: DictConfig) -> tuple[RecDataModule, L.LightningModule, L.Trainer]
     dm: RecDataModule = instantiate(cfg.data)
     dm.prepare_data()  # the model needs the dataset's sizes before the Trainer starts
     model = instantiate(cfg.model, spec=dm.spec.to_dict(), _recursive_=False)
-    model.data_config = OmegaConf.to_container(cfg.data, resolve=True)
     # ValidationHistory is what run() reports the validation figures from: not optional
     callbacks = [*instantiate_group(cfg.get("callbacks")), ValidationHistory()]
     loggers = instantiate_group(cfg.get("logger"))
@@ -75,30 +75,31 @@ def run(cfg: DictConfig) -> dict[str, float | int | str]:
 def fit_figures(trainer: L.Trainer) -> dict[str, float | int]:
     """The validation figures of the checkpoint that is tested, and where they come from.
 
-    With a best checkpoint by a monitored metric: every ``val/*`` figure of the validation
-    that saved it, the ``train/*`` means of its epoch, ``best_epoch`` and ``best_step`` (as in
-    the checkpoint). Without one (fast_dev_run, ``callbacks=none``, a checkpoint callback
-    without ``monitor``): those of the last validation, with ``last_epoch`` and ``last_step``;
-    the weights tested are then the last ones too. The per-epoch history is in the loggers.
+    With a best checkpoint: every ``val/*`` figure of the validation that saved it, the
+    ``train/*`` means of its epoch, ``best_epoch`` and ``best_step``, read from the checkpoint
+    itself (its `ValidationHistory` state), so they are right under every launcher
+    (``ddp_spawn`` trains in other processes). Without one (fast_dev_run, ``callbacks=none``):
+    those of the last validation, with ``last_epoch`` and ``last_step``; the weights tested are
+    then the last ones too. The per-epoch history is in the loggers.
     """
-    history = next(c for c in trainer.callbacks if isinstance(c, ValidationHistory))
     ckpt = trainer.checkpoint_callback
-    entry, source = None, "best"
-    if ckpt is not None and ckpt.best_model_path and ckpt.monitor is not None:
-        entry = history.of_best(ckpt.monitor, ckpt.best_model_score, ckpt.mode)
-        if entry is None:
-            log.warning(
-                "no validation scored the best checkpoint's %s=%s: reporting the val/* figures "
-                "of the last validation (last_epoch, last_step)",
-                ckpt.monitor,
-                ckpt.best_model_score,
-            )
-    if entry is None:
-        if not history.validations:
-            return {}
-        entry, source = history.validations[-1], "last"
+    if ckpt is not None and ckpt.best_model_path:
+        path = Path(ckpt.best_model_path)
+        state = load_meta(path) if path.is_dir() else load_weights_only(path, mmap=True)
+        history = state["callbacks"][ValidationHistory.__qualname__]
+        for entry in history["validations"]:
+            if (entry["epoch"], entry["step"]) == (state["epoch"], state["global_step"]):
+                return _figures(entry, history["train_epochs"], "best")
+        raise RuntimeError(f"{path} holds no record of the validation that saved it")
+    history = next(c for c in trainer.callbacks if isinstance(c, ValidationHistory))
+    if not history.validations:
+        return {}
+    return _figures(history.validations[-1], history.train_epochs, "last")
+
+
+def _figures(entry: dict, train_epochs: dict, source: str) -> dict[str, float | int]:
     return {
-        **history.train_epochs.get(entry["epoch"], {}),
+        **train_epochs.get(entry["epoch"], {}),
         **entry["metrics"],
         f"{source}_epoch": entry["epoch"],
         f"{source}_step": entry["step"],

@@ -137,6 +137,15 @@ def test_two_process_ddp_matches_one_process(make_cfg, tmp_path):
     )
     assert (tmp_path / "two" / "checkpoints" / "last.ckpt").is_file()
     assert "test/auroc" in (tmp_path / "two" / "csv" / "metrics.csv").read_text()
+    # the validation figures of the tested checkpoint come back from the spawned processes
+    best = torch.load(two["best_model_path"], map_location="cpu", weights_only=True)
+    (state,) = (
+        v
+        for k, v in best["callbacks"].items()
+        if k.startswith("ModelCheckpoint{'monitor': 'val/auroc'")
+    )
+    assert two["best_epoch"] == best["epoch"] and two["best_step"] == best["global_step"]
+    assert two["val/auroc"] == pytest.approx(float(state["best_model_score"]))
 
 
 @pytest.mark.slow

@@ -10,6 +10,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 
 from recsys.lit.module import embedding_parameters
+from recsys.lit.optim import CombinedOptimizer
 from recsys.train import run
 
 MODELS = ["ncf", "hybrid", "dlrm"]
@@ -87,7 +88,9 @@ def test_dlrm_rejects_bad_options(make_cfg):
 
 def test_dlrm_sparse_and_dense_optimizers(make_cfg):
     module, _, _ = _net_and_batch(make_cfg, "model=dlrm")
-    sparse_opt, dense_opt = module.configure_optimizers()
+    optimizer = module.configure_optimizers()  # one optimizer for Lightning: both parts
+    assert isinstance(optimizer, CombinedOptimizer)
+    sparse_opt, dense_opt = optimizer.parts["sparse"], optimizer.parts["dense"]
     assert isinstance(sparse_opt, torch.optim.Adagrad) and isinstance(dense_opt, torch.optim.Adam)
     sparse = {id(p) for g in sparse_opt.param_groups for p in g["params"]}
     dense = {id(p) for g in dense_opt.param_groups for p in g["params"]}

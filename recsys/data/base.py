@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+from collections.abc import Mapping, Sequence
 from dataclasses import astuple
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+from hydra.utils import get_class
 from torch.utils.data import DataLoader
 
 from recsys.data.loader import (
@@ -28,6 +32,30 @@ from recsys.data.split import split_indices
 from recsys.data.store import Interactions, ProcessedDataset, read_meta
 
 log = logging.getLogger(__name__)
+
+# Hyperparameters that leave the data itself alone (which rows train, validate and test, and
+# their labels): machine paths, loader settings and the evaluation-only protocol. Any other
+# change, or other processed data, makes another dataset: a checkpoint refuses it.
+FREE_KEYS = frozenset(
+    {
+        "data_dir",
+        "cache_dir",
+        "path",  # a CSV's content is in the processed folder's name
+        "download",
+        "rebuild",
+        "batch_size",
+        "eval_batch_size",
+        "num_workers",
+        "pin_memory",
+        "ranking",
+        "ranking_negatives",
+        "drop_cold_start",
+    }
+)
+
+
+class DataMismatchError(ValueError):
+    """A checkpoint meets data other than the data it was trained on."""
 
 
 class RecDataModule(L.LightningDataModule):
@@ -85,6 +113,11 @@ class RecDataModule(L.LightningDataModule):
         rebuild: bool = False,
     ):
         super().__init__()
+        # the init arguments of the subclass too; in checkpoints as datamodule_hyper_parameters
+        # (the run's config goes to the loggers whole, so not logged here)
+        self.save_hyperparameters(logger=False)
+        for key, value in self.hparams.items():
+            self.hparams[key] = _plain(value)  # Hydra containers: weights_only reads them
         if threshold_op not in (">", ">="):
             raise ValueError(f"data.threshold_op must be '>' or '>=', got {threshold_op!r}")
         if feedback not in ("explicit", "implicit"):
@@ -119,6 +152,10 @@ class RecDataModule(L.LightningDataModule):
         self.even_eval_shards = False
         self._eval_pairs: dict[str, Interactions] = {}
         self._digests: dict[str, str] | None = None
+        # the processed folder named by a checkpoint (`from_checkpoint`): used as it is
+        self._pinned: str | None = None
+        # refuse checkpoints of other data (`load_state_dict`); off under allow_new_data
+        self.check_data = True
 
     # --- to implement -------------------------------------------------------------------
     @property
@@ -156,7 +193,64 @@ class RecDataModule(L.LightningDataModule):
     # --- shared ---------------------------------------------------------------------------
     @property
     def processed_dir(self) -> Path:
-        return self.cache_dir / cache_key(self.source, self.settings())
+        """``<cache_dir>/<source>-<hash of settings and raw content>``, or the folder named by
+        the checkpoint this module was rebuilt from."""
+        return self.cache_dir / (self._pinned or cache_key(self.source, self.settings()))
+
+    # --- data identity in checkpoints ----------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Saved in every checkpoint: what data the model was trained on."""
+        cls = type(self)
+        return {
+            "data_class": f"{cls.__module__}.{cls.__qualname__}",
+            "processed": self.processed_dir.name,
+            "settings": self.data_settings(),
+        }
+
+    def data_settings(self) -> dict[str, Any]:
+        """The hyperparameters that make the data what it is (all but `FREE_KEYS`), the split
+        with its defaults filled in."""
+        settings = {k: v for k, v in self.hparams.items() if k not in FREE_KEYS}
+        return {**settings, "split": dict(self.split)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Called by Lightning when a run resumes (or tests) a checkpoint: refuses other data.
+        Without a Trainer (``load_from_checkpoint``) the module takes the checkpoint's processed
+        folder (`use_processed`)."""
+        if not self.check_data:
+            return
+        changes = self.settings_changes(state)
+        if self.trainer is None and not changes:
+            self.use_processed(state["processed"])
+            return
+        if not changes and state.get("processed") != self.processed_dir.name:
+            changes = {"processed data": (state.get("processed"), self.processed_dir.name)}
+        if changes:
+            ckpt = getattr(self.trainer, "ckpt_path", None) if self.trainer else None
+            raise DataMismatchError(
+                f"{'the checkpoint' if ckpt is None else ckpt} was trained on other data "
+                f"than this run's: "
+                f"{describe_changes(changes)}. To resume it, run with its data settings"
+                f"{restore_hint(changes)}; to train on this data, start a new run (no "
+                f"ckpt_path)."
+            )
+
+    def settings_changes(self, state: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+        """``{dotted key: (checkpoint's value, this module's value)}`` of the data settings
+        (hyperparameters but `FREE_KEYS`) that differ from those saved in ``state``."""
+        old = _flatten(state.get("settings", {}))
+        new = _flatten(self.data_settings())
+        return {
+            k: (old.get(k, _UNSET), new.get(k, _UNSET))
+            for k in sorted(old.keys() | new.keys())
+            if old.get(k, _UNSET) != new.get(k, _UNSET)
+        }
+
+    def use_processed(self, name: str) -> None:
+        """Load the processed folder ``<cache_dir>/<name>`` whatever the raw files are (they
+        may be gone); when it is missing, `prepare_data` rebuilds it from raw files that give
+        the same folder, and refuses others."""
+        self._pinned = name
 
     def _raw_digests(self) -> dict[str, str | None]:
         """Content hash of each raw file (None: missing); computed once all are present."""
@@ -179,10 +273,34 @@ class RecDataModule(L.LightningDataModule):
         )
 
     def prepare_data(self) -> None:
+        if self._pinned is not None and (self.processed_dir / META_FILE).exists():
+            log.info(
+                "%s: using processed data in %s (raw files not read)",
+                self.source,
+                self.processed_dir,
+            )
+            return
         if self.missing_files():
             self.download()
             if self.missing_files():
-                raise FileNotFoundError(self._missing_message())
+                message = self._missing_message()
+                if self._pinned is not None:
+                    message += (
+                        f" The checkpoint's processed folder {self._pinned} is not in "
+                        f"{self.cache_dir} either: point paths.cache_dir at the folder that "
+                        "holds it."
+                    )
+                raise FileNotFoundError(message)
+        if self._pinned is not None:
+            built = cache_key(self.source, self.settings())
+            if built != self._pinned:
+                raise DataMismatchError(
+                    f"{self.source}: the checkpoint's processed folder {self._pinned} is not in "
+                    f"{self.cache_dir}, and the raw files in {self.raw_dir} give other data "
+                    f"(processed data: {self._pinned} -> {built}). Point paths.cache_dir at the "
+                    "folder that holds it, or paths.data_dir at the raw files it was built "
+                    "from; allow_new_data=true evaluates on these files anyway."
+                )
         folder = self.processed_dir
         if (folder / META_FILE).exists() and not self.rebuild:
             log.info("%s: using processed data in %s", self.source, folder)
@@ -410,3 +528,105 @@ class RecDataModule(L.LightningDataModule):
         if self.ranking is None:
             return self._loader("test")
         return [self._loader("test"), self._ranking_loader("test")]
+
+
+_UNSET = "<unset>"
+
+
+def _plain(value: Any) -> Any:
+    """A plain dict/list copy of a (Hydra) mapping or sequence."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, Sequence) and not isinstance(value, str):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _merge(base: dict, changes: dict) -> dict:
+    """``base`` with ``changes`` applied key by key, into nested dicts too."""
+    merged = dict(base)
+    for key, value in changes.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            value = _merge(merged[key], value)
+        merged[key] = value
+    return merged
+
+
+def _flatten(settings: dict, prefix: str = "") -> dict[str, Any]:
+    """``{"split": {"kind": "random"}}`` -> ``{"split.kind": "random"}``."""
+    flat = {}
+    for key, value in settings.items():
+        if isinstance(value, Mapping) and value:
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _override(value: Any) -> str:
+    """A value as a Hydra override writes it."""
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def describe_changes(changes: dict[str, tuple[Any, Any]]) -> str:
+    """``data.seed: 42 -> 7, data.split.kind: random -> temporal``."""
+    return ", ".join(
+        f"{k if k == 'processed data' else 'data.' + k}: {_override(old)} -> {_override(new)}"
+        for k, (old, new) in changes.items()
+    )
+
+
+def restore_hint(changes: dict[str, tuple[Any, Any]]) -> str:
+    """`` (data.seed=42 data.split.kind=random)``: the overrides that restore the checkpoint's
+    data settings; the processed data itself comes back with the raw files it was built from."""
+    keys = [k for k in changes if k != "processed data"]
+    hints = [f"data.{k}={_override(changes[k][0])}" for k in keys if changes[k][0] != _UNSET]
+    if "processed data" in changes:
+        hints.append("and the raw files it was built from")
+    return f" ({' '.join(hints)})" if hints else ""
+
+
+def from_checkpoint(
+    checkpoint: dict, overrides: dict | None = None, allow_new_data: bool = False
+) -> RecDataModule:
+    """The data module a checkpoint was trained with, on the processed folder it names.
+
+    ``overrides`` (this run's paths, loader settings, evaluation protocol) replace saved
+    hyperparameters. Overrides that change the data settings raise `DataMismatchError`, unless
+    ``allow_new_data``: the module is then built as for training, from the files the overrides
+    point at. Call `prepare_data` and `setup` next.
+    """
+    hparams = checkpoint.get(L.LightningDataModule.CHECKPOINT_HYPER_PARAMS_KEY)
+    state = next(
+        (v for v in checkpoint.values() if isinstance(v, Mapping) and "data_class" in v), None
+    )
+    if hparams is None or state is None:
+        raise ValueError(
+            "the checkpoint holds no data module (datamodule_hyper_parameters and its "
+            "state): it was written by an older recsys or not by train.py; train it again"
+        )
+    cls = get_class(state["data_class"])
+    if not (isinstance(cls, type) and issubclass(cls, RecDataModule)):
+        raise ValueError(f"data_class {state['data_class']} is not a RecDataModule")
+    dm = cls(**_merge(hparams, overrides or {}))
+    changes = dm.settings_changes(state)
+    if allow_new_data:
+        dm.check_data = False
+        log.warning(
+            "allow_new_data=true: scoring the checkpoint on the data this config gives (%s), "
+            "not on its own processed folder %s (%s); users and items are the codes of "
+            "this data's own encoding",
+            describe_changes(changes) if changes else "same data settings",
+            state["processed"],
+            "the raw files are read and preprocessed as for training",
+        )
+        return dm
+    if changes:
+        raise DataMismatchError(
+            f"the checkpoint was trained on other data than this config asks for: "
+            f"{describe_changes(changes)}. Drop these overrides to evaluate it on its own "
+            f"data (processed folder {state['processed']} in paths.cache_dir), or pass "
+            "allow_new_data=true to score it on this data anyway."
+        )
+    dm.use_processed(state["processed"])
+    return dm

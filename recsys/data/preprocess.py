@@ -262,16 +262,7 @@ def assemble(
     for f in sparse:
         if f.num_embeddings != len(vocab[f.name]):
             raise ValueError(f"feature {f.name!r}: num_embeddings != vocabulary size")
-    spec = FeatureSpec(
-        num_users=len(user_ids),
-        num_items=len(item_ids),
-        sparse=(
-            SparseFeature("user_id", "user", len(user_ids)),
-            SparseFeature("item_id", "item", len(item_ids)),
-            *sparse,
-        ),
-        dense=tuple(dense),
-    )
+    spec = FeatureSpec.of_ids(len(user_ids), len(item_ids), side=tuple(sparse), dense=tuple(dense))
     return ProcessedData(interactions, tables["user"], tables["item"], spec, vocab, report)
 
 

@@ -43,6 +43,28 @@ class FeatureSpec:
     sparse: tuple[SparseFeature, ...] = field(default_factory=tuple)
     dense: tuple[DenseFeature, ...] = field(default_factory=tuple)
 
+    @classmethod
+    def of_ids(
+        cls,
+        num_users: int,
+        num_items: int,
+        side: tuple[SparseFeature, ...] = (),
+        dense: tuple[DenseFeature, ...] = (),
+    ) -> FeatureSpec:
+        """The spec of ``num_users`` x ``num_items`` codes: ``user_id`` and ``item_id``,
+        then the ``side`` features.
+
+        Example::
+
+            >>> FeatureSpec.of_ids(10, 20).sparse_names
+            ['user_id', 'item_id']
+        """
+        ids = (
+            SparseFeature("user_id", "user", num_users),
+            SparseFeature("item_id", "item", num_items),
+        )
+        return cls(num_users, num_items, sparse=(*ids, *side), dense=tuple(dense))
+
     @property
     def sparse_names(self) -> list[str]:
         return [f.name for f in self.sparse]

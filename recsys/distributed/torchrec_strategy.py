@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from hydra.utils import get_class
+from hydra.utils import instantiate
 from lightning.fabric.utilities.optimizer import _optimizers_to_device
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.trainer.states import TrainerFn
@@ -42,7 +42,7 @@ SHARDING_TYPES = {t.value: t for t in ShardingType}
 DCP_METADATA_FILE = ".metadata"  # written by torch.distributed.checkpoint, read with pickle
 
 
-def load_weights_only(path: str | Path) -> Any:
+def load_weights_only(path: str | Path, mmap: bool = False) -> Any:
     """``torch.load(path, weights_only=True)``: tensors and plain containers only, so a
     checkpoint from elsewhere never runs code here.
 
@@ -50,7 +50,7 @@ def load_weights_only(path: str | Path) -> Any:
         ValueError: the file holds anything else (a class instance, a function).
     """
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         raise RefusedCheckpoint(path, e) from e
 
@@ -167,8 +167,9 @@ class TorchRecStrategy(DDPStrategy):
     backward pass (``model.sparse_optimizer``, TorchRec's ``apply_optimizer_in_backward``),
     `EmbeddingShardingPlanner` places them (only the ``sharding_types`` allowed: table-wise or
     column-wise on CPU/gloo; on CUDA/NCCL leave it null for the planner's choice), and
-    `DistributedModelParallel` shards them and wraps the dense part in DDP. The Lightning
-    optimizer then steps the dense parameters only.
+    `DistributedModelParallel` shards them and wraps the dense part in DDP. The module's
+    ``configure_optimizers`` leaves the fused tables out, so Lightning's optimizer (clipping,
+    LR scheduler) covers the dense parameters; ``accumulate_grad_batches`` must be 1.
 
     Checkpoints are folders written through ``torch.distributed.checkpoint`` by every rank:
     each rank's table shards and fused optimizer state, plus ``meta.pt`` (the rest of the
@@ -223,18 +224,22 @@ class TorchRecStrategy(DDPStrategy):
                     f"{type(module.net).__name__} has none: use model=dlrm, or another strategy"
                 )
             return module  # nothing to shard (e.g. the popularity baseline): plain evaluation
-        sparse = module.hparams.get("sparse_optimizer")
-        if not sparse:
+        if fitting and module.trainer.accumulate_grad_batches > 1:
+            raise ValueError(
+                "trainer.strategy=torchrec steps the tables' optimizer in every backward pass: "
+                "trainer.accumulate_grad_batches must be 1 (raise data.batch_size instead)"
+            )
+        sparse_config = module.hparams.get("sparse_optimizer")
+        if not sparse_config:
             raise ValueError(
                 "trainer.strategy=torchrec needs model.sparse_optimizer: the "
                 "optimizer fused into the sharded tables (e.g. torch.optim.Adagrad)"
             )
-        sparse = {k: v for k, v in sparse.items() if k not in ("_target_", "_partial_")}
-        optimizer_class = get_class(module.hparams.sparse_optimizer["_target_"])
+        # the module's own sparse optimizer, fused into backward as sharded tables need;
+        # its configure_optimizers then leaves the tables out
+        sparse = instantiate(sparse_config)
         for ebc in tables:
-            apply_optimizer_in_backward(optimizer_class, ebc.parameters(), sparse)
-        module.fused_sparse = True  # configure_optimizers: dense parameters only
-        module.automatic_optimization = True
+            apply_optimizer_in_backward(sparse.func, ebc.parameters(), sparse.keywords)
 
         constraints = None
         if self.sharding_types:

@@ -19,6 +19,7 @@ from torchrec.optim.optimizers import in_backward_optimizer_filter
 from recsys.data.batch import Batch
 from recsys.data.ranking import RankingBatch
 from recsys.data.spec import FeatureSpec
+from recsys.lit.optim import CombinedOptimizer
 from recsys.metrics.ranking import (
     RankingMetrics,
     catalogue_coverage,
@@ -47,9 +48,16 @@ class RecommenderModule(L.LightningModule):
         optimizer: Hydra config of a partial optimizer (``_partial_: true``) for the dense
             parameters, and for all parameters when ``sparse_optimizer`` is None.
         sparse_optimizer: optional partial optimizer for the embedding tables (TorchRec
-            practice: e.g. Adagrad for the sparse part, Adam for the dense part). Two
-            optimizers are stepped by manual optimization, so Trainer-level gradient
-            clipping and accumulation then do not apply.
+            practice: e.g. Adagrad for the sparse part, Adam for the dense part). Both run
+            as one `CombinedOptimizer`, so Lightning counts one step per optimizer step and
+            clips, accumulates and schedules every parameter. Tables whose optimizer is
+            fused into the backward pass (``apply_optimizer_in_backward``, as the torchrec
+            strategy does for sharded tables) are left to it.
+        lr_scheduler: optional partial learning-rate scheduler (``_partial_: true``), called
+            with the optimizer and stepped after every optimizer step, e.g.
+            ``torch.optim.lr_scheduler.CosineAnnealingLR`` with ``T_max`` or
+            `recsys.lit.optim.cosine_with_warmup`. The learning rates are logged per step
+            (``train/lr``, and ``train/lr_sparse`` for the tables).
         loss: ``bce`` (binary cross-entropy on logits) or ``bpr`` (Bayesian personalised
             ranking: -log sigmoid(s_pos - s_neg) over each positive and its sampled
             negatives; needs ``data.feedback=implicit``).
@@ -66,6 +74,7 @@ class RecommenderModule(L.LightningModule):
         spec: dict,
         optimizer: dict | None = None,
         sparse_optimizer: dict | None = None,
+        lr_scheduler: dict | None = None,
         loss: str = "bce",
         ranking_ks: tuple[int, ...] = (5, 10, 20),
         list_k: int = 10,
@@ -74,10 +83,12 @@ class RecommenderModule(L.LightningModule):
         super().__init__()
         if loss not in LOSSES:
             raise ValueError(f"model.loss={loss!r} is not one of {LOSSES}")
-        optimizer, sparse_optimizer, spec = (
+        optimizer, sparse_optimizer, lr_scheduler, spec, ranking_ks = (
             _plain(optimizer),
             _plain(sparse_optimizer),
+            _plain(lr_scheduler),
             _plain(spec),
+            tuple(ranking_ks),
         )
         net_kwargs = {k: _plain(v) for k, v in net_kwargs.items()}
         self.save_hyperparameters()
@@ -91,11 +102,6 @@ class RecommenderModule(L.LightningModule):
         self.scoring = {"users": 0, "seconds": 0.0}
         # prepended to the names of test metrics, e.g. "popularity/" for the baseline
         self.metric_prefix = ""
-        # the data config of the run, stored in checkpoints so evaluate/predict rebuild the data
-        self.data_config: dict | None = None
-        self.automatic_optimization = sparse_optimizer is None
-        # set by the torchrec strategy: the tables' optimizer runs fused in the backward pass
-        self.fused_sparse = False
 
     @staticmethod
     def _metrics(prefix: str) -> MetricCollection:
@@ -113,17 +119,24 @@ class RecommenderModule(L.LightningModule):
             loss = bpr_loss(logits, batch.labels)
         else:
             loss = F.binary_cross_entropy_with_logits(logits, batch.labels)
-        if not self.automatic_optimization:  # sparse + dense optimizers
-            optimizers = self.optimizers()
-            for opt in optimizers:
-                opt.zero_grad()
-            self.manual_backward(loss)
-            for opt in optimizers:
-                opt.step()
         self.log(
             "train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(batch)
         )
+        if self.hparams.lr_scheduler is not None:
+            self.log_dict(self._learning_rates(), on_step=True, on_epoch=False)
         return loss
+
+    def _learning_rates(self) -> dict[str, float]:
+        """The lr of the dense parameters' first group, and of the tables' when they have
+        their own optimizer here (not fused into the backward pass)."""
+        optimizer = self.optimizers().optimizer
+        if not isinstance(optimizer, CombinedOptimizer):
+            return {"train/lr": optimizer.param_groups[0]["lr"]}
+        parts = optimizer.parts
+        return {
+            "train/lr": parts["dense"].param_groups[0]["lr"],
+            "train/lr_sparse": parts["sparse"].param_groups[0]["lr"],
+        }
 
     def _eval_step(self, batch: Batch, metrics: MetricCollection, loss: MeanMetric) -> None:
         logits = self(batch)
@@ -193,31 +206,39 @@ class RecommenderModule(L.LightningModule):
             out[f"test/personalization@{k}"] = personalization(lists, self.spec.num_items)
         return out
 
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        if self.data_config is not None:
-            checkpoint["data_config"] = self.data_config
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        self.data_config = checkpoint.get("data_config")
-
-    def configure_optimizers(self) -> torch.optim.Optimizer | list[torch.optim.Optimizer]:
+    def configure_optimizers(self) -> torch.optim.Optimizer | dict[str, Any]:
+        """One optimizer as Lightning sees it (a `CombinedOptimizer` of the tables' and the
+        other parameters' optimizers when ``sparse_optimizer`` is set), and the optional
+        per-step ``lr_scheduler``."""
         if self.hparams.optimizer is None:
             raise ValueError("training needs model.optimizer (a partial torch optimizer config)")
+        named = list(self.named_parameters())
+        # tables whose optimizer runs fused in the backward pass (trainer=torchrec) step there
+        params = [p for _, p in in_backward_optimizer_filter(named)]
         dense_opt = instantiate(self.hparams.optimizer)
-        if self.fused_sparse:
-            dense = [p for _, p in in_backward_optimizer_filter(self.named_parameters())]
-            return dense_opt(params=dense)
-        if self.hparams.sparse_optimizer is None:
-            return dense_opt(params=self.parameters())
-        sparse = {id(p) for p in embedding_parameters(self.net)}
-        if not sparse:
-            raise ValueError(
-                f"model.sparse_optimizer is set but {type(self.net).__name__} has no embedding "
-                "tables; set model.sparse_optimizer=null"
+        if self.hparams.sparse_optimizer is None or len(params) < len(named):
+            optimizer = dense_opt(params=params)
+        else:
+            tables = {id(p) for p in embedding_parameters(self.net)}
+            if not tables:
+                raise ValueError(
+                    f"model.sparse_optimizer is set but {type(self.net).__name__} has no "
+                    "embedding tables; set model.sparse_optimizer=null"
+                )
+            sparse_opt = instantiate(self.hparams.sparse_optimizer)
+            optimizer = CombinedOptimizer(
+                {
+                    "sparse": sparse_opt(params=[p for p in params if id(p) in tables]),
+                    "dense": dense_opt(params=[p for p in params if id(p) not in tables]),
+                }
             )
-        dense = [p for p in self.parameters() if id(p) not in sparse]
-        sparse_opt = instantiate(self.hparams.sparse_optimizer)
-        return [sparse_opt(params=embedding_parameters(self.net)), dense_opt(params=dense)]
+        if self.hparams.lr_scheduler is None:
+            return optimizer
+        scheduler = instantiate(self.hparams.lr_scheduler)(optimizer=optimizer)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1},
+        }
 
 
 def bpr_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -63,9 +63,13 @@ class RankingMetrics(Metric):
 
     Example::
 
-        metric = RankingMetrics(ks=(5, 10))
-        metric.update(scores, relevant)  # [U, C] float, [U, C] bool
-        metric.compute()  # {"hr@5": ..., "hr@10": ..., "ndcg@5": ..., ..., "mrr": ...}
+        >>> import torch
+        >>> metric = RankingMetrics(ks=(1, 2))
+        >>> scores = torch.tensor([[0.9, 0.5, 0.1], [0.2, 0.8, 0.4]])  # [U, C]
+        >>> relevant = torch.tensor([[True, False, False], [True, False, False]])  # [U, C]
+        >>> metric.update(scores, relevant)
+        >>> {k: round(float(v), 4) for k, v in metric.compute().items()}["hr@1"]
+        0.5
 
     Wrap it in ``MetricCollection({"rank": metric}, prefix="test/")`` for ``test/hr@5`` names.
     """

@@ -70,8 +70,15 @@ class DLRM(nn.Module):
 
     Example::
 
-        net = DLRM(spec, embedding_dim=16, dense_arch_layers=[32, 16], over_arch_layers=[32])
-        logits = net(batch)  # [B]
+            >>> import torch
+            >>> from recsys.data import FeatureSpec
+            >>> from recsys.data.store import FeatureStore
+            >>> spec = FeatureSpec.of_ids(num_users=10, num_items=20)
+            >>> users, items = torch.tensor([0, 3]), torch.tensor([5, 7])
+            >>> batch = FeatureStore(spec, None, None).make_batch(users, items)
+            >>> net = DLRM(spec, embedding_dim=16, dense_arch_layers=[32, 16], over_arch_layers=[8])
+            >>> net(batch).shape  # logits [B]
+            torch.Size([2])
     """
 
     def __init__(

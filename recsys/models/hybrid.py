@@ -24,8 +24,15 @@ class Hybrid(nn.Module):
 
     Example::
 
-        net = Hybrid(spec, embedding_dim=32, mlp_layers=[64, 32], use_side_features=True)
-        logits = net(batch)  # [B]
+            >>> import torch
+            >>> from recsys.data import FeatureSpec
+            >>> from recsys.data.store import FeatureStore
+            >>> spec = FeatureSpec.of_ids(num_users=10, num_items=20)
+            >>> users, items = torch.tensor([0, 3]), torch.tensor([5, 7])
+            >>> batch = FeatureStore(spec, None, None).make_batch(users, items)
+            >>> net = Hybrid(spec, embedding_dim=32, mlp_layers=[64, 32], use_side_features=True)
+            >>> net(batch).shape  # logits [B]
+            torch.Size([2])
     """
 
     def __init__(

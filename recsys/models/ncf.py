@@ -25,9 +25,15 @@ class NeuMF(nn.Module):
 
     Example::
 
-        spec = FeatureSpec(num_users=10, num_items=20)
-        net = NeuMF(spec, variant="neumf", gmf_dim=8, mlp_dim=8, mlp_layers=[16, 8])
-        logits = net(batch)  # [B]
+            >>> import torch
+            >>> from recsys.data import FeatureSpec
+            >>> from recsys.data.store import FeatureStore
+            >>> spec = FeatureSpec.of_ids(num_users=10, num_items=20)
+            >>> users, items = torch.tensor([0, 3]), torch.tensor([5, 7])
+            >>> batch = FeatureStore(spec, None, None).make_batch(users, items)
+            >>> net = NeuMF(spec, variant="neumf", gmf_dim=8, mlp_dim=8, mlp_layers=[16, 8])
+            >>> net(batch).shape  # logits [B]
+            torch.Size([2])
     """
 
     def __init__(

@@ -24,9 +24,18 @@ class Popularity(nn.Module):
 
     Example::
 
-        net = Popularity(spec)
-        net.fit(counts, positives, negatives)  # each [num_items]
-        probs = torch.sigmoid(net(batch))  # [B]
+            >>> import torch
+            >>> from recsys.data import FeatureSpec
+            >>> from recsys.data.store import FeatureStore
+            >>> spec = FeatureSpec.of_ids(num_users=10, num_items=20)
+            >>> users, items = torch.tensor([0, 3]), torch.tensor([5, 7])
+            >>> batch = FeatureStore(spec, None, None).make_batch(users, items)
+            >>> net = Popularity(spec)
+            >>> counts = torch.arange(20.0)  # training interactions per item
+            >>> net = net.fit(counts, positives=counts / 2, negatives=counts / 2 + 1)
+            >>> probs = torch.sigmoid(net(batch))  # [B]
+            >>> bool(probs[1] > probs[0])  # item 7 is more popular than item 5
+            True
     """
 
     def __init__(self, spec: FeatureSpec):
