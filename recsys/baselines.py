@@ -42,7 +42,9 @@ def popularity_module(dm: RecDataModule, like: RecommenderModule) -> Recommender
         ranking_ks=like.hparams.ranking_ks,
         list_k=like.hparams.list_k,
     )
-    module.net.fit(dm.item_popularity(), *item_label_counts(dm))
+    statistics = dm.protocol.item_statistics()
+    module.set_item_statistics(**statistics)
+    module.net.fit(statistics["popularity"], *item_label_counts(dm))
     module.metric_prefix = "popularity/"
     return module
 

@@ -76,7 +76,9 @@ class _CSVWriter(ExperimentWriter):
 
     Under ``ddp_spawn`` fit and test run in different processes: the test process's writer
     does not know the columns that the fit process wrote and fails to extend the header
-    ("dict contains fields not in fieldnames"). Reading the header back first fixes that.
+    ("dict contains fields not in fieldnames", the failure of upstream
+    https://github.com/Lightning-AI/pytorch-lightning/issues/19432). Reading the header back
+    first fixes that; this override of a private method is the one workaround, kept here.
     """
 
     def _record_new_keys(self) -> set[str]:

@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
 
+from recsys.checkpoint import load_checkpoint
 from recsys.data.base import RecDataModule
-from recsys.evaluate import load_checkpoint
 from recsys.lit.module import RecommenderModule
 
 log = logging.getLogger(__name__)

@@ -27,10 +27,13 @@ def instantiate_group(cfg: DictConfig | None) -> list:
 
 
 def build(cfg: DictConfig) -> tuple[RecDataModule, L.LightningModule, L.Trainer]:
-    """Data module (prepared), model sized from its metadata, and Trainer."""
+    """Data module (prepared and set up), model sized from its metadata and holding the
+    training data's item statistics, and Trainer."""
     dm: RecDataModule = instantiate(cfg.data)
     dm.prepare_data()  # the model needs the dataset's sizes before the Trainer starts
+    dm.setup()  # and the training split's item statistics (novelty, diversity)
     model = instantiate(cfg.model, spec=dm.spec.to_dict(), _recursive_=False)
+    model.set_item_statistics(**dm.protocol.item_statistics())
     # ValidationHistory is what run() reports the validation figures from: not optional
     callbacks = [*instantiate_group(cfg.get("callbacks")), ValidationHistory()]
     loggers = instantiate_group(cfg.get("logger"))

@@ -35,7 +35,7 @@ def _test(module, dm) -> dict[str, float]:
 
 def _test_probs(module, dm) -> tuple[torch.Tensor, torch.Tensor]:
     """Predicted probabilities and labels of the test pairs, scored outside the Trainer."""
-    pairs = dm.eval_pairs("test")
+    pairs = dm.protocol.eval_pairs("test")
     with torch.no_grad():
         logits = module(dm.data.features.make_batch(pairs.users, pairs.items))
     return torch.sigmoid(logits.double()), pairs.labels.double()
@@ -110,7 +110,7 @@ def test_implicit_baseline_is_calibrated_on_ml100k(make_cfg):
 
 def test_baseline_ranks_by_training_popularity(make_cfg):
     dm, module = _ml100k(make_cfg, "data.ranking=sampled")
-    counts = dm.item_popularity()
+    counts = dm.protocol.item_popularity()
     items = torch.arange(dm.spec.num_items)
     with torch.no_grad():
         scores = module(dm.data.features.make_batch(torch.zeros_like(items), items))
@@ -119,7 +119,7 @@ def test_baseline_ranks_by_training_popularity(make_cfg):
     assert bool((ds[dc > 0] > 0).all()) and bool((ds[dc == 0] == 0).all())
 
     metrics = _test(module, dm)
-    pairs = dm.eval_pairs("test")
+    pairs = dm.protocol.eval_pairs("test")
     by_counts = binary_auroc(counts[pairs.items] / counts.max(), pairs.labels.long())
     assert metrics["popularity/test/auroc"] == pytest.approx(float(by_counts), abs=1e-6)
     raw = copy.deepcopy(module)  # the uncalibrated score log(1 + count): same ranking metrics

@@ -104,7 +104,7 @@ def test_evaluate_with_other_data_is_refused_or_explicitly_allowed(
     with pytest.raises(ValueError, match=r"data\.seed: 42 -> 7.*allow_new_data=true"):
         _evaluate(run_without_raw, tmp_path, "+data.seed=7")
     # paths, loader settings and the evaluation protocol are not the data: allowed
-    metrics = _evaluate(run_without_raw, tmp_path, "+data.eval_batch_size=1000")
+    metrics = _evaluate(run_without_raw, tmp_path, "data.eval_batch_size=1000")
     assert metrics["test/auroc"] == pytest.approx(run_without_raw["metrics"]["test/auroc"])
     # new data on purpose: built from the raw files this run points at
     allowed = _evaluate(

@@ -62,7 +62,7 @@ def test_evaluate_full_ranking_adds_list_metrics(trained, data_dir, cache_dir, t
         cache_dir,
         tmp_path,
         f"ckpt_path={trained[1]}",
-        "ranking=full",
+        "data.ranking=full",
         "trainer.accelerator=cpu",
         "+trainer.enable_progress_bar=false",
     )

@@ -9,8 +9,7 @@ import torch
 from hydra.utils import instantiate
 
 from recsys.data.loader import BatchIndex
-from recsys.data.negatives import PositiveSet
-from recsys.lit.module import bpr_loss
+from recsys.data.negatives import PositiveSet, bpr_loss
 from recsys.train import run
 
 
@@ -78,9 +77,9 @@ def test_training_negatives_exclude_only_training_positives(make_cfg):
 
 
 def test_evaluation_negatives_fixed_by_seed(make_cfg):
-    a = _implicit_dm(make_cfg).eval_pairs("test")
-    b = _implicit_dm(make_cfg).eval_pairs("test")
-    c = _implicit_dm(make_cfg, "seed=7").eval_pairs("test")
+    a = _implicit_dm(make_cfg).protocol.eval_pairs("test")
+    b = _implicit_dm(make_cfg).protocol.eval_pairs("test")
+    c = _implicit_dm(make_cfg, "seed=7").protocol.eval_pairs("test")
     assert torch.equal(a.items, b.items) and torch.equal(a.users, b.users)
     assert not torch.equal(a.items, c.items)
     assert int(a.labels.sum()) * 5 == len(a.labels)  # one positive, four negatives

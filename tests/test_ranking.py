@@ -6,6 +6,8 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
+from recsys.data.spec import FeatureSpec, SparseFeature
+from recsys.lit.module import RecommenderModule
 from recsys.train import run
 
 LOO = [
@@ -94,3 +96,25 @@ def test_runs_report_ranking_metrics(make_cfg, mode):
         for name in ("coverage@10", "novelty@10", "diversity@10", "personalization@10"):
             assert f"test/{name}" in metrics, name
         assert 0 < metrics["test/coverage@10"] <= 1
+
+
+def test_item_statistics_travel_in_the_state_dict():
+    """The module holds the training data's item statistics as buffers; a checkpoint without
+    them (an older recsys) still loads, and list metrics then ask for them."""
+    spec = FeatureSpec.of_ids(2, 3, side=(SparseFeature("genres", "item", 4, multi_hot=True),))
+    kwargs = {"net": "recsys.models.Popularity", "spec": spec.to_dict()}
+    module = RecommenderModule(**kwargs)
+    assert module.item_popularity.shape == (3,) and module.item_vectors.shape == (3, 4)
+    vectors = torch.eye(3, 4)
+    module.set_item_statistics(torch.tensor([3.0, 0.0, 1.0]), vectors)
+    fresh = RecommenderModule(**kwargs)
+    fresh.load_state_dict(module.state_dict())
+    assert torch.equal(fresh.item_popularity, module.item_popularity)
+    assert torch.equal(fresh.item_vectors.float(), vectors)
+    old = {k: v for k, v in module.state_dict().items() if not k.startswith("item_")}
+    fresh = RecommenderModule(**kwargs)
+    fresh.load_state_dict(old)  # strict: the missing buffers keep their (empty) values
+    with pytest.raises(RuntimeError, match="set_item_statistics"):
+        fresh._list_metrics(torch.tensor([0, 2]))
+    with pytest.raises(ValueError, match="item vectors of shape None"):
+        fresh.set_item_statistics(torch.ones(3))

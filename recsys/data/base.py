@@ -1,35 +1,26 @@
-"""The DataModule every dataset shares: cache, splits and whole-batch loaders."""
+"""The DataModule every dataset shares: cache, splits and whole-batch training loaders; the
+evaluation loaders are its `EvaluationProtocol`'s."""
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 from collections.abc import Mapping, Sequence
-from dataclasses import astuple
 from pathlib import Path
 from typing import Any
 
 import lightning as L
-import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 from hydra.utils import get_class
 from torch.utils.data import DataLoader
 
-from recsys.data.loader import (
-    BatchLoader,
-    InteractionBatches,
-    NegativeSamplingBatches,
-    batch_sampler,
-)
-from recsys.data.negatives import PositiveSet
+from recsys.data.loader import BatchLoader, InteractionBatches, batch_sampler
+from recsys.data.negatives import NegativeSamplingBatches, PositiveSet
 from recsys.data.preprocess import META_FILE, ProcessedData, cache_key, file_digest
-from recsys.data.ranking import RANKING_MODES, FullRanking, SampledRanking
+from recsys.data.protocol import EvaluationProtocol
 from recsys.data.spec import FeatureSpec
 from recsys.data.split import split_indices
-from recsys.data.store import Interactions, ProcessedDataset, read_meta
+from recsys.data.store import ProcessedDataset, read_meta
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +53,11 @@ class RecDataModule(L.LightningDataModule):
     """Base class: a subclass says where its raw files are and how to preprocess them.
 
     ``prepare_data`` (one process per node) builds the processed folder
-    ``<cache_dir>/<source>-<hash of settings>`` unless it exists; ``setup`` loads it as
-    tensors and splits the rows. Loaders yield whole `Batch` objects.
+    ``<cache_dir>/<source>-<hash of settings>`` unless it exists, and the files of the
+    evaluation protocol beside it (`EvaluationProtocol.prepare`); ``setup`` loads it as
+    tensors and splits the rows. Loaders yield whole `Batch` objects: the training ones from
+    here, the validation and test ones from ``protocol`` (an `EvaluationProtocol` built from
+    these settings), which also gives the item statistics that beyond-accuracy metrics need.
 
     Subclasses implement `source`, `raw_dir`, `expected_files`, `preprocess` and, where the
     data can be fetched, `download`; they add their preprocessing options to `settings`.
@@ -122,12 +116,8 @@ class RecDataModule(L.LightningDataModule):
             raise ValueError(f"data.threshold_op must be '>' or '>=', got {threshold_op!r}")
         if feedback not in ("explicit", "implicit"):
             raise ValueError(f"data.feedback must be 'explicit' or 'implicit', got {feedback!r}")
-        if ranking not in (None, *RANKING_MODES):
-            raise ValueError(f"data.ranking must be null, 'sampled' or 'full', got {ranking!r}")
         self.feedback = feedback
         self.num_negatives = num_negatives
-        self.ranking = ranking
-        self.ranking_negatives = ranking_negatives
         self.drop_cold_start = drop_cold_start
         # per evaluation split: rows whose user / item has no training row (and rows dropped)
         self.cold_rows: dict[str, dict[str, int]] = {}
@@ -148,14 +138,34 @@ class RecDataModule(L.LightningDataModule):
         self.positives: PositiveSet | None = None
         # the training pairs only: excluded from training negatives (the NCF protocol)
         self.train_positives: PositiveSet | None = None
-        # every rank gets as many evaluation rows (set by strategies whose steps are collective)
-        self.even_eval_shards = False
-        self._eval_pairs: dict[str, Interactions] = {}
+        # what validation and test score: pointwise pairs, ranking candidates, item statistics
+        self.protocol = EvaluationProtocol(
+            feedback=feedback,
+            num_negatives=num_negatives,
+            ranking=ranking,
+            ranking_negatives=ranking_negatives,
+            seed=seed,
+            split=self.split,
+            eval_batch_size=self.eval_batch_size,
+            num_workers=num_workers,
+            pin_memory=pin_memory,
+            drop_cold_start=drop_cold_start,
+        )
         self._digests: dict[str, str] | None = None
         # the processed folder named by a checkpoint (`from_checkpoint`): used as it is
         self._pinned: str | None = None
         # refuse checkpoints of other data (`load_state_dict`); off under allow_new_data
         self.check_data = True
+
+    @property
+    def even_eval_shards(self) -> bool:
+        """Every rank gets as many evaluation rows (set by strategies whose steps are
+        collective)."""
+        return self.protocol.even_eval_shards
+
+    @even_eval_shards.setter
+    def even_eval_shards(self, value: bool) -> None:
+        self.protocol.even_eval_shards = value
 
     # --- to implement -------------------------------------------------------------------
     @property
@@ -273,6 +283,12 @@ class RecDataModule(L.LightningDataModule):
         )
 
     def prepare_data(self) -> None:
+        """Build the processed folder unless it exists, then what the evaluation protocol
+        saves beside it (the sampled ranking candidates)."""
+        self._prepare_processed()
+        self.protocol.prepare(self.processed_dir, self._load_split)
+
+    def _prepare_processed(self) -> None:
         if self._pinned is not None and (self.processed_dir / META_FILE).exists():
             log.info(
                 "%s: using processed data in %s (raw files not read)",
@@ -337,12 +353,12 @@ class RecDataModule(L.LightningDataModule):
             return
         self.data = ProcessedDataset.load(self.processed_dir)
         inter = self.data.interactions
-        self.rows = split_indices(inter, seed=self.seed, **self.split)
-        self._count_cold_rows()
+        self.rows, self.cold_rows = self._split(self.data)
         num_items = self.spec.num_items
         self.positives = PositiveSet(inter.users, inter.items, num_items)
         train = self.rows["train"]
         self.train_positives = PositiveSet(inter.users[train], inter.items[train], num_items)
+        self.protocol.setup(self.processed_dir, self.data, self.rows, self.positives)
         labels = self.data.interactions.labels
         log.info(
             "%s: %d users, %d items; %s; positives %.1f%%",
@@ -353,25 +369,36 @@ class RecDataModule(L.LightningDataModule):
             100 * float(labels.mean()) if len(labels) else 0.0,
         )
 
-    def _count_cold_rows(self) -> None:
-        """Count (and with ``drop_cold_start`` remove) the validation and test rows whose user
-        or item has no training row."""
-        inter, train = self.data.interactions, self.rows["train"]
-        trained_users = torch.bincount(inter.users[train], minlength=self.spec.num_users) > 0
-        trained_items = torch.bincount(inter.items[train], minlength=self.spec.num_items) > 0
+    def _load_split(self) -> tuple[ProcessedDataset, dict[str, torch.Tensor]]:
+        """The processed data and its split rows, loaded anew (for `EvaluationProtocol.prepare`
+        in ``prepare_data``, before `setup`)."""
+        data = ProcessedDataset.load(self.processed_dir)
+        return data, self._split(data)[0]
+
+    def _split(
+        self, data: ProcessedDataset
+    ) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, int]]]:
+        """The rows of each split, and per evaluation split the counts of rows whose user or
+        item has no training row (with ``drop_cold_start`` such rows are removed)."""
+        inter, spec = data.interactions, data.spec
+        rows = split_indices(inter, seed=self.seed, **self.split)
+        train = rows["train"]
+        trained_users = torch.bincount(inter.users[train], minlength=spec.num_users) > 0
+        trained_items = torch.bincount(inter.items[train], minlength=spec.num_items) > 0
+        cold_rows = {}
         for split in ("val", "test"):
-            rows = self.rows[split]
-            cold_user = ~trained_users[inter.users[rows]]
-            cold_item = ~trained_items[inter.items[rows]]
+            split_rows = rows[split]
+            cold_user = ~trained_users[inter.users[split_rows]]
+            cold_item = ~trained_items[inter.items[split_rows]]
             cold = cold_user | cold_item
-            self.cold_rows[split] = {
+            cold_rows[split] = {
                 "cold_user_rows": int(cold_user.sum()),
                 "cold_item_rows": int(cold_item.sum()),
             }
             action = "scored by untrained embeddings (data.drop_cold_start=true drops them)"
             if self.drop_cold_start:
-                self.rows[split] = rows[~cold]
-                self.cold_rows[split]["cold_rows_dropped"] = int(cold.sum())
+                rows[split] = split_rows[~cold]
+                cold_rows[split]["cold_rows_dropped"] = int(cold.sum())
                 action = "dropped (data.drop_cold_start=true)"
             log.info(
                 "%s: %s rows with a user without training rows: %d, with an item without "
@@ -380,154 +407,35 @@ class RecDataModule(L.LightningDataModule):
                 split,
                 int(cold_user.sum()),
                 int(cold_item.sum()),
-                len(rows),
+                len(split_rows),
                 action,
             )
+        return rows, cold_rows
 
-    def item_popularity(self) -> torch.Tensor:
-        """Training interactions per item [num_items] (popularity baseline, novelty)."""
-        items = self.data.interactions.items[self.rows["train"]]
-        return torch.bincount(items, minlength=self.spec.num_items).float()
-
-    def item_vectors(self) -> torch.Tensor | None:
-        """Multi-hot [num_items, V] of the first multi-hot item feature (genres, tags), for
-        intra-list diversity; None when items have none."""
-        f = next((f for f in self.spec.side_features() if f.entity == "item" and f.multi_hot), None)
-        if f is None:
-            return None
-        items = torch.arange(self.spec.num_items)
-        kjt = self.data.features.make_batch(torch.zeros_like(items), items).sparse_features[f.name]
-        rows = torch.repeat_interleave(items, kjt.lengths())
-        vectors = torch.zeros(self.spec.num_items, f.num_embeddings)
-        vectors[rows, kjt.values()] = 1.0
-        return vectors
-
-    def eval_pairs(self, split: str) -> Interactions:
-        """The (user, item, label) rows scored in ``val`` or ``test``.
-
-        Explicit feedback: the split's interactions. Implicit feedback: its positives followed
-        by ``num_negatives`` negatives per positive, sampled once (seeded), so every model and
-        run is scored on the same pairs.
-        """
-        inter, rows = self.data.interactions, self.rows[split]
-        if self.feedback == "explicit":
-            return Interactions(*(t[rows] for t in astuple(inter)))
-        if split not in self._eval_pairs:
-            users, items = inter.users[rows], inter.items[rows]
-            g = torch.Generator().manual_seed(self.seed + (1 if split == "val" else 2))
-            negatives = self.positives.sample(users, self.num_negatives, generator=g).flatten()
-            n, m = len(rows), len(negatives)
-            self._eval_pairs[split] = Interactions(
-                users=torch.cat([users, users.repeat_interleave(self.num_negatives)]),
-                items=torch.cat([items, negatives]),
-                labels=torch.cat([torch.ones(n), torch.zeros(m)]),
-                ratings=torch.cat([inter.ratings[rows], torch.full((m,), float("nan"))]),
-                timestamps=torch.cat([inter.timestamps[rows], torch.full((m,), -1)]),
-            )
-        return self._eval_pairs[split]
-
-    def _loader(self, split: str) -> DataLoader:
+    def train_dataloader(self) -> DataLoader:
+        """Whole shuffled training batches; under implicit feedback each positive comes with
+        ``num_negatives`` negatives drawn per batch (`NegativeSamplingBatches`)."""
         if self.data is None:
             raise RuntimeError(f"{self.source}: call setup() before asking for a loader")
         features = self.data.features
-        if split == "train":
-            rows = self.rows["train"]
-            if self.feedback == "implicit":
-                dataset = NegativeSamplingBatches(
-                    self.data.interactions, features, self.train_positives, self.num_negatives
-                )
-            else:
-                dataset = InteractionBatches(self.data.interactions, features)
-            # Lightning's overfit_batches trains on the same first batches every epoch
-            overfit = self.trainer is not None and self.trainer.overfit_batches > 0
-            sampler = batch_sampler(rows, self.batch_size, shuffle=not overfit, seed=self.seed)
-        else:
-            pairs = self.eval_pairs(split)
-            dataset = InteractionBatches(pairs, features)
-            sampler = batch_sampler(
-                torch.arange(len(pairs)),
-                self.eval_batch_size,
-                shuffle=False,
-                even_shards=self.even_eval_shards,
+        if self.feedback == "implicit":
+            dataset = NegativeSamplingBatches(
+                self.data.interactions, features, self.train_positives, self.num_negatives
             )
-        return BatchLoader(dataset, sampler, self.num_workers, self.pin_memory)
-
-    def _ranking_loader(self, split: str) -> DataLoader:
-        inter, rows = self.data.interactions, self.rows[split]
-        held_out = rows[inter.labels[rows] > 0]
-        users, items = inter.users[held_out], inter.items[held_out]
-        if self.ranking == "sampled":
-            negatives = self._saved_negatives(split, users)
-            dataset = SampledRanking(self.data.features, users, items, negatives)
-            per_query = 1 + self.ranking_negatives
         else:
-            seen_rows = self.rows["train"]
-            if split == "test":
-                seen_rows = torch.cat([seen_rows, self.rows["val"]])
-            num_items = self.spec.num_items
-            dataset = FullRanking(
-                self.data.features,
-                users.unique(),
-                held_out=PositiveSet(users, items, num_items),
-                seen=PositiveSet(inter.users[seen_rows], inter.items[seen_rows], num_items),
-                num_items=num_items,
-            )
-            per_query = num_items
+            dataset = InteractionBatches(self.data.interactions, features)
+        # Lightning's overfit_batches trains on the same first batches every epoch
+        overfit = self.trainer is not None and self.trainer.overfit_batches > 0
         sampler = batch_sampler(
-            torch.arange(len(dataset)),
-            max(1, self.eval_batch_size // per_query),
-            shuffle=False,
-            even_shards=self.even_eval_shards,
+            self.rows["train"], self.batch_size, shuffle=not overfit, seed=self.seed
         )
         return BatchLoader(dataset, sampler, self.num_workers, self.pin_memory)
-
-    def _saved_negatives(self, split: str, users: torch.Tensor) -> torch.Tensor:
-        """[Q, ranking_negatives] negatives of each held-out positive, sampled once with the
-        seed and kept beside the processed data, so every model and run ranks the same ones."""
-        key = cache_key(
-            f"ranking-{split}",
-            {
-                "split": self.split,
-                "seed": self.seed,
-                "negatives": self.ranking_negatives,
-                "feedback": self.feedback,
-                "sampling": "distinct",  # each query's negatives are different items
-            },
-        )
-        path = self.processed_dir / f"{key}.parquet"
-        if path.exists():
-            table = pq.read_table(path)
-            negatives = torch.from_numpy(
-                np.array(table.column("negatives").combine_chunks().flatten(), dtype=np.int64)
-            ).view(table.num_rows, self.ranking_negatives)
-            if torch.equal(torch.from_numpy(table.column("user").to_numpy().copy()), users):
-                return negatives
-        g = torch.Generator().manual_seed(self.seed)
-        negatives = self.positives.sample(users, self.ranking_negatives, generator=g, distinct=True)
-        flat = pa.array(negatives.flatten().numpy())
-        table = pa.table(
-            {
-                "user": users.numpy(),
-                "negatives": pa.FixedSizeListArray.from_arrays(flat, self.ranking_negatives),
-            }
-        )
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        pq.write_table(table, tmp)
-        os.replace(tmp, path)
-        return negatives
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train")
 
     def val_dataloader(self) -> DataLoader | list[DataLoader]:
-        if self.ranking is None:
-            return self._loader("val")
-        return [self._loader("val"), self._ranking_loader("val")]
+        return self.protocol.loaders("val")
 
     def test_dataloader(self) -> DataLoader | list[DataLoader]:
-        if self.ranking is None:
-            return self._loader("test")
-        return [self._loader("test"), self._ranking_loader("test")]
+        return self.protocol.loaders("test")
 
 
 _UNSET = "<unset>"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator
 from typing import Any, NamedTuple
 
@@ -10,8 +11,15 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, Sampler, SequentialSampler
 
 from recsys.data.batch import Batch
-from recsys.data.negatives import PositiveSet, derived_seed
 from recsys.data.store import FeatureStore, Interactions
+
+
+def derived_seed(*parts: int | str) -> int:
+    """A 63-bit seed that depends on every part, e.g. ``derived_seed(seed, rank, epoch, batch)``:
+    generators seeded from it give each (rank, epoch, batch) its own stream, and recreate it
+    exactly on resume."""
+    digest = hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
 
 
 class BatchIndex(NamedTuple):
@@ -122,36 +130,6 @@ class InteractionBatches(Dataset):
         rows = index.rows
         return self.features.make_batch(
             self.inter.users[rows], self.inter.items[rows], self.inter.labels[rows]
-        )
-
-
-class NegativeSamplingBatches(InteractionBatches):
-    """Implicit feedback: ``ds[index]`` is the positives ``index.rows`` plus negatives.
-
-    Layout of the returned `Batch` (B = len(rows), n = num_negatives): rows 0..B-1 are the
-    positives (label 1); rows B + b*n .. B + b*n + n-1 are the n negatives of positive b
-    (label 0), items not among the user's ``positives`` (the training pairs). Negatives are
-    drawn with a generator seeded by ``index.seed``: new ones every epoch, different ones on
-    every rank, and the same ones again when a run resumes.
-    """
-
-    def __init__(self, interactions, features, positives: PositiveSet, num_negatives: int):
-        super().__init__(interactions, features)
-        if num_negatives < 1:
-            raise ValueError(f"data.num_negatives must be >= 1, got {num_negatives}")
-        self.positives = positives
-        self.num_negatives = num_negatives
-
-    def __getitem__(self, index: BatchIndex) -> Batch:
-        rows = index.rows
-        users, items = self.inter.users[rows], self.inter.items[rows]
-        g = torch.Generator().manual_seed(index.seed)
-        negatives = self.positives.sample(users, self.num_negatives, generator=g)
-        n = len(rows)
-        return self.features.make_batch(
-            torch.cat([users, users.repeat_interleave(self.num_negatives)]),
-            torch.cat([items, negatives.flatten()]),
-            torch.cat([torch.ones(n), torch.zeros(n * self.num_negatives)]),
         )
 
 

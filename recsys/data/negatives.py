@@ -1,18 +1,15 @@
-"""Vectorised negative sampling for implicit feedback: never one of the user's positives."""
+"""Implicit feedback in one place: vectorised negative sampling (never one of the user's
+positives), the training batches that pair each positive with its negatives, and the BPR
+loss over that pairing."""
 
 from __future__ import annotations
 
-import hashlib
-
 import torch
+import torch.nn.functional as F
 
-
-def derived_seed(*parts: int | str) -> int:
-    """A 63-bit seed that depends on every part, e.g. ``derived_seed(seed, rank, epoch, batch)``:
-    generators seeded from it give each (rank, epoch, batch) its own stream, and recreate it
-    exactly on resume."""
-    digest = hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & (2**63 - 1)
+from recsys.data.batch import Batch
+from recsys.data.loader import BatchIndex, InteractionBatches
+from recsys.data.store import FeatureStore, Interactions
 
 
 class PositiveSet:
@@ -90,3 +87,58 @@ def _repeats(items: torch.Tensor) -> torch.Tensor:
     out = torch.zeros_like(dup)
     out.scatter_(1, order, dup)
     return out
+
+
+class NegativeSamplingBatches(InteractionBatches):
+    """Implicit feedback: ``ds[index]`` is the positives ``index.rows`` plus negatives.
+
+    Layout of the returned `Batch` (B = len(rows), n = num_negatives): rows 0..B-1 are the
+    positives (label 1); rows B + b*n .. B + b*n + n-1 are the n negatives of positive b
+    (label 0), items not among the user's ``positives`` (the training pairs). Negatives are
+    drawn with a generator seeded by ``index.seed``: new ones every epoch, different ones on
+    every rank, and the same ones again when a run resumes.
+    """
+
+    def __init__(
+        self,
+        interactions: Interactions,
+        features: FeatureStore,
+        positives: PositiveSet,
+        num_negatives: int,
+    ):
+        super().__init__(interactions, features)
+        if num_negatives < 1:
+            raise ValueError(f"data.num_negatives must be >= 1, got {num_negatives}")
+        self.positives = positives
+        self.num_negatives = num_negatives
+
+    def __getitem__(self, index: BatchIndex) -> Batch:
+        rows = index.rows
+        users, items = self.inter.users[rows], self.inter.items[rows]
+        g = torch.Generator().manual_seed(index.seed)
+        negatives = self.positives.sample(users, self.num_negatives, generator=g)
+        n = len(rows)
+        return self.features.make_batch(
+            torch.cat([users, users.repeat_interleave(self.num_negatives)]),
+            torch.cat([items, negatives.flatten()]),
+            torch.cat([torch.ones(n), torch.zeros(n * self.num_negatives)]),
+        )
+
+
+def bpr_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """BPR over a negative-sampling batch: P positives first, then n negatives per positive.
+
+    Args:
+        logits: [P * (1 + n)] scores in the layout of `NegativeSamplingBatches`.
+        labels: [P * (1 + n)] 1 for the first P rows, 0 after.
+    """
+    p = int(labels.sum())
+    n_neg = (len(labels) - p) // max(p, 1)
+    if p == 0 or n_neg == 0 or len(labels) != p * (1 + n_neg) or not bool(labels[:p].all()):
+        raise ValueError(
+            "model.loss=bpr needs batches of positives followed by their sampled negatives: "
+            "set data.feedback=implicit"
+        )
+    pos = logits[:p].unsqueeze(1)  # [P, 1]
+    neg = logits[p:].view(p, n_neg)  # [P, n]
+    return -F.logsigmoid(pos - neg).mean()

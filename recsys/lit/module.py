@@ -17,6 +17,8 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection, Embedding
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
 from recsys.data.batch import Batch
+from recsys.data.negatives import bpr_loss
+from recsys.data.protocol import diversity_feature
 from recsys.data.ranking import RankingBatch
 from recsys.data.spec import FeatureSpec
 from recsys.lit.optim import CombinedOptimizer
@@ -64,7 +66,8 @@ class RecommenderModule(L.LightningModule):
         ranking_ks: cut-offs of the ranking metrics (``hr@K``, ``ndcg@K``, ``recall@K``) when
             the data module adds a ranking loader (``data.ranking``).
         list_k: length of the recommendation lists whose coverage, novelty, diversity and
-            personalization are reported after full-ranking tests.
+            personalization are reported after full-ranking tests. Novelty and diversity
+            need the training data's item statistics: `set_item_statistics`.
         **net_kwargs: passed to the network (e.g. ``variant``, ``mlp_layers``).
     """
 
@@ -100,6 +103,17 @@ class RecommenderModule(L.LightningModule):
         self.val_ranking, self.test_ranking = RankingMetrics(ranking_ks), RankingMetrics(ranking_ks)
         self.test_lists = CatMetric()  # top-K lists of full-ranking tests, flattened
         self.scoring = {"users": 0, "seconds": 0.0}
+        # item statistics of the training data (`set_item_statistics`), saved in checkpoints:
+        # training interactions per item [num_items], and the multi-hot vectors [num_items, V]
+        # of the item feature that measures diversity (bool; None: the model's item vectors)
+        feature = diversity_feature(self.spec)
+        self.register_buffer("item_popularity", torch.zeros(self.spec.num_items))
+        self.register_buffer(
+            "item_vectors",
+            None
+            if feature is None
+            else torch.zeros(self.spec.num_items, feature.num_embeddings, dtype=torch.bool),
+        )
         # prepended to the names of test metrics, e.g. "popularity/" for the baseline
         self.metric_prefix = ""
 
@@ -189,17 +203,53 @@ class RecommenderModule(L.LightningModule):
             m.reset()
         self.scoring = {"users": 0, "seconds": 0.0}
 
+    def set_item_statistics(
+        self, popularity: torch.Tensor, vectors: torch.Tensor | None = None
+    ) -> None:
+        """Take the training data's item statistics
+        (`recsys.data.protocol.EvaluationProtocol.item_statistics`): training interactions per
+        item [num_items] and, when the spec has a multi-hot item feature, its vectors
+        [num_items, V]. They travel in the checkpoint's state_dict."""
+        if popularity.shape != self.item_popularity.shape:
+            raise ValueError(
+                f"item popularity of shape {tuple(popularity.shape)} for a model of "
+                f"{self.spec.num_items} items"
+            )
+        if (vectors is None) != (self.item_vectors is None) or (
+            vectors is not None and vectors.shape != self.item_vectors.shape
+        ):
+            expected = None if self.item_vectors is None else tuple(self.item_vectors.shape)
+            got = None if vectors is None else tuple(vectors.shape)
+            raise ValueError(f"item vectors of shape {got} for a model that expects {expected}")
+        self.item_popularity.copy_(popularity)
+        if vectors is not None:
+            self.item_vectors.copy_(vectors.bool())
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args, **kwargs) -> None:
+        # checkpoints written before the item statistics were buffers: keep the current ones
+        # (`set_item_statistics`); `_list_metrics` refuses to run on none
+        for name in ("item_popularity", "item_vectors"):
+            if prefix + name not in state_dict and getattr(self, name) is not None:
+                state_dict[prefix + name] = getattr(self, name)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def _list_metrics(self, flat_lists: torch.Tensor) -> dict[str, float]:
         """Coverage, novelty, diversity and personalization of the test top-K lists."""
-        dm = self.trainer.datamodule
+        if not bool(self.item_popularity.any()):
+            raise RuntimeError(
+                "the module holds no item statistics of the training data (a checkpoint from "
+                "an older recsys, or a module built without them): call "
+                "module.set_item_statistics(**dm.protocol.item_statistics()) after dm.setup()"
+            )
         k = min(self.hparams.list_k, self.spec.num_items)
         lists = flat_lists.long().view(-1, k).cpu()
-        vectors = dm.item_vectors()
-        if vectors is None:  # no multi-hot item feature: diversity by the model's item vectors
+        if self.item_vectors is not None:
+            vectors = self.item_vectors.float().cpu()
+        else:  # no multi-hot item feature: diversity by the model's item vectors
             vectors = self.net.item_embeddings().detach().float().cpu()
         out = {
             f"test/coverage@{k}": catalogue_coverage(lists, self.spec.num_items),
-            f"test/novelty@{k}": novelty(lists, dm.item_popularity()),
+            f"test/novelty@{k}": novelty(lists, self.item_popularity.cpu()),
             f"test/diversity@{k}": intra_list_diversity(lists, vectors),
         }
         if len(lists) > 1:
@@ -239,25 +289,6 @@ class RecommenderModule(L.LightningModule):
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1},
         }
-
-
-def bpr_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """BPR over a negative-sampling batch: P positives first, then n negatives per positive.
-
-    Args:
-        logits: [P * (1 + n)] scores in the layout of `NegativeSamplingBatches`.
-        labels: [P * (1 + n)] 1 for the first P rows, 0 after.
-    """
-    p = int(labels.sum())
-    n_neg = (len(labels) - p) // max(p, 1)
-    if p == 0 or n_neg == 0 or len(labels) != p * (1 + n_neg) or not bool(labels[:p].all()):
-        raise ValueError(
-            "model.loss=bpr needs batches of positives followed by their sampled negatives: "
-            "set data.feedback=implicit"
-        )
-    pos = logits[:p].unsqueeze(1)  # [P, 1]
-    neg = logits[p:].view(p, n_neg)  # [P, n]
-    return -F.logsigmoid(pos - neg).mean()
 
 
 def embedding_parameters(module: nn.Module) -> list[nn.Parameter]:
