@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -15,7 +16,7 @@ from recsys.data.base import RecDataModule
 from recsys.distributed.torchrec_strategy import TorchRecStrategy
 from recsys.lit.module import RecommenderModule
 from recsys.metrics.ranking import latency_percentiles, peak_memory_mb
-from recsys.train import report
+from recsys.train import model_context, report
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,8 @@ def run(cfg: DictConfig) -> dict[str, float | str]:
     # a sharded checkpoint under trainer=torchrec: the strategy loads each shard at test; under
     # another trainer its tables are gathered whole into one model
     sharded = Path(cfg.ckpt_path).is_dir() and isinstance(trainer.strategy, TorchRecStrategy)
-    dm, model = load_checkpoint(cfg, unshard=not sharded)
+    with model_context(trainer) if sharded else nullcontext():  # tables on meta until sharded
+        dm, model = load_checkpoint(cfg, unshard=not sharded)
     metrics = evaluate_with_baseline(trainer, model, dm, str(cfg.ckpt_path) if sharded else None)
     if not sharded:  # a sharded model scores collectively: no single-request timing
         metrics.update(request_latency(model, dm, repeats=cfg.latency_repeats))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
 import lightning as L
@@ -14,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from recsys.baselines import evaluate_with_baseline
 from recsys.callbacks import SamplesPerSecond, ValidationHistory
 from recsys.data.base import RecDataModule
-from recsys.distributed import TorchRecStrategy  # noqa: F401  (registers trainer.strategy=torchrec)
+from recsys.distributed import TorchRecStrategy  # also registers trainer.strategy=torchrec
 from recsys.distributed.torchrec_strategy import load_meta, load_weights_only
 
 log = logging.getLogger(__name__)
@@ -26,18 +27,28 @@ def instantiate_group(cfg: DictConfig | None) -> list:
     return [instantiate(c) for c in (cfg or {}).values() if c is not None]
 
 
+def model_context(trainer: L.Trainer) -> AbstractContextManager:
+    """Where the module is built: `TorchRecStrategy.model_sharded_context` under
+    trainer=torchrec (embedding tables on the meta device, allocated shard by shard when the
+    strategy shards them); the CPU, as usual, under every other strategy."""
+    if isinstance(trainer.strategy, TorchRecStrategy):
+        return trainer.strategy.model_sharded_context()
+    return nullcontext()
+
+
 def build(cfg: DictConfig) -> tuple[RecDataModule, L.LightningModule, L.Trainer]:
     """Data module (prepared and set up), model sized from its metadata and holding the
     training data's item statistics, and Trainer."""
     dm: RecDataModule = instantiate(cfg.data)
     dm.prepare_data()  # the model needs the dataset's sizes before the Trainer starts
     dm.setup()  # and the training split's item statistics (novelty, diversity)
-    model = instantiate(cfg.model, spec=dm.spec.to_dict(), _recursive_=False)
-    model.set_item_statistics(**dm.protocol.item_statistics())
     # ValidationHistory is what run() reports the validation figures from: not optional
     callbacks = [*instantiate_group(cfg.get("callbacks")), ValidationHistory()]
     loggers = instantiate_group(cfg.get("logger"))
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    with model_context(trainer):  # trainer=torchrec: the tables start on the meta device
+        model = instantiate(cfg.model, spec=dm.spec.to_dict(), _recursive_=False)
+    model.set_item_statistics(**dm.protocol.item_statistics())
     config = OmegaConf.to_container(cfg, resolve=True)
     for lg in trainer.loggers:
         lg.log_hyperparams(config)

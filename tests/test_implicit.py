@@ -137,7 +137,9 @@ def test_implicit_training_runs(make_cfg, model, loss):
             "debug=fdr",
         )
     )
-    assert math.isfinite(metrics["train/loss"]) and 0 <= metrics["test/auroc"] <= 1
+    # a smoke run of one batch each; learning is tested by test_bpr_learns_on_ml100k
+    for name in ("train/loss", "test/logloss", "test/auroc"):
+        assert math.isfinite(metrics[name]), name
 
 
 def test_bpr_learns_on_ml100k(make_cfg):

@@ -48,7 +48,10 @@ def test_every_model_on_every_dataset(make_cfg, interactions_csv, model, data):
     if data == "csv":
         overrides.append(f"data.path={interactions_csv}")
     metrics = run(make_cfg(*overrides))
-    assert np.isfinite(metrics["train/loss"]) and 0.0 <= metrics["test/auroc"] <= 1.0
+    # a smoke run of one batch each: every stage ran and produced numbers (how well each model
+    # learns is tested on full runs in test_train.py)
+    for name in ("train/loss", "test/logloss", "test/auroc"):
+        assert np.isfinite(metrics[name]), name
 
 
 def _net_and_batch(make_cfg, *overrides):

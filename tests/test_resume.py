@@ -66,6 +66,7 @@ def _train(data_dir, cache_dir, run_dir: Path, *overrides: str) -> subprocess.Co
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "feedback",
     [

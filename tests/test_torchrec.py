@@ -51,6 +51,30 @@ class DumpShards(L.Callback):
         torch.save(out, Path(self.folder) / f"rank{trainer.global_rank}.pt")
 
 
+class RecordTableDevices(L.Callback):
+    """Saves, per rank, which parameters are on the meta device before the strategy shards the
+    module (``setup`` runs before ``strategy.setup``) and once training starts (sharded)."""
+
+    def __init__(self, folder: str):
+        self.folder = folder
+        self.record = {}
+
+    def setup(self, trainer, pl_module, stage):
+        self.record["before"] = {n: p.is_meta for n, p in pl_module.named_parameters()}
+
+    def on_train_start(self, trainer, pl_module):
+        def meta(t):  # a sharded table: its local shards (none on a rank without one)
+            if isinstance(t, ShardedTensor):
+                return any(s.tensor.is_meta for s in t.local_shards())
+            return torch.is_tensor(t) and t.is_meta
+
+        model = trainer.strategy.model
+        self.record["after"] = {n: meta(p) for n, p in model.named_parameters()}
+        self.record["after_state"] = [k for k, v in pl_module.state_dict().items() if meta(v)]
+        self.record["hparams"] = repr(dict(pl_module.hparams))
+        torch.save(self.record, Path(self.folder) / f"rank{trainer.global_rank}.pt")
+
+
 def _run(script, data_dir, cache_dir, run_dir, *overrides):
     out = subprocess.run(
         [
@@ -90,7 +114,26 @@ def _train(tmp_path, data_dir, cache_dir, run_dir, *overrides):
 @pytest.mark.slow
 def test_sharded_dlrm_trains_saves_and_resumes_exactly(tmp_path, data_dir, cache_dir):
     first = tmp_path / "first"
-    _train(tmp_path, data_dir, cache_dir, first, "trainer.max_epochs=1")
+    devices = tmp_path / "devices"
+    devices.mkdir()
+    out = _train(
+        tmp_path,
+        data_dir,
+        cache_dir,
+        first,
+        "trainer.max_epochs=1",
+        f"+callbacks.devices._target_={__name__}.RecordTableDevices",
+        f"+callbacks.devices.folder={devices}",
+    )
+    # the tables start on the meta device on every rank (nothing else does), and sharding
+    # allocates them: no rank materialised a whole table before
+    for rank in (0, 1):
+        record = torch.load(devices / f"rank{rank}.pt", weights_only=True)
+        tables = {n for n in record["before"] if "embedding_bags" in n}
+        assert tables and {n for n, meta in record["before"].items() if meta} == tables
+        assert not any(record["after"].values()) and not record["after_state"]
+        assert "meta" not in record["hparams"]
+    assert "tables on the meta device, allocated shard by shard" in out
     metrics = json.loads((first / "metrics.json").read_text())
     assert metrics["test/auroc"] > metrics["popularity/test/auroc"]
     last = first / "checkpoints" / "last.ckpt"

@@ -10,7 +10,8 @@ import pickle
 import re
 import shutil
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,8 @@ from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterCons
 from torchrec.distributed.types import ShardingEnv, ShardingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
+
+from recsys.models.dlrm import tables_on
 
 log = logging.getLogger(__name__)
 
@@ -177,6 +180,11 @@ class TorchRecStrategy(DDPStrategy):
     tensors) from rank 0. Loading puts every shard back on the rank that owns it under the
     current plan, and runs no code from the folder (`load_meta`, `load_shards`).
 
+    Tables made inside `model_sharded_context` (``recsys.train.build`` and
+    ``recsys.evaluate.run`` build the module there) start on the meta device: no rank
+    materialises them whole, and `DistributedModelParallel` allocates and initialises each
+    rank's own shards on its device.
+
     Evaluation loaders give every rank the same number of rows (up to ``world_size - 1`` rows
     are left out), because sharded lookups are collective: all ranks step together.
 
@@ -200,6 +208,18 @@ class TorchRecStrategy(DDPStrategy):
     @property
     def restore_checkpoint_after_setup(self) -> bool:
         return True  # shards are loaded into the sharded model
+
+    @contextmanager
+    def model_sharded_context(self) -> Iterator[None]:
+        """Embedding tables made inside start on the meta device (`recsys.models.dlrm.tables_on`):
+        sharding allocates only each rank's shards. Other parameters and buffers are made as
+        usual, on the CPU."""
+        with tables_on("meta"):
+            yield
+
+    def model_to_device(self) -> None:
+        # tables still on the meta device are allocated by the sharding, on its device
+        self.model._apply(lambda t: t if t.is_meta else t.to(self.root_device))
 
     def setup(self, trainer: L.Trainer) -> None:
         self.accelerator.setup(trainer)
@@ -258,6 +278,9 @@ class TorchRecStrategy(DDPStrategy):
         )
         sharders = get_default_sharders()
         pg = dist.GroupMember.WORLD
+        on_meta = [n for n, p in module.named_parameters() if p.is_meta]
+        if on_meta and self.is_global_zero:
+            log.info("TorchRec: tables on the meta device, allocated shard by shard: %s", on_meta)
         self.plan = planner.collective_plan(module, sharders, pg)
         if self.is_global_zero:
             log.info("TorchRec sharding plan:\n%s", self.plan)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 
 import torch
 from torch import nn
@@ -16,6 +18,19 @@ from recsys.data.spec import FeatureSpec
 
 INTERACTIONS = ("dot", "dcn")
 POOLINGS = {"sum": PoolingType.SUM, "mean": PoolingType.MEAN}
+_TABLE_DEVICE: ContextVar[str | None] = ContextVar("table_device", default=None)
+
+
+@contextmanager
+def tables_on(device: torch.device | str | None) -> Iterator[None]:
+    """`embedding_bags` called inside (without a ``device``) make their tables on ``device``:
+    ``"meta"`` under trainer=torchrec, whose sharding then allocates each rank's shards only.
+    The device is no argument of the model, so it never reaches hyperparameters."""
+    token = _TABLE_DEVICE.set(device)
+    try:
+        yield
+    finally:
+        _TABLE_DEVICE.reset(token)
 
 
 def embedding_bags(
@@ -31,6 +46,7 @@ def embedding_bags(
     Args:
         pooling: ``sum`` or ``mean``, for every feature unless ``feature_pooling`` names it.
         device: where the tables are made; ``"meta"`` makes them without memory (sharding).
+            None: that of the enclosing `tables_on`, else the CPU.
     """
     feature_pooling = dict(feature_pooling or {})
     names = list(features) if features is not None else spec.sparse_names
@@ -55,7 +71,9 @@ def embedding_bags(
                 pooling=POOLINGS[mode],
             )
         )
-    return EmbeddingBagCollection(tables=tables, device=torch.device(device or "cpu"))
+    return EmbeddingBagCollection(
+        tables=tables, device=torch.device(device or _TABLE_DEVICE.get() or "cpu")
+    )
 
 
 class DLRM(nn.Module):
