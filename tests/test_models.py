@@ -116,8 +116,21 @@ def test_hybrid_side_features_change_the_score(make_cfg):
 
 
 def test_hybrid_is_dot_plus_mlp(make_cfg):
+    """Properties, not a copy of forward: without the MLP the score is the dot product of the
+    user and item vectors (bilinear: doubling the user vectors doubles it); the MLP adds a
+    term that a dot product cannot make (nonzero when the item vectors are zero)."""
     module, batch, _ = _net_and_batch(make_cfg, "model=hybrid")
     net = module.net
-    u, i = net.user(batch.ids("user_id")), net.item(batch.ids("item_id"))
-    expected = (u * i).sum(1) + net.head(net.mlp(torch.cat([u, i], 1))).squeeze(1)
-    assert torch.allclose(module(batch), expected)
+    with torch.no_grad():
+        full = module(batch)
+        head_weight = net.head.weight.clone()
+        net.head.weight.zero_()
+        net.head.bias.zero_()
+        dot = module(batch)
+        net.user.weight.mul_(2)
+        assert torch.allclose(module(batch), 2 * dot, atol=1e-6) and dot.abs().sum() > 0
+        net.user.weight.div_(2)
+        net.head.weight.copy_(head_weight)
+        assert not torch.allclose(full, dot)  # the MLP term
+        net.item.weight.zero_()  # no dot term left: only the MLP speaks
+        assert module(batch).abs().sum() > 0
