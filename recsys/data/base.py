@@ -111,7 +111,7 @@ class RecDataModule(L.LightningDataModule):
         # (the run's config goes to the loggers whole, so not logged here)
         self.save_hyperparameters(logger=False)
         for key, value in self.hparams.items():
-            self.hparams[key] = _plain(value)  # Hydra containers: weights_only reads them
+            self.hparams[key] = plain(value)  # Hydra containers: weights_only reads them
         if threshold_op not in (">", ">="):
             raise ValueError(f"data.threshold_op must be '>' or '>=', got {threshold_op!r}")
         if feedback not in ("explicit", "implicit"):
@@ -441,12 +441,13 @@ class RecDataModule(L.LightningDataModule):
 _UNSET = "<unset>"
 
 
-def _plain(value: Any) -> Any:
-    """A plain dict/list copy of a (Hydra) mapping or sequence."""
+def plain(value: Any) -> Any:
+    """A plain dict/list copy of a (Hydra) mapping or sequence: for hyperparameters that
+    ``weights_only`` loading reads, settings and comparisons."""
     if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
+        return {str(k): plain(v) for k, v in value.items()}
     if isinstance(value, Sequence) and not isinstance(value, str):
-        return [_plain(v) for v in value]
+        return [plain(v) for v in value]
     return value
 
 

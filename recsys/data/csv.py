@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from recsys.data.base import RecDataModule
+from recsys.data.base import RecDataModule, plain
 from recsys.data.preprocess import (
     CleaningReport,
     ProcessedData,
@@ -84,13 +84,13 @@ class CSVDataModule(RecDataModule):
         super().__init__(**kwargs)
         self.sep = sep
         self.encoding = encoding
-        self.columns = _plain(columns or {})
+        self.columns = plain(columns or {})
         unknown = set(self.columns) - set(ROLES)
         if unknown:
             raise ValueError(f"data.columns: unknown roles {sorted(unknown)}; use {ROLES}")
         self.features = {
-            "user": _check_features(_plain(user_features or {}), "user_features"),
-            "item": _check_features(_plain(item_features or {}), "item_features"),
+            "user": _check_features(plain(user_features or {}), "user_features"),
+            "item": _check_features(plain(item_features or {}), "item_features"),
         }
 
     @property
@@ -304,15 +304,6 @@ class CSVDataModule(RecDataModule):
 
 def _key(name: str) -> str:
     return re.sub(r"[^a-z0-9]", "", str(name).lower())
-
-
-def _plain(value):
-    """A plain dict/list copy of a (Hydra) mapping or sequence, for settings and checks."""
-    if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, Sequence) and not isinstance(value, str):
-        return [_plain(v) for v in value]
-    return value
 
 
 def _check_features(feats: dict, name: str) -> dict:
