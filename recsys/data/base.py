@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +14,7 @@ import torch
 from hydra.utils import get_class
 from torch.utils.data import DataLoader
 
+from recsys.config import plain
 from recsys.data.loader import BatchLoader, InteractionBatches, batch_sampler
 from recsys.data.negatives import NegativeSamplingBatches, PositiveSet
 from recsys.data.preprocess import META_FILE, ProcessedData, cache_key, file_digest
@@ -439,16 +440,6 @@ class RecDataModule(L.LightningDataModule):
 
 
 _UNSET = "<unset>"
-
-
-def plain(value: Any) -> Any:
-    """A plain dict/list copy of a (Hydra) mapping or sequence: for hyperparameters that
-    ``weights_only`` loading reads, settings and comparisons."""
-    if isinstance(value, Mapping):
-        return {str(k): plain(v) for k, v in value.items()}
-    if isinstance(value, Sequence) and not isinstance(value, str):
-        return [plain(v) for v in value]
-    return value
 
 
 def _merge(base: dict, changes: dict) -> dict:

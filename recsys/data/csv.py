@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from recsys.data.base import RecDataModule, plain
+from recsys.config import plain
+from recsys.data.base import RecDataModule
 from recsys.data.preprocess import (
     CleaningReport,
     ProcessedData,

@@ -9,13 +9,13 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from hydra.utils import get_class, instantiate
-from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import nn
 from torchmetrics import CatMetric, MeanMetric, MetricCollection
 from torchmetrics.classification import BinaryAccuracy, BinaryAUROC
 from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
+from recsys.config import plain
 from recsys.data.batch import Batch
 from recsys.data.negatives import bpr_loss
 from recsys.data.protocol import diversity_feature
@@ -31,11 +31,6 @@ from recsys.metrics.ranking import (
 )
 
 LOSSES = ("bce", "bpr")
-
-
-def _plain(x: Any) -> Any:
-    """Hydra containers -> plain dicts and lists, so checkpoints load with weights_only."""
-    return OmegaConf.to_container(x, resolve=True) if isinstance(x, DictConfig | ListConfig) else x
 
 
 class RecommenderModule(L.LightningModule):
@@ -87,13 +82,13 @@ class RecommenderModule(L.LightningModule):
         if loss not in LOSSES:
             raise ValueError(f"model.loss={loss!r} is not one of {LOSSES}")
         optimizer, sparse_optimizer, lr_scheduler, spec, ranking_ks = (
-            _plain(optimizer),
-            _plain(sparse_optimizer),
-            _plain(lr_scheduler),
-            _plain(spec),
-            tuple(ranking_ks),
+            plain(optimizer),
+            plain(sparse_optimizer),
+            plain(lr_scheduler),
+            plain(spec),
+            plain(ranking_ks),
         )
-        net_kwargs = {k: _plain(v) for k, v in net_kwargs.items()}
+        net_kwargs = {k: plain(v) for k, v in net_kwargs.items()}  # weights_only loads them
         self.save_hyperparameters()
         self.spec = FeatureSpec.from_dict(spec)
         self.net = get_class(net)(spec=self.spec, **net_kwargs)
