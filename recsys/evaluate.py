@@ -16,21 +16,21 @@ from recsys.data.base import RecDataModule
 from recsys.distributed.torchrec_strategy import TorchRecStrategy
 from recsys.lit.module import RecommenderModule
 from recsys.metrics.ranking import latency_percentiles, peak_memory_mb
+from recsys.scoring import CatalogueScorer
 from recsys.train import model_context, report
 
 log = logging.getLogger(__name__)
 
 
-@torch.inference_mode()
 def request_latency(model: RecommenderModule, dm: RecDataModule, repeats: int) -> dict:
-    """Latency of one recommendation request: build the batch of one user x every item and
-    score it (``test/latency_p50_ms``, ``test/latency_p99_ms``)."""
-    model.eval()
-    items = torch.arange(dm.spec.num_items)
-    users = torch.zeros_like(items)
+    """Latency of one recommendation request as serving answers it (`CatalogueScorer`): one
+    user's top-10 among every item, known items excluded (``test/latency_p50_ms``,
+    ``test/latency_p99_ms``)."""
+    scorer = CatalogueScorer(model.net, dm.data.features, dm.spec.num_items)
+    user, k = torch.zeros(1, dtype=torch.long), min(10, dm.spec.num_items)
 
-    def request(_) -> torch.Tensor:
-        return model(dm.data.features.make_batch(users, items))
+    def request(_) -> tuple[torch.Tensor, torch.Tensor]:
+        return scorer.top_k(user, k, dm.positives)
 
     timing = latency_percentiles(request, None, warmup=5, repeats=repeats)
     return {f"test/latency_{k}": v for k, v in timing.items()}

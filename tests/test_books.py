@@ -111,7 +111,7 @@ def test_report_counts_ratings_without_a_book_row(make_cfg, raw, caplog):
     batch = dm.data.features.make_batch(torch.tensor([0]), torch.tensor([item]))
     for name in ("author", "publisher", "year"):
         assert int(batch.sparse_features[name].values()) == 0
-    assert dm.data.item_titles[item] == ""
+    assert dm.data.item_info["title"][item] == ""
 
 
 def test_age_year_country_cleaning(make_cfg, raw):
@@ -160,8 +160,15 @@ def test_age_year_country_cleaning(make_cfg, raw):
 
     # HTML entities are decoded in titles
     amp = rated_books[rated_books["Book-Title"].str.contains("&amp;")].iloc[0]
-    title = dm.data.item_titles[item_code[amp["ISBN"]]]
+    title = dm.data.item_info["title"][item_code[amp["ISBN"]]]
     assert title == amp["Book-Title"].replace("&amp;", "&") and "&amp;" not in title
+
+    # display fields: the author as written (not capped like the feature), year, cover URL
+    info = dm.data.item_info.iloc[item_code[good["ISBN"]]]
+    assert info["author"] == good["Book-Author"].strip()
+    assert info["year"] == str(int(good["Year-Of-Publication"]))
+    assert info["image_url"] == good["Image-URL-M"] and info["image_url"].startswith("http")
+    assert dm.data.item_info.iloc[item_code[zero["ISBN"]]]["year"] == ""
 
 
 def test_implicit_keeps_every_interaction_as_positive(make_cfg, raw):
@@ -252,7 +259,7 @@ def test_small_kaggle_folder(make_cfg, tmp_path):
     assert _step(dm, "interactions whose item has no row")["rows"] == 1  # 0000000000
     assert _step(dm, "interactions whose user has no row")["rows"] == 2  # user 3
     assert list(dm.data.item_ids) == ["0000000000", "0195153448", "078946697X"]
-    assert dm.data.item_titles.tolist() == [
+    assert dm.data.item_info["title"].tolist() == [
         "",
         "Classical Mythology",
         "DK Readers: Creating the X-Men (Level 4: Proficient Readers)",
@@ -331,7 +338,7 @@ def test_original_layout(make_cfg, original_folder, ratings_header):
     assert no_book["rows"] == (~explicit[1].isin(has_row)).sum()
 
     item = {raw_id: code for code, raw_id in enumerate(dm.data.item_ids)}
-    titles = {i: dm.data.item_titles[item[i]] for i in isbns}
+    titles = {i: dm.data.item_info["title"][item[i]] for i in isbns}
     assert titles[isbns[0]] == 'Of Mice and Men (Steinbeck "Essentials")'
     assert titles[isbns[1]] == "DK Readers: Creating the X-Men (Level 4: Proficient Readers)"
     assert titles[isbns[2]] == "Angels & Demons"

@@ -49,7 +49,9 @@ def test_ml100k_parsed_with_side_features(make_cfg, data_dir):
     genres = [vocab["genres"][c] for c in batch.sparse_features["genres"].values().tolist()]
     assert genres == ["Animation", "Children's", "Comedy"]
     assert vocab["year"][int(batch.sparse_features["year"].values())] == "[1990, 2000)"
-    assert dm.data.item_titles[toy] == "Toy Story (1995)"
+    info = dm.data.item_info.iloc[toy]
+    assert (info["title"], info["year"]) == ("Toy Story (1995)", "1995")
+    assert info["genres"] == "Animation|Children's|Comedy"  # display text, not the codes
 
 
 def test_ml1m_parsed(make_cfg, data_dir):

@@ -9,8 +9,13 @@ import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 
+from recsys.data import FeatureSpec
+from recsys.data.store import FeatureStore
 from recsys.lit.module import embedding_parameters
 from recsys.lit.optim import CombinedOptimizer
+from recsys.models import Hybrid, NeuMF
+from recsys.models.ncf import VARIANTS
+from recsys.scoring import CatalogueScorer
 from recsys.train import run
 
 MODELS = ["ncf", "hybrid", "dlrm"]
@@ -134,3 +139,32 @@ def test_hybrid_is_dot_plus_mlp(make_cfg):
         assert not torch.allclose(full, dot)  # the MLP term
         net.item.weight.zero_()  # no dot term left: only the MLP speaks
         assert module(batch).abs().sum() > 0
+
+
+SPEC_IDS = FeatureSpec.of_ids(num_users=7, num_items=40)
+
+
+@pytest.mark.parametrize(
+    "net",
+    [
+        *(NeuMF(SPEC_IDS, variant=v, gmf_dim=4, mlp_dim=6, mlp_layers=[8, 4]) for v in VARIANTS),
+        Hybrid(SPEC_IDS, embedding_dim=5, mlp_layers=[8, 3]),
+    ],
+    ids=[*VARIANTS, "hybrid"],
+)
+def test_catalogue_scoring_equals_the_forward(net):
+    """The factorised fast path (`CatalogueScorer`) against one forward per (user, item)."""
+    torch.manual_seed(0)
+    for p in net.parameters():
+        torch.nn.init.normal_(p)
+    features = FeatureStore(SPEC_IDS, None, None)
+    scorer = CatalogueScorer(net, features, SPEC_IDS.num_items, max_pairs=100)
+    users = torch.arange(SPEC_IDS.num_users)
+    assert scorer.factorised and scorer.chunk_users < len(users)  # several chunks
+    flat = features.make_batch(
+        users.repeat_interleave(SPEC_IDS.num_items),
+        torch.arange(SPEC_IDS.num_items).repeat(len(users)),
+    )
+    with torch.no_grad():
+        expected = net(flat).view(len(users), -1)
+    torch.testing.assert_close(scorer.scores(users), expected, atol=1e-4, rtol=1e-4)

@@ -15,6 +15,7 @@ import pandas as pd
 
 from recsys.data.base import RecDataModule
 from recsys.data.preprocess import (
+    INFO,
     CleaningReport,
     ProcessedData,
     assemble,
@@ -22,6 +23,7 @@ from recsys.data.preprocess import (
     encode_categorical,
     label_from_rating,
     standardize,
+    year_text,
 )
 from recsys.data.spec import DenseFeature, SparseFeature
 
@@ -268,6 +270,7 @@ class BookCrossingDataModule(RecDataModule):
                 "author": _unescape(df["author"]).str.strip(),
                 "publisher": _unescape(df["publisher"]).str.strip(),
                 "year": year.where(~invalid),
+                "image_url": df["url_m"].fillna("").str.strip(),
             }
         ).set_index(df["isbn"].rename("item"))
 
@@ -297,6 +300,10 @@ class BookCrossingDataModule(RecDataModule):
     # --- features ---------------------------------------------------------------------------
     def _book_features(self, books, report, vocab, sparse, dense) -> pd.DataFrame:
         out = pd.DataFrame({"title": books["title"].astype(str)}, index=books.index)
+        out[INFO + "author"] = books["author"].fillna("")
+        out[INFO + "publisher"] = books["publisher"].fillna("")
+        out[INFO + "year"] = year_text(books["year"])
+        out[INFO + "image_url"] = books["image_url"]
         for name in ("author", "publisher"):
             values = _cap_rare(books[name], self.min_count, f"{name}s", "books", report)
             out[name], vocab[name] = encode_categorical(values)

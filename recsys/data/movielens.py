@@ -5,11 +5,13 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from recsys.data.base import RecDataModule
 from recsys.data.download import download_and_extract
 from recsys.data.preprocess import (
+    INFO,
     CleaningReport,
     ProcessedData,
     assemble,
@@ -19,6 +21,7 @@ from recsys.data.preprocess import (
     multi_hot_from_flags,
     multi_hot_from_lists,
     standardize,
+    year_text,
 )
 from recsys.data.spec import DenseFeature, SparseFeature
 
@@ -191,12 +194,15 @@ class MovieLensDataModule(RecDataModule):
         year_codes, vocab["year"] = bucketize(items["year"], YEAR_EDGES)
         sparse.append(SparseFeature("year", "item", len(vocab["year"])))
         dense.append(DenseFeature("release_year", "item"))
+        names = np.array(vocab["genres"], dtype=object)
         return pd.DataFrame(
             {
                 "title": items["title"].astype(str),
                 "genres": items["genres"].array,
                 "year": year_codes,
                 "release_year": standardize(items["year"]),
+                INFO + "year": year_text(items["year"]),
+                INFO + "genres": ["|".join(names[list(c)]) for c in items["genres"].tolist()],
             },
             index=items.index,
         )

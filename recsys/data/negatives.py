@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from recsys.data.batch import Batch
 from recsys.data.loader import BatchIndex, InteractionBatches
-from recsys.data.store import FeatureStore, Interactions
+from recsys.data.store import FeatureStore, Interactions, ragged_gather
 
 
 class PositiveSet:
@@ -25,12 +25,22 @@ class PositiveSet:
         self.num_items = num_items
         self.keys = torch.unique(users * num_items + items)  # sorted
         self.count = torch.bincount(self.keys // num_items)  # distinct positives per user code
+        # row starts of each user's keys, and an empty row for users past the last one
+        self._offsets = torch.zeros(len(self.count) + 2, dtype=torch.long)
+        self._offsets[1:-1] = torch.cumsum(self.count, 0)
+        self._offsets[-1] = len(self.keys)
 
     def contains(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         """bool [B]: whether each (users[b], items[b]) is in the set."""
         keys = users * self.num_items + items
         pos = torch.searchsorted(self.keys, keys).clamp_max(len(self.keys) - 1)
         return self.keys[pos] == keys
+
+    def items_of(self, users: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(lengths [B], items [sum(lengths)]): each user's items, concatenated in order."""
+        known = users.clamp_max(len(self.count))  # past the last user: the empty padding row
+        lengths, keys = ragged_gather(self._offsets, self.keys, known)
+        return lengths, keys % self.num_items
 
     def positives_of(self, users: torch.Tensor) -> torch.Tensor:
         """int64 [B]: how many positives each user has."""

@@ -5,8 +5,10 @@ A processed dataset is a folder of three Parquet files and a small metadata file
 - ``interactions.parquet``: ``user``, ``item`` (0-based codes), ``label`` (0/1), ``rating``
   (NaN where the source has none), ``timestamp`` (-1 where the source has none).
 - ``users.parquet`` / ``items.parquet``: row i describes code i: ``raw_id`` (the dataset's own
-  id, as a string), optional ``title``, and one column per side feature of the `FeatureSpec`
-  (int codes, lists of codes for multi-hot features, floats for dense features).
+  id, as a string), optional ``title``, one column per side feature of the `FeatureSpec`
+  (int codes, lists of codes for multi-hot features, floats for dense features), and optional
+  text columns for people, prefixed ``info_`` (e.g. ``info_genres``, ``info_image_url``):
+  shown by predictions, serving and the dashboard, never a feature.
 - ``meta.json``: the spec, row counts, vocabularies of the categorical features, the cleaning
   report and the settings the folder was built from.
 """
@@ -33,7 +35,8 @@ from recsys.data.spec import DenseFeature, FeatureSpec, SparseFeature
 log = logging.getLogger(__name__)
 
 # Bump when the processed format or any preprocessing rule changes: old caches are rebuilt.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+INFO = "info_"  # prefix of the text columns for display (`ProcessedDataset.item_info`)
 META_FILE = "meta.json"
 
 
@@ -264,6 +267,11 @@ def assemble(
             raise ValueError(f"feature {f.name!r}: num_embeddings != vocabulary size")
     spec = FeatureSpec.of_ids(len(user_ids), len(item_ids), side=tuple(sparse), dense=tuple(dense))
     return ProcessedData(interactions, tables["user"], tables["item"], spec, vocab, report)
+
+
+def year_text(years: pd.Series) -> list[str]:
+    """Years as text for display: ``"1995"``, ``""`` where missing."""
+    return ["" if pd.isna(y) else str(int(y)) for y in years]
 
 
 def _fill_missing(col: pd.Series, dtype) -> pd.Series:

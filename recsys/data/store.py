@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -14,7 +15,7 @@ import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from recsys.data.batch import Batch
-from recsys.data.preprocess import META_FILE
+from recsys.data.preprocess import INFO, META_FILE
 from recsys.data.spec import FeatureSpec
 
 
@@ -148,7 +149,9 @@ class Interactions:
 
 @dataclass
 class ProcessedDataset:
-    """A processed folder loaded back: metadata, interactions, features and raw ids."""
+    """A processed folder loaded back: metadata, interactions, features, raw ids, and
+    ``item_info``: per item code, ``item_id`` (raw), ``title`` and the ``info_`` columns
+    without their prefix (e.g. ``genres``, ``author``, ``image_url``), for people."""
 
     meta: dict
     spec: FeatureSpec
@@ -156,7 +159,7 @@ class ProcessedDataset:
     features: FeatureStore
     user_ids: np.ndarray
     item_ids: np.ndarray
-    item_titles: np.ndarray | None
+    item_info: pd.DataFrame
 
     @classmethod
     def load(cls, folder: Path) -> ProcessedDataset:
@@ -176,7 +179,9 @@ class ProcessedDataset:
             ratings=col("rating", np.float32),
             timestamps=col("timestamp", np.int64),
         )
-        titles = items.column("title").to_numpy() if "title" in items.column_names else None
+        shown = [c for c in items.column_names if c == "title" or c.startswith(INFO)]
+        item_info = items.select(["raw_id", *shown]).to_pandas(ignore_metadata=True)
+        item_info.columns = ["item_id", *(c.removeprefix(INFO) for c in shown)]
         return cls(
             meta=meta,
             spec=spec,
@@ -184,7 +189,7 @@ class ProcessedDataset:
             features=FeatureStore(spec, users, items),
             user_ids=users.column("raw_id").to_numpy(),
             item_ids=items.column("raw_id").to_numpy(),
-            item_titles=titles,
+            item_info=item_info,
         )
 
 

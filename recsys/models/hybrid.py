@@ -67,6 +67,24 @@ class Hybrid(nn.Module):
         """Item id vectors [num_items, D]."""
         return self.item.weight
 
+    @property
+    def factorised(self) -> bool:
+        """Whether the logit factors into user and item parts (`CatalogueScorer`): ids only."""
+        return self.side is None and self.num_dense == 0
+
+    def item_part(self) -> dict[str, torch.Tensor]:
+        """The item vectors [I, D] and the item half of the first MLP layer [I, H1]."""
+        first, d = self.mlp[0], self.item.embedding_dim
+        return {"dot": self.item.weight, "mlp": self.item.weight @ first.weight[:, d:].T}
+
+    def score_catalogue(self, users: torch.Tensor, item_part: dict[str, torch.Tensor]):
+        """Logits [U, I] of users [U] against every item (ids only, see `factorised`)."""
+        first, d = self.mlp[0], self.user.embedding_dim
+        u = self.user(users)
+        user_half = u @ first.weight[:, :d].T + first.bias  # [U, H1]
+        hidden = self.mlp[1:](user_half[:, None, :] + item_part["mlp"][None])  # [U, I, L]
+        return u @ item_part["dot"].T + self.head(hidden).squeeze(2)
+
     def forward(self, batch: Batch) -> torch.Tensor:
         """Returns: logits [B]."""
         u = self.user(batch.ids("user_id"))

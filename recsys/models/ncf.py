@@ -71,6 +71,36 @@ class NeuMF(nn.Module):
         tables = [getattr(self, n).weight for n in ("gmf_item", "mlp_item") if hasattr(self, n)]
         return torch.cat(tables, dim=1)
 
+    # every variant's logit factors into a user part and an item part: `CatalogueScorer`
+    factorised = True
+
+    def item_part(self) -> dict[str, torch.Tensor]:
+        """What the catalogue scoring needs of the items, computed once: the GMF item vectors
+        [I, G] and the item half of the first MLP layer, bias included [I, H1]."""
+        out = {}
+        if self.variant in ("gmf", "neumf"):
+            out["gmf"] = self.gmf_item.weight
+        if self.variant in ("mlp", "neumf"):
+            first, m = self.mlp[0], self.mlp_item.embedding_dim
+            out["mlp"] = self.mlp_item.weight @ first.weight[:, m:].T + first.bias
+        return out
+
+    def score_catalogue(self, users: torch.Tensor, item_part: dict[str, torch.Tensor]):
+        """Logits [U, I] of users [U] against every item: the same function as `forward`,
+        with the user halves computed once per user instead of once per pair."""
+        h = self.head.weight[0]
+        logits = self.head.bias
+        g = 0
+        if "gmf" in item_part:
+            g = self.gmf_user.embedding_dim
+            logits = logits + (self.gmf_user(users) * h[:g]) @ item_part["gmf"].T
+        if "mlp" in item_part:
+            first, m = self.mlp[0], self.mlp_user.embedding_dim
+            user_half = self.mlp_user(users) @ first.weight[:, :m].T  # [U, H1]
+            hidden = self.mlp[1:](user_half[:, None, :] + item_part["mlp"][None])  # [U, I, L]
+            logits = logits + hidden @ h[g:]
+        return logits
+
     def forward(self, batch: Batch) -> torch.Tensor:
         """Returns: logits [B]."""
         users, items = batch.ids("user_id"), batch.ids("item_id")

@@ -1,0 +1,99 @@
+"""Scoring users against the whole catalogue: the one function behind full-ranking evaluation,
+predictions, serving and the dashboard.
+
+A model whose score factors into a user part and an item part (``net.item_part()`` and
+``net.score_catalogue(users, item_part)``: NeuMF in every variant, Hybrid without side
+features) computes its item side once, then scores each chunk of users against every item with
+matrix products. Any other model (DLRM, Hybrid with side features) scores the (user, item)
+pairs of each chunk through the one batch builder; chunks are bounded by ``max_pairs``, so the
+memory does not grow with the number of users.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from recsys.data.negatives import PositiveSet
+from recsys.data.store import FeatureStore
+
+
+class CatalogueScorer:
+    """Scores [U, num_items] for any users, and their top-K, for a model in eval mode.
+
+    Build it after the weights are final (the item side is computed once, here).
+
+    Example::
+
+            >>> import torch
+            >>> from recsys.data import FeatureSpec
+            >>> from recsys.data.store import FeatureStore
+            >>> from recsys.models import NeuMF
+            >>> spec = FeatureSpec.of_ids(num_users=4, num_items=6)
+            >>> features = FeatureStore(spec, None, None)
+            >>> net = NeuMF(spec, gmf_dim=4, mlp_dim=4, mlp_layers=[8, 4])
+            >>> scorer = CatalogueScorer(net, features, num_items=6)
+            >>> scorer.factorised, tuple(scorer.scores(torch.tensor([0, 2])).shape)
+            (True, (2, 6))
+    """
+
+    def __init__(
+        self, net: nn.Module, features: FeatureStore, num_items: int, max_pairs: int = 1 << 18
+    ):
+        self.net, self.features, self.num_items = net.eval(), features, num_items
+        self.max_pairs = max_pairs
+        self.factorised = bool(getattr(net, "factorised", False))
+        with torch.inference_mode():
+            self.item_part = net.item_part() if self.factorised else None
+        self.all_items = torch.arange(num_items)
+
+    @property
+    def chunk_users(self) -> int:
+        """Users scored at once: ``max_pairs`` (user, item) pairs per chunk."""
+        return max(1, self.max_pairs // self.num_items)
+
+    @torch.inference_mode()
+    def scores(self, users: torch.Tensor) -> torch.Tensor:
+        """Logits [U, num_items] of users (int64 codes [U]) against every item."""
+        return (
+            torch.cat([self._chunk(c) for c in users.split(self.chunk_users)])
+            if len(users)
+            else torch.empty(0, self.num_items)
+        )
+
+    def _chunk(self, users: torch.Tensor) -> torch.Tensor:
+        if self.factorised:
+            return self.net.score_catalogue(users, self.item_part)
+        flat_users = users.repeat_interleave(self.num_items)
+        flat_items = self.all_items.repeat(len(users))
+        return self.net(self.features.make_batch(flat_users, flat_items)).view(-1, self.num_items)
+
+    @torch.inference_mode()
+    def top_k(
+        self, users: torch.Tensor, k: int, exclude: PositiveSet | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The k best items [U, k] and their logits [U, k] per user, best first; items in
+        ``exclude`` (e.g. the user's known interactions) are never returned.
+
+        Raises:
+            ValueError: k is not in 1..num_items, or a user has fewer than k items left.
+        """
+        if not 1 <= k <= self.num_items:
+            raise ValueError(f"k={k} must be between 1 and the {self.num_items} items")
+        tops, logits = [], []
+        for chunk in users.split(self.chunk_users):
+            s = self._chunk(chunk)
+            if exclude is not None:
+                lengths, items = exclude.items_of(chunk)
+                rows = torch.arange(len(chunk)).repeat_interleave(lengths)
+                s[rows, items] = float("-inf")
+            best, top = s.topk(k, dim=1)
+            tops.append(top)
+            logits.append(best)
+        if not tops:
+            return torch.empty(0, k, dtype=torch.long), torch.empty(0, k)
+        top, best = torch.cat(tops), torch.cat(logits)
+        if torch.isinf(best).any():
+            user = int(users[torch.isinf(best).any(dim=1).nonzero()[0, 0]])
+            raise ValueError(f"user code {user} has fewer than k={k} items left to recommend")
+        return top, best

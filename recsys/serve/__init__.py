@@ -1,0 +1,199 @@
+"""Real-time serving of a checkpoint over HTTP (FastAPI + uvicorn).
+
+    python -m recsys.serve ckpt_path=<run>/checkpoints/<name>.ckpt [serve.port=8000]
+
+Routes (raw dataset ids in and out; every answer is JSON):
+
+- ``GET /health``: ``{"status": "ok"}``; never needs the API key.
+- ``GET /metadata``: the model, its data (sizes, item fields) and the run's test metrics.
+- ``GET /recommend?user_id=..&k=10[&exclude_seen=true][&fallback=popular]``: the user's top-k
+  items with their display fields and logits, never an item the user has an interaction with
+  unless ``exclude_seen=false``.
+- ``POST /recommend`` ``{"user_ids": [..], "k": 10, "exclude_seen": true, "fallback": null}``.
+- ``GET /similar?item_id=..&k=10``: nearest items by cosine of the model's item vectors.
+- ``POST /score`` ``{"pairs": [{"user_id": .., "item_id": ..}, ..]}``: logits, and
+  probabilities for models trained with binary cross-entropy (``null`` under BPR, whose
+  logits are no probabilities).
+
+An unknown id answers 404 naming it (or, with ``fallback=popular``, the most popular items,
+marked ``"source": "popular"``); a bad parameter answers 422. When ``serve.api_key`` (or
+``RECSYS_API_KEY``) is set, every route but ``/health`` needs it in the ``X-API-Key`` header.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+from typing import Literal
+
+import numpy as np
+import torch
+from fastapi import Depends, FastAPI, Header, HTTPException, Query
+from fastapi.responses import JSONResponse
+from omegaconf import DictConfig, OmegaConf
+from pydantic import BaseModel, Field
+
+from recsys.recommender import Recommender, UnknownIdError
+
+log = logging.getLogger(__name__)
+
+CONFIG_ENV = "RECSYS_SERVE_CONFIG"  # the resolved config, for worker processes
+
+
+class RecommendRequest(BaseModel):
+    user_ids: list[str | int] = Field(min_length=1)
+    k: int = Field(10, ge=1)
+    exclude_seen: bool = True
+    fallback: Literal["popular"] | None = None
+
+
+class Pair(BaseModel):
+    user_id: str | int
+    item_id: str | int
+
+
+class ScoreRequest(BaseModel):
+    pairs: list[Pair] = Field(min_length=1)
+
+
+def create_app(
+    rec: Recommender, api_key: str | None = None, max_k: int = 1000, max_batch: int = 1000
+) -> FastAPI:
+    """The HTTP app over ``rec``: everything request-independent is already built in it."""
+    app = FastAPI(title=f"recsys: {rec.metadata()['model']['net']} on {rec.source}")
+    max_k = min(max_k, rec.num_items)
+    metadata = rec.metadata()
+
+    async def check_key(x_api_key: str | None = Header(None)) -> None:
+        if api_key and not (x_api_key and secrets.compare_digest(x_api_key, api_key)):
+            raise HTTPException(401, "missing or wrong API key: send it in the X-API-Key header")
+
+    protected = [Depends(check_key)]
+
+    @app.exception_handler(UnknownIdError)
+    async def unknown_id(_, e: UnknownIdError) -> JSONResponse:
+        return JSONResponse({"detail": str(e), "unknown": {e.kind: e.ids}}, status_code=404)
+
+    @app.exception_handler(ValueError)
+    async def bad_value(_, e: ValueError) -> JSONResponse:
+        return JSONResponse({"detail": str(e)}, status_code=422)
+
+    def check_k(k: int) -> None:
+        if k > max_k:
+            raise ValueError(f"k={k} is more than the {max_k} items a request may ask for")
+
+    def items(codes: np.ndarray, values: np.ndarray | None, name: str) -> list[dict]:
+        records = rec.item_records
+        if values is None:
+            return [dict(records[c]) for c in codes.tolist()]
+        return [
+            {**records[c], name: v} for c, v in zip(codes.tolist(), values.tolist(), strict=True)
+        ]
+
+    def recommendations(raw_ids: list, k: int, exclude_seen: bool, fallback: str | None):
+        check_k(k)
+        codes = rec.user_codes(raw_ids, missing_ok=fallback is not None)
+        known = codes >= 0
+        top, logits = rec.recommend(codes[known], k, exclude_seen)
+        popular = items(rec.popular[:k].numpy(), None, "")
+        answers, j = [], 0
+        for raw, ok in zip(raw_ids, known.tolist(), strict=True):
+            answer = {"user_id": str(raw), "source": "model" if ok else "popular"}
+            if ok:
+                answer["items"] = items(top[j], logits[j], "score")
+                j += 1
+            else:
+                answer["items"] = popular
+            answers.append(answer)
+        return answers
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/metadata", dependencies=protected)
+    async def get_metadata() -> dict:
+        return metadata
+
+    @app.get("/recommend", dependencies=protected)
+    async def get_recommend(
+        user_id: str,
+        k: int = Query(10, ge=1),
+        exclude_seen: bool = True,
+        fallback: Literal["popular"] | None = None,
+    ) -> JSONResponse:
+        return JSONResponse(recommendations([user_id], k, exclude_seen, fallback)[0])
+
+    @app.post("/recommend", dependencies=protected)
+    async def post_recommend(request: RecommendRequest) -> JSONResponse:
+        if len(request.user_ids) > max_batch:
+            raise ValueError(f"{len(request.user_ids)} users; at most {max_batch} per request")
+        results = recommendations(
+            request.user_ids, request.k, request.exclude_seen, request.fallback
+        )
+        return JSONResponse({"results": results})
+
+    @app.get("/similar", dependencies=protected)
+    async def get_similar(item_id: str, k: int = Query(10, ge=1)) -> JSONResponse:
+        check_k(k)
+        (code,) = rec.item_codes([item_id])
+        top, sims = rec.similar(int(code), min(k, rec.num_items - 1))
+        return JSONResponse({"item_id": item_id, "items": items(top, sims, "similarity")})
+
+    @app.post("/score", dependencies=protected)
+    async def post_score(request: ScoreRequest) -> JSONResponse:
+        if len(request.pairs) > max_batch:
+            raise ValueError(f"{len(request.pairs)} pairs; at most {max_batch} per request")
+        users = rec.user_codes([p.user_id for p in request.pairs])
+        item_codes = rec.item_codes([p.item_id for p in request.pairs])
+        logits = rec.score(users, item_codes)
+        probs = 1 / (1 + np.exp(-logits.astype(np.float64))) if rec.calibrated else None
+        scores = [
+            {
+                "user_id": str(p.user_id),
+                "item_id": str(p.item_id),
+                "score": float(s),
+                "probability": float(probs[i]) if probs is not None else None,
+            }
+            for i, (p, s) in enumerate(zip(request.pairs, logits.tolist(), strict=True))
+        ]
+        return JSONResponse({"scores": scores})
+
+    return app
+
+
+def app_from_config(cfg: DictConfig) -> FastAPI:
+    """Load the checkpoint of ``cfg`` and build its app."""
+    torch.set_num_threads(cfg.serve.torch_threads)
+    rec = Recommender.from_config(cfg)
+    return create_app(rec, cfg.serve.api_key, cfg.serve.max_k, cfg.serve.max_batch)
+
+
+def app_from_env() -> FastAPI:
+    """The app factory of each uvicorn worker process (the config travels in the environment)."""
+    return app_from_config(OmegaConf.create(os.environ[CONFIG_ENV]))
+
+
+def run(cfg: DictConfig) -> None:
+    """Serve until stopped (Ctrl-C)."""
+    import uvicorn
+
+    s = cfg.serve
+    if s.workers < 1:
+        raise ValueError(f"serve.workers={s.workers} must be at least 1")
+    log.info(
+        "serving %s on http://%s:%d (%d worker%s, API key %s)",
+        cfg.ckpt_path,
+        s.host,
+        s.port,
+        s.workers,
+        "s" if s.workers > 1 else "",
+        "required" if s.api_key else "off",
+    )
+    common = dict(host=s.host, port=s.port, log_level=s.log_level, access_log=False)
+    if s.workers == 1:
+        uvicorn.run(app_from_config(cfg), **common)
+    else:  # each worker process loads the model itself
+        os.environ[CONFIG_ENV] = OmegaConf.to_yaml(cfg, resolve=True)
+        uvicorn.run("recsys.serve:app_from_env", factory=True, workers=s.workers, **common)

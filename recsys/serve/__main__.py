@@ -1,0 +1,15 @@
+"""python -m recsys.serve ckpt_path=... : serve a checkpoint over HTTP (conf/serve.yaml)."""
+
+import hydra
+from omegaconf import DictConfig
+
+from recsys.serve import run
+
+
+@hydra.main(version_base="1.3", config_path="../../conf", config_name="serve")
+def main(cfg: DictConfig) -> None:
+    run(cfg)
+
+
+if __name__ == "__main__":
+    main()
