@@ -6,7 +6,9 @@ A model whose score factors into a user part and an item part (``net.item_part()
 features) computes its item side once, then scores each chunk of users against every item with
 matrix products. Any other model (DLRM, Hybrid with side features) scores the (user, item)
 pairs of each chunk through the one batch builder; chunks are bounded by ``max_pairs``, so the
-memory does not grow with the number of users.
+memory does not grow with the number of users (``max_pairs=None``: one chunk per call, as the
+evaluation loop wants, whose batches are bounded already and whose sharded models need the
+same number of forwards on every rank).
 """
 
 from __future__ import annotations
@@ -16,6 +18,9 @@ from torch import nn
 
 from recsys.data.negatives import PositiveSet
 from recsys.data.store import FeatureStore
+
+
+FACTORISED_PAIRS = 1 << 12
 
 
 class CatalogueScorer:
@@ -38,7 +43,11 @@ class CatalogueScorer:
     """
 
     def __init__(
-        self, net: nn.Module, features: FeatureStore, num_items: int, max_pairs: int = 1 << 18
+        self,
+        net: nn.Module,
+        features: FeatureStore,
+        num_items: int,
+        max_pairs: int | None = 1 << 18,
     ):
         self.net, self.features, self.num_items = net.eval(), features, num_items
         self.max_pairs = max_pairs
@@ -49,7 +58,13 @@ class CatalogueScorer:
 
     @property
     def chunk_users(self) -> int:
-        """Users scored at once: ``max_pairs`` (user, item) pairs per chunk."""
+        """Users scored at once: ``max_pairs`` (user, item) pairs per chunk; for factorised
+        models ``FACTORISED_PAIRS``, so that each layer's [U, I, H] activations stay in the
+        processor's cache (one user at a time is fastest for NeuMF on ml-1m's 3.6K items)."""
+        if self.factorised:
+            return max(1, FACTORISED_PAIRS // self.num_items)
+        if self.max_pairs is None:
+            return 1 << 62
         return max(1, self.max_pairs // self.num_items)
 
     @torch.inference_mode()

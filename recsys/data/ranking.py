@@ -20,36 +20,42 @@ class RankingBatch:
     """Q ranking queries of C candidates each, with the pairs to score as one `Batch`.
 
     Attributes:
-        pairs: `Batch` of Q * C rows, query-major (row q * C + c is candidate c of query q).
+        pairs: `Batch` of Q * C rows, query-major (row q * C + c is candidate c of query q);
+            None in full ranking, where the candidates are the whole catalogue and the model
+            scores them with `recsys.scoring.CatalogueScorer` over ``features``.
         users: int64 [Q] user code of each query.
         items: int64 [Q, C] candidate item codes.
         relevant: bool [Q, C] held-out positives among the candidates.
         valid: bool [Q, C] candidates that may be recommended (False: the user already has
             the item, in full ranking).
+        features: the batch builder (full ranking), for models that score pairs.
     """
 
-    pairs: Batch
+    pairs: Batch | None
     users: torch.Tensor
     items: torch.Tensor
     relevant: torch.Tensor
     valid: torch.Tensor
+    features: FeatureStore | None = None
 
     def __len__(self) -> int:
         return len(self.users)
 
     def to(self, device, non_blocking: bool = False) -> RankingBatch:
         return RankingBatch(
-            self.pairs.to(device, non_blocking=non_blocking),
+            None if self.pairs is None else self.pairs.to(device, non_blocking=non_blocking),
             *(
                 t.to(device=device, non_blocking=non_blocking)
                 for t in (self.users, self.items, self.relevant, self.valid)
             ),
+            features=self.features,
         )
 
     def pin_memory(self) -> RankingBatch:
         return RankingBatch(
-            self.pairs.pin_memory(),
+            None if self.pairs is None else self.pairs.pin_memory(),
             *(t.pin_memory() for t in (self.users, self.items, self.relevant, self.valid)),
+            features=self.features,
         )
 
 
@@ -87,7 +93,8 @@ class FullRanking(Dataset):
     """Each user with a held-out positive ranks the whole catalogue.
 
     Items in ``seen`` (the user's training interactions, and validation ones when testing)
-    are marked invalid; every held-out positive of the user is relevant.
+    are marked invalid; every held-out positive of the user is relevant. The batches carry no
+    pairs: the model scores its users against every item (`recsys.scoring.CatalogueScorer`).
     """
 
     def __init__(
@@ -109,9 +116,14 @@ class FullRanking(Dataset):
     def __getitem__(self, index: BatchIndex) -> RankingBatch:
         users = self.users[index.rows]
         q, c = len(users), self.num_items
-        flat_users = users.repeat_interleave(c)
-        flat_items = torch.arange(c).repeat(q)
-        relevant = self.held_out.contains(flat_users, flat_items).view(q, c)
-        valid = ~self.seen.contains(flat_users, flat_items).view(q, c)
-        pairs = self.features.make_batch(flat_users, flat_items)
-        return RankingBatch(pairs, users, flat_items.view(q, c), relevant, valid)
+        relevant = self._mask(self.held_out, users)
+        valid = ~self._mask(self.seen, users)
+        items = torch.arange(c).expand(q, c)
+        return RankingBatch(None, users, items, relevant, valid, features=self.features)
+
+    def _mask(self, pairs: PositiveSet, users: torch.Tensor) -> torch.Tensor:
+        """bool [Q, num_items]: True where the user has the item in ``pairs``."""
+        lengths, items = pairs.items_of(users)
+        mask = torch.zeros(len(users), self.num_items, dtype=torch.bool)
+        mask[torch.arange(len(users)).repeat_interleave(lengths), items] = True
+        return mask

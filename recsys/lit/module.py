@@ -29,6 +29,7 @@ from recsys.metrics.ranking import (
     novelty,
     personalization,
 )
+from recsys.scoring import CatalogueScorer
 
 LOSSES = ("bce", "bpr")
 
@@ -98,6 +99,7 @@ class RecommenderModule(L.LightningModule):
         self.val_ranking, self.test_ranking = RankingMetrics(ranking_ks), RankingMetrics(ranking_ks)
         self.test_lists = CatMetric()  # top-K lists of full-ranking tests, flattened
         self.scoring = {"users": 0, "seconds": 0.0}
+        self._catalogue: CatalogueScorer | None = None  # full ranking, per evaluation
         # item statistics of the training data (`set_item_statistics`), saved in checkpoints:
         # training interactions per item [num_items], and the multi-hot vectors [num_items, V]
         # of the item feature that measures diversity (bool; None: the model's item vectors)
@@ -154,9 +156,25 @@ class RecommenderModule(L.LightningModule):
         metrics.update(torch.sigmoid(logits), labels.long())
 
     def rank(self, batch: RankingBatch) -> torch.Tensor:
-        """Scores [Q, C] of each query's candidates; -inf where a candidate is not valid."""
-        logits = self(batch.pairs).view(batch.items.shape)
+        """Scores [Q, C] of each query's candidates; -inf where a candidate is not valid.
+
+        Full ranking (no pairs in the batch) scores the users against every item with the
+        catalogue scorer, built once per evaluation (the item part of factorised models)."""
+        if batch.pairs is None:
+            if self._catalogue is None:  # one forward per batch otherwise: collective-safe
+                self._catalogue = CatalogueScorer(
+                    self.net, batch.features, batch.items.shape[1], max_pairs=None
+                )
+            logits = self._catalogue.scores(batch.users)
+        else:
+            logits = self(batch.pairs).view(batch.items.shape)
         return logits.masked_fill(~batch.valid, float("-inf"))
+
+    def on_validation_epoch_start(self) -> None:
+        self._catalogue = None  # new weights: the catalogue scorer's item part is rebuilt
+
+    def on_test_epoch_start(self) -> None:
+        self._catalogue = None
 
     def validation_step(self, batch: Batch | RankingBatch, batch_idx: int, dataloader_idx=0):
         if isinstance(batch, RankingBatch):

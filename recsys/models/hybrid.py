@@ -9,7 +9,7 @@ from torch import nn
 
 from recsys.data.batch import Batch
 from recsys.data.spec import FeatureSpec
-from recsys.models.common import mlp
+from recsys.models.common import mlp, mlp_rest
 from recsys.models.dlrm import embedding_bags
 
 
@@ -82,7 +82,7 @@ class Hybrid(nn.Module):
         first, d = self.mlp[0], self.user.embedding_dim
         u = self.user(users)
         user_half = u @ first.weight[:, :d].T + first.bias  # [U, H1]
-        hidden = self.mlp[1:](user_half[:, None, :] + item_part["mlp"][None])  # [U, I, L]
+        hidden = mlp_rest(user_half[:, None, :] + item_part["mlp"][None], self.mlp)  # [U, I, L]
         return u @ item_part["dot"].T + self.head(hidden).squeeze(2)
 
     def forward(self, batch: Batch) -> torch.Tensor:

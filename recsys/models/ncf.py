@@ -9,7 +9,7 @@ from torch import nn
 
 from recsys.data.batch import Batch
 from recsys.data.spec import FeatureSpec
-from recsys.models.common import mlp
+from recsys.models.common import mlp, mlp_rest
 
 VARIANTS = ("gmf", "mlp", "neumf")
 
@@ -97,7 +97,7 @@ class NeuMF(nn.Module):
         if "mlp" in item_part:
             first, m = self.mlp[0], self.mlp_user.embedding_dim
             user_half = self.mlp_user(users) @ first.weight[:, :m].T  # [U, H1]
-            hidden = self.mlp[1:](user_half[:, None, :] + item_part["mlp"][None])  # [U, I, L]
+            hidden = mlp_rest(user_half[:, None, :] + item_part["mlp"][None], self.mlp)  # [U, I, L]
             logits = logits + hidden @ h[g:]
         return logits
 
