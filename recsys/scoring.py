@@ -20,7 +20,7 @@ from recsys.data.negatives import PositiveSet
 from recsys.data.store import FeatureStore
 
 
-FACTORISED_PAIRS = 1 << 12
+FACTORISED_FLOATS = 1 << 18
 
 
 class CatalogueScorer:
@@ -58,11 +58,13 @@ class CatalogueScorer:
 
     @property
     def chunk_users(self) -> int:
-        """Users scored at once: ``max_pairs`` (user, item) pairs per chunk; for factorised
-        models ``FACTORISED_PAIRS``, so that each layer's [U, I, H] activations stay in the
-        processor's cache (one user at a time is fastest for NeuMF on ml-1m's 3.6K items)."""
+        """Users scored at once. Factorised models: as many as keep the largest activation
+        [U, I, H] within ``FACTORISED_FLOATS`` (the processor's cache: one user at a time for
+        NeuMF on ml-1m's 3.6K items, dozens for GMF, whose largest is the logits [U, I]).
+        Others: ``max_pairs`` (user, item) pairs."""
         if self.factorised:
-            return max(1, FACTORISED_PAIRS // self.num_items)
+            width = self.item_part["mlp"].shape[1] if "mlp" in self.item_part else 1
+            return max(1, FACTORISED_FLOATS // (self.num_items * width))
         if self.max_pairs is None:
             return 1 << 62
         return max(1, self.max_pairs // self.num_items)

@@ -155,7 +155,7 @@ SPEC_IDS = FeatureSpec.of_ids(num_users=7, num_items=40)
 )
 def test_catalogue_scoring_equals_the_forward(net, monkeypatch):
     """The factorised fast path (`CatalogueScorer`) against one forward per (user, item)."""
-    monkeypatch.setattr(scoring, "FACTORISED_PAIRS", 100)  # 2 users a chunk: several chunks
+    monkeypatch.setattr(scoring, "FACTORISED_FLOATS", 100)  # several chunks
     torch.manual_seed(0)
     for p in net.parameters():
         torch.nn.init.normal_(p)

@@ -1,0 +1,117 @@
+"""Full-catalogue ranking speed: every user's top-10 among every item, per model.
+
+    python benchmarks/ranking.py [data=movielens data.variant=1m] [threads=1] [seconds=5]
+
+For each model (the repository's configs: GMF, MLP, NeuMF, Hybrid with ids only and with side
+features, DLRM), `recsys.scoring.CatalogueScorer.top_k` ranks users against the whole catalogue,
+their known items excluded, for ``seconds``: users/s, and for the factorised models the FLOPs
+per user (the multiply-adds of the user-dependent layers) against a plain float32 matmul on
+this machine, measured in the same run: ``x of bound`` is how far the scorer is from what its
+FLOP count allows at that speed (1.0 = at the bound). Weights are the initial ones: speed does
+not depend on them.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from recsys.scoring import CatalogueScorer
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+MODELS = {
+    "GMF": ["model=ncf", "model.variant=gmf"],
+    "MLP": ["model=ncf", "model.variant=mlp"],
+    "NeuMF": ["model=ncf", "model.variant=neumf"],
+    "Hybrid (ids)": ["model=hybrid"],
+    "Hybrid (side features)": ["model=hybrid", "model.use_side_features=true"],
+    "DLRM": ["model=dlrm"],
+}
+DEFAULTS = {"threads": 1, "seconds": 5.0}
+
+
+def matmul_gflops(seconds: float = 2.0) -> float:
+    """float32 GFLOP/s of a [4096, 512] x [512, 512] matmul: the machine's dense limit."""
+    a, b = torch.randn(4096, 512), torch.randn(512, 512)
+    a @ b
+    n, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        a @ b
+        n += 1
+    return n * 2 * 4096 * 512 * 512 / (time.perf_counter() - start) / 1e9
+
+
+def flops_per_user(scorer: CatalogueScorer) -> float | None:
+    """FLOPs of scoring one user against every item on the factorised path: per item, the
+    GMF or dot product, the add of the first MLP layer's user half (its item half is
+    precomputed), every later MLP layer and the head; None for models scored pair by pair."""
+    if not scorer.factorised:
+        return None
+    parts = scorer.item_part
+    per_item = sum(2 * parts[k].shape[1] for k in ("gmf", "dot") if k in parts)
+    if "mlp" in parts:
+        linears = [m for m in scorer.net.mlp if isinstance(m, torch.nn.Linear)]
+        per_item += parts["mlp"].shape[1]
+        per_item += sum(2 * m.in_features * m.out_features for m in linears[1:])
+        per_item += 2 * linears[-1].out_features
+    return per_item * scorer.num_items
+
+
+def main() -> None:
+    cli = OmegaConf.from_cli()
+    options = {k: cli.pop(k) for k in list(cli) if k in DEFAULTS}
+    args = OmegaConf.merge(DEFAULTS, options)
+    data = [f"{k}={v}" for k, v in cli.items()] or ["data=movielens", "data.variant=1m"]
+    torch.set_num_threads(args.threads)
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        cfg = compose("train", overrides=data)
+        dm = instantiate(cfg.data)
+        dm.prepare_data()
+        dm.setup()
+        gflops = matmul_gflops()
+        users = torch.arange(dm.spec.num_users)
+        rows = []
+        for name, overrides in MODELS.items():
+            model_cfg = compose("train", overrides=[*data, *overrides]).model
+            model = instantiate(model_cfg, spec=dm.spec.to_dict(), _recursive_=False)
+            start = time.perf_counter()
+            scorer = CatalogueScorer(model.net, dm.data.features, dm.spec.num_items)
+            setup = time.perf_counter() - start
+            scorer.top_k(users[:8], 10, dm.positives)  # warm-up
+            done, start = 0, time.perf_counter()
+            while time.perf_counter() - start < args.seconds and done < len(users):
+                chunk = users[done : done + 256]
+                scorer.top_k(chunk, 10, dm.positives)
+                done += len(chunk)
+            rate = done / (time.perf_counter() - start)
+            flops = flops_per_user(scorer)
+            rows.append(
+                {
+                    "model": name,
+                    "path": "factorised" if scorer.factorised else "pairs",
+                    "users/s": rate,
+                    "ms per user": 1000 / rate,
+                    "MFLOP per user": flops / 1e6 if flops else None,
+                    "GFLOP/s": flops * rate / 1e9 if flops else None,
+                    "x of bound": gflops / (flops * rate / 1e9) if flops else None,
+                    "setup s": setup,
+                }
+            )
+            print(f"{name}: {rate:,.0f} users/s", flush=True)
+    print(
+        f"{dm.source}: {dm.spec.num_users:,} users x {dm.spec.num_items:,} items, top-10 with "
+        f"known items excluded; {args.threads} thread(s); matmul {gflops:.1f} GFLOP/s"
+    )
+    pd.set_option("display.width", 200)
+    print(pd.DataFrame(rows).to_string(index=False, float_format=lambda v: f"{v:,.2f}"))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
