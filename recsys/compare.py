@@ -50,7 +50,9 @@ def load_runs(paths: list[Path]) -> pd.DataFrame:
             rows.append(row)
     if not rows:
         raise FileNotFoundError(f"no metrics.json below {', '.join(map(str, paths))}")
-    return pd.DataFrame(rows)
+    runs = pd.DataFrame(rows)
+    # an override that a run was launched without: its default, named so (a label, not NaN)
+    return runs.fillna({c: "(default)" for c in runs.columns if c.startswith("+")})
 
 
 def table(runs: pd.DataFrame, columns: list[str]) -> pd.DataFrame:

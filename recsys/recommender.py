@@ -129,6 +129,13 @@ class Recommender:
         batch = self.dm.data.features.make_batch(users, items)
         return self.model(batch).numpy()
 
+    def probabilities(self, logits: np.ndarray) -> np.ndarray | None:
+        """sigmoid(logits) as float64 for models trained with binary cross-entropy; None
+        under BPR, whose logits only order items."""
+        if not self.calibrated:
+            return None
+        return 1 / (1 + np.exp(-np.asarray(logits, dtype=np.float64)))
+
     def history(self, user_code: int) -> pd.DataFrame:
         """The user's interactions: ``item_id``, display fields, ``rating``, ``label``,
         ``timestamp`` and ``split`` (train, val or test), newest first."""

@@ -19,7 +19,6 @@ from torch import nn
 from recsys.data.negatives import PositiveSet
 from recsys.data.store import FeatureStore
 
-
 FACTORISED_FLOATS = 1 << 18
 
 

@@ -148,7 +148,7 @@ def create_app(
         users = rec.user_codes([p.user_id for p in request.pairs])
         item_codes = rec.item_codes([p.item_id for p in request.pairs])
         logits = rec.score(users, item_codes)
-        probs = 1 / (1 + np.exp(-logits.astype(np.float64))) if rec.calibrated else None
+        probs = rec.probabilities(logits)
         scores = [
             {
                 "user_id": str(p.user_id),

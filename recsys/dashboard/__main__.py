@@ -1,0 +1,16 @@
+"""python -m recsys.dashboard run_dir=<run folder> | ckpt_path=<ckpt> [runs=[...]] [port=8501]:
+the Streamlit dashboard (conf/dashboard.yaml)."""
+
+import hydra
+from omegaconf import DictConfig
+
+from recsys.dashboard import run
+
+
+@hydra.main(version_base="1.3", config_path="../../conf", config_name="dashboard")
+def main(cfg: DictConfig) -> None:
+    run(cfg)
+
+
+if __name__ == "__main__":
+    main()
