@@ -2,7 +2,7 @@
 
     python benchmarks/serve.py                  # ML-1M NeuMF and Book-Crossing DLRM
     python benchmarks/serve.py quick=true       # ML-100K NeuMF, 3 s per endpoint
-    python benchmarks/serve.py ckpt=<ckpt> [clients=16] [seconds=20] [workers=1]
+    python benchmarks/serve.py ckpt=<ckpt> [clients=16] [seconds=20] [workers=2]
 
 Each case trains its model first (a short run, unless ``ckpt`` is given), starts the server
 as its own process on 127.0.0.1 (a free port), and drives each endpoint with ``clients``
@@ -56,9 +56,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(ckpt: Path, port: int, workers: int, folder: Path) -> subprocess.Popen:
+def start_server(ckpt: Path, port: int, args: DictConfig, folder: Path) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "recsys.serve", f"ckpt_path={ckpt}", f"serve.port={port}"]
-    cmd += [f"serve.workers={workers}", f"hydra.run.dir={folder}"]
+    cmd += [f"serve.workers={args.workers}", f"hydra.run.dir={folder}"]
     server = subprocess.Popen(cmd, cwd=ROOT, start_new_session=True)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
@@ -157,7 +157,7 @@ def endpoints(users: list[str], items: list[str]) -> dict:
 
 def bench_case(name: str, ckpt: Path, args: DictConfig, folder: Path) -> pd.DataFrame:
     port = free_port()
-    server = start_server(ckpt, port, args.workers, folder / "serve")
+    server = start_server(ckpt, port, args, folder / "serve")
     try:
         base = f"http://127.0.0.1:{port}"
         meta = httpx.get(f"{base}/metadata").json()
@@ -196,7 +196,13 @@ def sample_ids(ckpt: Path, meta: dict, rng: np.random.Generator) -> tuple[list[s
     return [str(u) for u in users], [str(i) for i in items]
 
 
-DEFAULTS = {"quick": False, "ckpt": None, "clients": 16, "seconds": 20.0, "workers": 1}
+DEFAULTS = {
+    "quick": False,
+    "ckpt": None,
+    "clients": 16,
+    "seconds": 20.0,
+    "workers": 2,
+}
 
 
 def main() -> None:

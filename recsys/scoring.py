@@ -101,8 +101,10 @@ class CatalogueScorer:
             s = self._chunk(chunk)
             if exclude is not None:
                 lengths, items = exclude.items_of(chunk)
-                rows = torch.arange(len(chunk)).repeat_interleave(lengths)
-                s[rows, items] = float("-inf")
+                if len(chunk) == 1:
+                    s[0, items] = float("-inf")
+                else:
+                    s[torch.arange(len(chunk)).repeat_interleave(lengths), items] = float("-inf")
             best, top = s.topk(k, dim=1)
             tops.append(top)
             logits.append(best)

@@ -29,6 +29,7 @@ class PositiveSet:
         self._offsets = torch.zeros(len(self.count) + 2, dtype=torch.long)
         self._offsets[1:-1] = torch.cumsum(self.count, 0)
         self._offsets[-1] = len(self.keys)
+        self._items = self.keys % num_items
 
     def contains(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         """bool [B]: whether each (users[b], items[b]) is in the set."""
@@ -39,8 +40,10 @@ class PositiveSet:
     def items_of(self, users: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(lengths [B], items [sum(lengths)]): each user's items, concatenated in order."""
         known = users.clamp_max(len(self.count))  # past the last user: the empty padding row
-        lengths, keys = ragged_gather(self._offsets, self.keys, known)
-        return lengths, keys % self.num_items
+        if len(users) == 1:  # one user (a serving request): a slice
+            start, end = self._offsets[known[0] : known[0] + 2].tolist()
+            return torch.tensor([end - start]), self._items[start:end]
+        return ragged_gather(self._offsets, self._items, known)
 
     def positives_of(self, users: torch.Tensor) -> torch.Tensor:
         """int64 [B]: how many positives each user has."""

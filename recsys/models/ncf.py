@@ -75,30 +75,30 @@ class NeuMF(nn.Module):
     factorised = True
 
     def item_part(self) -> dict[str, torch.Tensor]:
-        """What the catalogue scoring needs of the items, computed once: the GMF item vectors
-        [I, G] and the item half of the first MLP layer, bias included [I, H1]."""
+        """What catalogue scoring needs that no request changes, computed once: the GMF item
+        vectors times the head's GMF weights, transposed [G, I]; the item half of the first
+        MLP layer, bias included [I, H1], and its user half's weights, transposed [M, H1]."""
         out = {}
+        h = self.head.weight[0]
         if self.variant in ("gmf", "neumf"):
-            out["gmf"] = self.gmf_item.weight
+            g = self.gmf_item.embedding_dim
+            out["gmf"] = (self.gmf_item.weight * h[:g]).T.contiguous()
         if self.variant in ("mlp", "neumf"):
             first, m = self.mlp[0], self.mlp_item.embedding_dim
             out["mlp"] = self.mlp_item.weight @ first.weight[:, m:].T + first.bias
+            out["mlp_user"] = first.weight[:, :m].T.contiguous()
         return out
 
     def score_catalogue(self, users: torch.Tensor, item_part: dict[str, torch.Tensor]):
         """Logits [U, I] of users [U] against every item: the same function as `forward`,
         with the user halves computed once per user instead of once per pair."""
-        h = self.head.weight[0]
         logits = self.head.bias
-        g = 0
         if "gmf" in item_part:
-            g = self.gmf_user.embedding_dim
-            logits = logits + (self.gmf_user(users) * h[:g]) @ item_part["gmf"].T
+            logits = logits + self.gmf_user(users) @ item_part["gmf"]
         if "mlp" in item_part:
-            first, m = self.mlp[0], self.mlp_user.embedding_dim
-            user_half = self.mlp_user(users) @ first.weight[:, :m].T  # [U, H1]
+            user_half = self.mlp_user(users) @ item_part["mlp_user"]  # [U, H1]
             hidden = mlp_rest(user_half[:, None, :] + item_part["mlp"][None], self.mlp)  # [U, I, L]
-            logits = logits + hidden @ h[g:]
+            logits = logits + hidden @ self.head.weight[0, -hidden.shape[-1] :]
         return logits
 
     def forward(self, batch: Batch) -> torch.Tensor:

@@ -23,8 +23,11 @@ marked ``"source": "popular"``); a bad parameter answers 422. When ``serve.api_k
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import os
 import secrets
+import signal
+import socket
 from typing import Literal
 
 import numpy as np
@@ -37,8 +40,6 @@ from pydantic import BaseModel, Field
 from recsys.recommender import Recommender, UnknownIdError
 
 log = logging.getLogger(__name__)
-
-CONFIG_ENV = "RECSYS_SERVE_CONFIG"  # the resolved config, for worker processes
 
 
 class RecommendRequest(BaseModel):
@@ -170,15 +171,34 @@ def app_from_config(cfg: DictConfig) -> FastAPI:
     return create_app(rec, cfg.serve.api_key, cfg.serve.max_k, cfg.serve.max_batch)
 
 
-def app_from_env() -> FastAPI:
-    """The app factory of each uvicorn worker process (the config travels in the environment)."""
-    return app_from_config(OmegaConf.create(os.environ[CONFIG_ENV]))
+def listening_socket(host: str, port: int) -> socket.socket:
+    """A socket bound with SO_REUSEPORT: each worker process binds its own, and the kernel
+    spreads the connections over them. (With one shared socket, as uvicorn's own workers
+    have, the first worker to wake accepts every connection of a burst: under a load test
+    one worker served all 16 keep-alive clients while the other idled.)"""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    return sock
+
+
+def serve_worker(config_yaml: str) -> None:
+    """One serving process: its own model, its own socket on the shared port."""
+    import uvicorn
+
+    cfg = OmegaConf.create(config_yaml)
+    s = cfg.serve
+    server = uvicorn.Server(
+        uvicorn.Config(app_from_config(cfg), log_level=s.log_level, access_log=False)
+    )
+    server.run(sockets=[listening_socket(s.host, s.port)])
 
 
 def run(cfg: DictConfig) -> None:
-    """Serve until stopped (Ctrl-C)."""
-    import uvicorn
-
+    """Serve until stopped (Ctrl-C or SIGTERM): ``serve.workers`` processes, each with its
+    own copy of the model, on one port."""
     s = cfg.serve
     if s.workers < 1:
         raise ValueError(f"serve.workers={s.workers} must be at least 1")
@@ -191,9 +211,25 @@ def run(cfg: DictConfig) -> None:
         "s" if s.workers > 1 else "",
         "required" if s.api_key else "off",
     )
-    common = dict(host=s.host, port=s.port, log_level=s.log_level, access_log=False)
+    config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
     if s.workers == 1:
-        uvicorn.run(app_from_config(cfg), **common)
-    else:  # each worker process loads the model itself
-        os.environ[CONFIG_ENV] = OmegaConf.to_yaml(cfg, resolve=True)
-        uvicorn.run("recsys.serve:app_from_env", factory=True, workers=s.workers, **common)
+        serve_worker(config_yaml)
+        return
+    spawn = multiprocessing.get_context("spawn")
+    workers = [spawn.Process(target=serve_worker, args=(config_yaml,)) for _ in range(s.workers)]
+    for w in workers:
+        w.start()
+
+    def stop(signum, _frame) -> None:
+        for w in workers:
+            if w.is_alive():
+                os.kill(w.pid, signum)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    for w in workers:
+        w.join()
+    # uvicorn re-raises the signal it stopped on: -SIGTERM / -SIGINT are clean stops
+    failed = [w.exitcode for w in workers if w.exitcode not in (0, -signal.SIGTERM, -signal.SIGINT)]
+    if failed:
+        raise RuntimeError(f"serving workers exited with codes {failed}; see the log above")
