@@ -137,10 +137,10 @@ def endpoints(users: list[str], items: list[str]) -> dict:
             f"/recommend?user_id={r.choice(users)}&k=10",
             None,
         ),
-        "POST /recommend 32 users k=10": lambda r: (
+        "POST /recommend 8 users k=10": lambda r: (
             "POST",
             "/recommend",
-            {"user_ids": r.sample(users, 32), "k": 10},
+            {"user_ids": r.sample(users, 8), "k": 10},
         ),
         "GET /similar k=10": lambda r: ("GET", f"/similar?item_id={r.choice(items)}&k=10", None),
         "POST /score 100 pairs": lambda r: (

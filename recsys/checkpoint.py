@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -60,3 +61,38 @@ def load_checkpoint(
     # the statistics of this data's training split (older checkpoints do not carry them)
     model.set_item_statistics(**dm.protocol.item_statistics())
     return dm, model
+
+
+def best_checkpoint(run_dir: Path) -> Path:
+    """The best checkpoint named in the run's ``metrics.json``; looked up in the run's own
+    ``checkpoints/`` when the run folder has been moved since training."""
+    metrics_file = run_dir / "metrics.json"
+    if not metrics_file.is_file():
+        raise ValueError(
+            f"run_dir={run_dir} holds no metrics.json: pass the folder of a finished "
+            "training run, or ckpt_path=<checkpoint>"
+        )
+    best = json.loads(metrics_file.read_text()).get("best_model_path")
+    if not best:
+        raise ValueError(
+            f"{metrics_file} names no best checkpoint (fast_dev_run or callbacks=none): "
+            f"pass ckpt_path={run_dir}/checkpoints/last.ckpt or another checkpoint"
+        )
+    path = Path(best)
+    if not path.exists():
+        path = run_dir / "checkpoints" / path.name
+    if not path.exists():
+        raise ValueError(
+            f"the best checkpoint {best} of {metrics_file} is gone (nor in {path.parent}): "
+            "pass ckpt_path=<checkpoint>"
+        )
+    return path
+
+
+def run_folder(ckpt_path: Path) -> Path | None:
+    """The training run folder of a checkpoint (the first folder above it that holds
+    ``metrics.json`` or ``csv/metrics.csv``), or None for a checkpoint outside a run."""
+    for folder in list(ckpt_path.resolve().parents)[:3]:
+        if (folder / "metrics.json").is_file() or (folder / "csv" / "metrics.csv").is_file():
+            return folder
+    return None

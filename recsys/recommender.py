@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
 
-from recsys.checkpoint import load_checkpoint
+from recsys.checkpoint import load_checkpoint, run_folder
 from recsys.data.base import RecDataModule
 from recsys.lit.module import RecommenderModule
 from recsys.scoring import CatalogueScorer
@@ -35,12 +35,11 @@ class UnknownIdError(KeyError):
 
 
 def run_metrics(ckpt_path: Path) -> dict | None:
-    """The ``metrics.json`` of the run that wrote ``ckpt_path`` (its run folder is above
-    ``checkpoints/``), or None when there is none."""
-    for folder in list(ckpt_path.resolve().parents)[:3]:
-        if (folder / "metrics.json").is_file():
-            return json.loads((folder / "metrics.json").read_text())
-    return None
+    """The ``metrics.json`` of the run that wrote ``ckpt_path``, or None when there is none."""
+    folder = run_folder(ckpt_path)
+    if folder is None or not (folder / "metrics.json").is_file():
+        return None
+    return json.loads((folder / "metrics.json").read_text())
 
 
 class Recommender:

@@ -222,11 +222,12 @@ def _free_port() -> int:
 
 @pytest.mark.slow
 def test_a_real_server_process(ckpt, data_dir, cache_dir, tmp_path):
-    """`python -m recsys.serve` with two uvicorn workers on loopback, API key from the
-    environment."""
+    """`python -m recsys.serve run_dir=<run>` (its best checkpoint) with two worker processes
+    on loopback, the API key from the environment."""
     port = _free_port()
     env = {**os.environ, "RECSYS_API_KEY": "k1", "RECSYS_CACHE_DIR": str(cache_dir)}
-    cmd = [sys.executable, "-m", "recsys.serve", f"ckpt_path={ckpt}", f"serve.port={port}"]
+    run_dir = Path(ckpt).parents[1]
+    cmd = [sys.executable, "-m", "recsys.serve", f"run_dir={run_dir}", f"serve.port={port}"]
     cmd += ["serve.workers=2", f"hydra.run.dir={tmp_path}"]
     server = subprocess.Popen(cmd, cwd=ROOT, env=env, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
@@ -242,10 +243,12 @@ def test_a_real_server_process(ckpt, data_dir, cache_dir, tmp_path):
                 time.sleep(0.5)
         key = {"X-API-Key": "k1"}
         assert httpx.get(f"{base}/recommend?user_id=1").status_code == 401
-        for _ in range(4):  # both workers answer (connections spread over them)
+        for _ in range(4):  # new connections, spread over the workers
             r = httpx.get(f"{base}/recommend?user_id=1&k=10", headers=key)
             assert r.status_code == 200 and len(r.json()["items"]) == 10
             assert all(i["title"] for i in r.json()["items"])
+        meta = httpx.get(f"{base}/metadata", headers=key).json()
+        assert meta["ckpt_path"] == str(ckpt)
         r = httpx.get(f"{base}/recommend?user_id=424242", headers=key)
         assert r.status_code == 404 and "424242" in r.json()["detail"]
     finally:

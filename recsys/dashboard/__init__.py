@@ -16,7 +16,6 @@ it back with `settings_from_env`. The functions here build what the pages show f
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
@@ -31,6 +30,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from recsys import compare
+from recsys.checkpoint import best_checkpoint, run_folder
 from recsys.recommender import Recommender
 
 log = logging.getLogger(__name__)
@@ -42,41 +42,6 @@ SCORE_CHUNK = 65536  # rows per forward pass when scoring many interactions
 
 
 # --- configuration ------------------------------------------------------------------------
-def best_checkpoint(run_dir: Path) -> Path:
-    """The best checkpoint named in the run's ``metrics.json``; looked up in the run's own
-    ``checkpoints/`` when the run folder has been moved since training."""
-    metrics_file = run_dir / "metrics.json"
-    if not metrics_file.is_file():
-        raise ValueError(
-            f"run_dir={run_dir} holds no metrics.json: pass the folder of a finished "
-            "training run, or ckpt_path=<checkpoint>"
-        )
-    best = json.loads(metrics_file.read_text()).get("best_model_path")
-    if not best:
-        raise ValueError(
-            f"{metrics_file} names no best checkpoint (fast_dev_run or callbacks=none): "
-            f"pass ckpt_path={run_dir}/checkpoints/last.ckpt or another checkpoint"
-        )
-    path = Path(best)
-    if not path.exists():
-        path = run_dir / "checkpoints" / path.name
-    if not path.exists():
-        raise ValueError(
-            f"the best checkpoint {best} of {metrics_file} is gone (nor in {path.parent}): "
-            "pass ckpt_path=<checkpoint>"
-        )
-    return path
-
-
-def run_folder(ckpt_path: Path) -> Path | None:
-    """The training run folder of a checkpoint (the first folder above it that holds
-    ``metrics.json`` or ``csv/metrics.csv``), or None for a checkpoint outside a run."""
-    for folder in list(ckpt_path.resolve().parents)[:3]:
-        if (folder / "metrics.json").is_file() or (folder / "csv" / "metrics.csv").is_file():
-            return folder
-    return None
-
-
 def settings(cfg: DictConfig) -> DictConfig:
     """What the app needs from ``cfg``, checked, with absolute paths: ``ckpt_path`` (from
     ``run_dir`` when not given), ``run_dir`` (the checkpoint's run when not given; None

@@ -1,6 +1,7 @@
 """Real-time serving of a checkpoint over HTTP (FastAPI + uvicorn).
 
-    python -m recsys.serve ckpt_path=<run>/checkpoints/<name>.ckpt [serve.port=8000]
+    python -m recsys.serve run_dir=<training run folder> [serve.port=8000]
+    python -m recsys.serve ckpt_path=<run>/checkpoints/<name>.ckpt
 
 Routes (raw dataset ids in and out; every answer is JSON):
 
@@ -28,6 +29,7 @@ import os
 import secrets
 import signal
 import socket
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -37,6 +39,7 @@ from fastapi.responses import JSONResponse
 from omegaconf import DictConfig, OmegaConf
 from pydantic import BaseModel, Field
 
+from recsys.checkpoint import best_checkpoint
 from recsys.recommender import Recommender, UnknownIdError
 
 log = logging.getLogger(__name__)
@@ -200,6 +203,10 @@ def run(cfg: DictConfig) -> None:
     """Serve until stopped (Ctrl-C or SIGTERM): ``serve.workers`` processes, each with its
     own copy of the model, on one port."""
     s = cfg.serve
+    if cfg.ckpt_path is None:
+        if cfg.run_dir is None:
+            raise ValueError("pass run_dir=<training run folder> or ckpt_path=<checkpoint>")
+        cfg.ckpt_path = str(best_checkpoint(Path(cfg.run_dir)))
     if s.workers < 1:
         raise ValueError(f"serve.workers={s.workers} must be at least 1")
     log.info(
