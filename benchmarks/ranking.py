@@ -2,7 +2,9 @@
 
     python benchmarks/ranking.py [data=movielens data.variant=1m] [threads=1] [seconds=5]
 
-For each model (the repository's configs: GMF, MLP, NeuMF, Hybrid with ids only and with side
+Other arguments are Hydra overrides of the data (default: ml-1m).
+
+For each model (the repository's configs: MF, GMF, MLP, NeuMF, Hybrid with ids only and with side
 features, DLRM), `recsys.scoring.CatalogueScorer.top_k` ranks users against the whole catalogue,
 their known items excluded, for ``seconds``: users/s, and for the factorised models the FLOPs
 per user (the multiply-adds of the user-dependent layers) against a plain float32 matmul on
@@ -27,6 +29,7 @@ from recsys.scoring import CatalogueScorer
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 MODELS = {
+    "MF": ["model=ncf", "model.variant=mf"],
     "GMF": ["model=ncf", "model.variant=gmf"],
     "MLP": ["model=ncf", "model.variant=mlp"],
     "NeuMF": ["model=ncf", "model.variant=neumf"],
@@ -55,7 +58,9 @@ def flops_per_user(scorer: CatalogueScorer) -> float | None:
     if not scorer.factorised:
         return None
     parts = scorer.item_part
-    per_item = sum(2 * parts[k].shape[1] for k in ("gmf", "dot") if k in parts)
+    # the factor-sized product per item: NeuMF stores its GMF part transposed [G, I]
+    per_item = 2 * parts["gmf"].shape[0] if "gmf" in parts else 0
+    per_item += 2 * parts["dot"].shape[1] if "dot" in parts else 0
     if "mlp" in parts:
         linears = [m for m in scorer.net.mlp if isinstance(m, torch.nn.Linear)]
         per_item += parts["mlp"].shape[1]
@@ -65,10 +70,10 @@ def flops_per_user(scorer: CatalogueScorer) -> float | None:
 
 
 def main() -> None:
-    cli = OmegaConf.from_cli()
-    options = {k: cli.pop(k) for k in list(cli) if k in DEFAULTS}
-    args = OmegaConf.merge(DEFAULTS, options)
-    data = [f"{k}={v}" for k, v in cli.items()] or ["data=movielens", "data.variant=1m"]
+    given = sys.argv[1:]
+    ours = [a for a in given if a.split("=", 1)[0] in DEFAULTS]
+    args = OmegaConf.merge(DEFAULTS, OmegaConf.from_cli(ours))
+    data = [a for a in given if a not in ours] or ["data=movielens", "data.variant=1m"]
     torch.set_num_threads(args.threads)
     with initialize_config_dir(str(CONF), version_base="1.3"):
         cfg = compose("train", overrides=data)

@@ -149,9 +149,10 @@ SPEC_IDS = FeatureSpec.of_ids(num_users=7, num_items=40)
     "net",
     [
         *(NeuMF(SPEC_IDS, variant=v, gmf_dim=4, mlp_dim=6, mlp_layers=[8, 4]) for v in VARIANTS),
+        NeuMF(SPEC_IDS, variant="mf", gmf_dim=4, biases=False),
         Hybrid(SPEC_IDS, embedding_dim=5, mlp_layers=[8, 3]),
     ],
-    ids=[*VARIANTS, "hybrid"],
+    ids=[*VARIANTS, "mf-no-biases", "hybrid"],
 )
 def test_catalogue_scoring_equals_the_forward(net, monkeypatch):
     """The factorised fast path (`CatalogueScorer`) against one forward per (user, item)."""

@@ -269,6 +269,14 @@ class RecommenderModule(L.LightningModule):
             out[f"test/personalization@{k}"] = personalization(lists, self.spec.num_items)
         return out
 
+    def setup(self, stage: str) -> None:
+        """A fit starts from the weights of other checkpoints when the network names them
+        (``load_pretrained``: NeuMF's ``model.pretrained``). Here rather than in the
+        network's constructor, so that ``load_from_checkpoint`` never reads those files; a
+        resumed fit reads them too, then Lightning puts the checkpoint's weights over them."""
+        if stage == "fit" and hasattr(self.net, "load_pretrained"):
+            self.net.load_pretrained()
+
     def configure_optimizers(self) -> torch.optim.Optimizer | dict[str, Any]:
         """One optimizer as Lightning sees it (a `CombinedOptimizer` of the tables' and the
         other parameters' optimizers when ``sparse_optimizer`` is set), and the optional

@@ -1,8 +1,10 @@
-"""Neural Collaborative Filtering: GMF, MLP and their fusion NeuMF (He et al., WWW 2017)."""
+"""Neural Collaborative Filtering: GMF, MLP and their fusion NeuMF (He et al., WWW 2017),
+and plain matrix factorisation (the dot-product baseline of Rendle et al., RecSys 2020)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -11,7 +13,7 @@ from recsys.data.batch import Batch
 from recsys.data.spec import FeatureSpec
 from recsys.models.common import mlp, mlp_rest
 
-VARIANTS = ("gmf", "mlp", "neumf")
+VARIANTS = ("gmf", "mlp", "neumf", "mf")
 
 
 class NeuMF(nn.Module):
@@ -19,9 +21,19 @@ class NeuMF(nn.Module):
 
     Notation: B batch size, G GMF embedding dim, M MLP embedding dim, L last MLP width.
 
-    - ``gmf``: logit = h . (p_u * q_i) with p_u, q_i in R^G.
-    - ``mlp``: logit = h . MLP([p_u; q_i]) with p_u, q_i in R^M.
-    - ``neumf``: logit = h . [p_u * q_i; MLP([p'_u; q'_i])], separate embeddings per tower.
+    - ``gmf``: logit = h . (p_u * q_i) + b with p_u, q_i in R^G.
+    - ``mlp``: logit = h . MLP([p_u; q_i]) + b with p_u, q_i in R^M.
+    - ``neumf``: logit = h . [p_u * q_i; MLP([p'_u; q'_i])] + b, separate embeddings per tower.
+    - ``mf``: logit = p_u . q_i + b_u + b_i + b with p_u, q_i in R^G (no head: the weights of
+      GMF's head fixed to ones; ``biases=False`` drops b_u and b_i).
+
+    ``pretrained`` (``neumf`` only, He et al. Section 3.4.1): checkpoints of a ``gmf`` and an
+    ``mlp`` run on the same data, e.g. ``{"gmf": ".../epoch_004.ckpt", "mlp": ...}``.
+    `load_pretrained` copies their towers into this network and sets the head to
+    ``[alpha * h_gmf; (1 - alpha) * h_mlp]`` with bias ``alpha * b_gmf + (1 - alpha) * b_mlp``,
+    so the initial logit is ``alpha * gmf_logit + (1 - alpha) * mlp_logit``. The network does
+    not read the files when it is built (a checkpoint of it rebuilds without them): the
+    LightningModule calls `load_pretrained` when a fit starts from scratch.
 
     Example::
 
@@ -44,15 +56,28 @@ class NeuMF(nn.Module):
         mlp_dim: int = 32,
         mlp_layers: Sequence[int] = (64, 32, 16),
         dropout: float = 0.0,
+        biases: bool = True,
+        pretrained: Mapping[str, str] | None = None,
+        alpha: float = 0.5,
     ):
         super().__init__()
         if variant not in VARIANTS:
             raise ValueError(f"model.variant={variant!r} is not one of {VARIANTS}")
-        if variant != "gmf" and not mlp_layers:
+        if variant in ("mlp", "neumf") and not mlp_layers:
             raise ValueError("model.mlp_layers must name at least one layer for mlp/neumf")
+        if pretrained is not None and (variant != "neumf" or set(pretrained) != {"gmf", "mlp"}):
+            raise ValueError(
+                f"model.pretrained={dict(pretrained)!r} with model.variant={variant!r}: "
+                "pretraining takes model.variant=neumf and exactly the keys gmf and mlp "
+                "(checkpoint paths), or null"
+            )
+        if not 0.0 <= alpha <= 1.0:
+            raise ValueError(f"model.alpha={alpha} must lie in [0, 1]")
         self.variant = variant
+        self.pretrained = dict(pretrained) if pretrained is not None else None
+        self.alpha = alpha
         head_in = 0
-        if variant in ("gmf", "neumf"):
+        if variant in ("gmf", "neumf", "mf"):
             self.gmf_user = nn.Embedding(spec.num_users, gmf_dim)
             self.gmf_item = nn.Embedding(spec.num_items, gmf_dim)
             head_in += gmf_dim
@@ -61,10 +86,19 @@ class NeuMF(nn.Module):
             self.mlp_item = nn.Embedding(spec.num_items, mlp_dim)
             self.mlp = mlp(2 * mlp_dim, mlp_layers, dropout)
             head_in += mlp_layers[-1]
-        self.head = nn.Linear(head_in, 1)
+        if variant == "mf":
+            self.bias = nn.Parameter(torch.zeros(()))
+            if biases:
+                self.user_bias = nn.Embedding(spec.num_users, 1)
+                self.item_bias = nn.Embedding(spec.num_items, 1)
+        else:
+            self.head = nn.Linear(head_in, 1)
         for m in self.modules():
             if isinstance(m, nn.Embedding):
                 nn.init.normal_(m.weight, std=0.01)
+        for name in ("user_bias", "item_bias"):
+            if hasattr(self, name):
+                nn.init.zeros_(getattr(self, name).weight)
 
     def item_embeddings(self) -> torch.Tensor:
         """Item vectors [num_items, G + M] (the towers' item tables side by side)."""
@@ -77,7 +111,13 @@ class NeuMF(nn.Module):
     def item_part(self) -> dict[str, torch.Tensor]:
         """What catalogue scoring needs that no request changes, computed once: the GMF item
         vectors times the head's GMF weights, transposed [G, I]; the item half of the first
-        MLP layer, bias included [I, H1], and its user half's weights, transposed [M, H1]."""
+        MLP layer, bias included [I, H1], and its user half's weights, transposed [M, H1];
+        for ``mf``, the item vectors [I, G] and the item biases plus the global bias [I]."""
+        if self.variant == "mf":
+            bias = self.bias.expand(self.gmf_item.num_embeddings)
+            if hasattr(self, "item_bias"):
+                bias = bias + self.item_bias.weight[:, 0]
+            return {"dot": self.gmf_item.weight, "item_bias": bias}
         out = {}
         h = self.head.weight[0]
         if self.variant in ("gmf", "neumf"):
@@ -92,6 +132,11 @@ class NeuMF(nn.Module):
     def score_catalogue(self, users: torch.Tensor, item_part: dict[str, torch.Tensor]):
         """Logits [U, I] of users [U] against every item: the same function as `forward`,
         with the user halves computed once per user instead of once per pair."""
+        if "dot" in item_part:  # mf
+            logits = self.gmf_user(users) @ item_part["dot"].T + item_part["item_bias"]
+            if hasattr(self, "user_bias"):
+                logits = logits + self.user_bias(users)
+            return logits
         logits = self.head.bias
         if "gmf" in item_part:
             logits = logits + self.gmf_user(users) @ item_part["gmf"]
@@ -104,9 +149,71 @@ class NeuMF(nn.Module):
     def forward(self, batch: Batch) -> torch.Tensor:
         """Returns: logits [B]."""
         users, items = batch.ids("user_id"), batch.ids("item_id")
+        if self.variant == "mf":
+            return self._mf(users, items)
         towers = []
         if self.variant in ("gmf", "neumf"):
             towers.append(self.gmf_user(users) * self.gmf_item(items))
         if self.variant in ("mlp", "neumf"):
             towers.append(self.mlp(torch.cat([self.mlp_user(users), self.mlp_item(items)], 1)))
         return self.head(torch.cat(towers, dim=1)).squeeze(1)
+
+    def _mf(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        logits = (self.gmf_user(users) * self.gmf_item(items)).sum(1) + self.bias
+        if hasattr(self, "user_bias"):
+            logits = logits + self.user_bias(users)[:, 0] + self.item_bias(items)[:, 0]
+        return logits
+
+    @torch.no_grad()
+    def load_pretrained(self) -> None:
+        """Initialise from the ``pretrained`` GMF and MLP checkpoints (see the class notes);
+        nothing to do without them.
+
+        Raises:
+            ValueError: a file is not a checkpoint of that variant, or one of its tensors
+                differs in shape from this network's (other data, other dims or layers).
+        """
+        if self.pretrained is None:
+            return
+        gmf = _tower_weights(self.pretrained["gmf"], "gmf")
+        mlp_ = _tower_weights(self.pretrained["mlp"], "mlp")
+        a = self.alpha
+        head = {
+            "head.weight": torch.cat([a * gmf["head.weight"], (1 - a) * mlp_["head.weight"]], 1),
+            "head.bias": a * gmf["head.bias"] + (1 - a) * mlp_["head.bias"],
+        }
+        sources = [  # (file, name, tensor): the towers as they are, then the head
+            *((self.pretrained["gmf"], n, v) for n, v in gmf.items() if n.startswith("gmf_")),
+            *((self.pretrained["mlp"], n, v) for n, v in mlp_.items() if n.startswith("mlp")),
+            *((" and ".join(self.pretrained.values()), n, v) for n, v in head.items()),
+        ]
+        own = self.state_dict()
+        for path, name, value in sources:
+            if name not in own or own[name].shape != value.shape:
+                shape = tuple(own[name].shape) if name in own else "absent"
+                raise ValueError(
+                    f"model.pretrained: {path} gives {name} the shape {tuple(value.shape)}, "
+                    f"this NeuMF's is {shape}: train the sources on the same data with the "
+                    "same gmf_dim, mlp_dim and mlp_layers"
+                )
+        for _, name, value in sources:
+            own[name].copy_(value)
+
+
+def _tower_weights(path: str | Path, variant: str) -> dict[str, torch.Tensor]:
+    """The network weights (``net.`` prefix removed) of a RecommenderModule checkpoint of a
+    NeuMF ``variant``, read with ``torch.load(weights_only=True)``."""
+    # imported here: recsys.distributed imports recsys.models
+    from recsys.distributed.torchrec_strategy import load_weights_only
+
+    if not Path(path).is_file():
+        raise ValueError(f"model.pretrained.{variant}: {path} is not a file")
+    state = load_weights_only(path)
+    found = state.get("hyper_parameters", {}).get("variant")
+    if state.get("hyper_parameters", {}).get("net") != "recsys.models.NeuMF" or found != variant:
+        raise ValueError(
+            f"model.pretrained.{variant}: {path} is a checkpoint of "
+            f"{state.get('hyper_parameters', {}).get('net')} variant {found!r}, not of NeuMF "
+            f"variant {variant!r}"
+        )
+    return {k[4:]: v for k, v in state["state_dict"].items() if k.startswith("net.")}

@@ -100,7 +100,7 @@ def create_app(
         codes = rec.user_codes(raw_ids, missing_ok=fallback is not None)
         known = codes >= 0
         top, logits = rec.recommend(codes[known], k, exclude_seen)
-        popular = items(rec.popular[:k].numpy(), None, "")
+        popular = items(rec.popular[:k].numpy(), None, "") if not known.all() else []
         answers, j = [], 0
         for raw, ok in zip(raw_ids, known.tolist(), strict=True):
             answer = {"user_id": str(raw), "source": "model" if ok else "popular"}
@@ -112,6 +112,9 @@ def create_app(
             answers.append(answer)
         return answers
 
+    # The handlers are coroutines that score on the event loop: a request is about 1 ms of
+    # CPU (ml-1m NeuMF), less than a hop to the thread pool costs under the GIL (measured: 290
+    # against 300 requests/s for one process). Concurrency comes from `serve.workers`.
     @app.get("/health")
     async def health() -> dict:
         return {"status": "ok"}

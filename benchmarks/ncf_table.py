@@ -1,0 +1,158 @@
+"""The comparison of the NCF paper (He et al. 2017), reproduced on this platform, quickly.
+
+    python benchmarks/ncf_table.py [quick=true] [out=logs/benchmarks/ncf_table] [hydra overrides]
+
+Protocol (``experiment=ncf_protocol``): implicit feedback; each user's latest interaction is
+the test item and the one before it the validation item, each ranked against 99 sampled items
+the user never rated; HR@10 and NDCG@10 on the test items, of the checkpoint with the best
+val/ndcg@10. The shared ``data/ml-1m`` is a subset of MovieLens 1M (487,650 of 1,000,209
+ratings, users 1-2,999), so the figures are not the paper's.
+
+Rows, each one `recsys.train.run` of ``experiment=ncf_<model>`` (fit with early stopping,
+test of the best checkpoint, the popularity baseline beside it):
+
+- popularity: items ranked by their training interactions (``popularity/test/*`` of the
+  NeuMF run; it trains nothing, so it has no wall time of its own);
+- MF: dot product plus biases, L2, 8 negatives (Rendle et al. 2020);
+- GMF, MLP, NeuMF without pretraining;
+- NeuMF pretrained: initialised from the best checkpoints of this table's GMF and MLP runs
+  (``model.pretrained``); its wall time is its own run's, and ``+ sources`` adds theirs.
+
+NeuMF runs first, so its time to quality counts from the command's start: the seconds from the
+start until the end of the first validation whose ``val/hr@10`` reached ``TARGET_HR`` (start-up,
+data loading and the validations included). `ValidationClock`, a callback added to that run,
+appends the wall clock and ``val/hr@10`` of each validation to ``validation_clock.jsonl`` in
+the run folder; the figure is read from there (``never`` when no validation reached it).
+
+Options: ``quick=true`` (ml-100k, one epoch per run: a smoke test), ``out`` (the folder of the
+run folders); anything else is a Hydra override given to every run, e.g. ``trainer.max_epochs=3``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+from lightning.pytorch.callbacks import Callback
+from omegaconf import OmegaConf
+
+from recsys.train import run
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+DEFAULTS = {"quick": False, "out": "logs/benchmarks/ncf_table"}
+QUICK = ["data.variant=100k", "trainer.max_epochs=1"]
+TARGET_HR = 0.70
+CLOCK_FILE = "validation_clock.jsonl"
+SUBSET = "a subset: 487,650 of 1,000,209 ratings, users 1-2,999"
+
+
+class ValidationClock(Callback):
+    """Appends ``{"time": <time.time()>, "epoch": e, "val/hr@10": x}`` to ``path`` at the end
+    of every validation (sanity checks excluded)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = Path(path)
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if trainer.sanity_checking:
+            return
+        hr = trainer.callback_metrics.get("val/hr@10")
+        entry = {"time": time.time(), "epoch": trainer.current_epoch}
+        entry["val/hr@10"] = None if hr is None else float(hr)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a") as f:
+            f.write(json.dumps(entry) + "\n")
+
+
+def _train(name: str, out: Path, overrides: list[str]) -> tuple[dict, float]:
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        cfg = compose(
+            "train",
+            [
+                f"experiment=ncf_{name}",
+                "logger=csv",
+                f"paths.output_dir={out}",
+                "callbacks.progress_bar.refresh_rate=0",
+                *overrides,
+            ],
+        )
+    start = time.perf_counter()
+    metrics = run(cfg)
+    return metrics, time.perf_counter() - start
+
+
+def time_to_quality(clock: Path, start: float, target: float = TARGET_HR) -> float | None:
+    """Seconds from ``start`` (a `time.time`) to the first validation in the ``clock`` file
+    whose ``val/hr@10`` is at least ``target``; None when none is."""
+    for line in clock.read_text().splitlines():
+        entry = json.loads(line)
+        if entry["val/hr@10"] is not None and entry["val/hr@10"] >= target:
+            return entry["time"] - start
+    return None
+
+
+def main() -> None:
+    start = time.time()
+    ours = [a for a in sys.argv[1:] if a.partition("=")[0] in DEFAULTS]
+    args = OmegaConf.merge(DEFAULTS, OmegaConf.from_cli(ours))
+    # the Hydra overrides as they were typed (from_cli would nest dotted keys)
+    overrides = [*(QUICK if args.quick else []), *(a for a in sys.argv[1:] if a not in ours)]
+    root = Path(args.out).resolve()
+    clock = root / "neumf" / CLOCK_FILE
+    clock.unlink(missing_ok=True)
+    runs: dict[str, tuple[dict, float]] = {}
+    # a callback of this script: `ValidationClock` as Hydra finds it, run as a script or not
+    timed = [
+        f"+callbacks.validation_clock._target_={__name__}.ValidationClock",
+        f"+callbacks.validation_clock.path={clock}",
+    ]
+    runs["neumf"] = _train("neumf", root / "neumf", [*overrides, *timed])
+    ttq = time_to_quality(clock, start)
+    for name in ("mf", "gmf", "mlp"):
+        runs[name] = _train(name, root / name, overrides)
+    gmf, mlp = (runs[v][0]["best_model_path"] for v in ("gmf", "mlp"))
+    sources = f"{{gmf: '{gmf}', mlp: '{mlp}'}}"
+    runs["neumf_pretrained"] = _train(
+        "neumf_pretrained", root / "neumf_pretrained", [*overrides, f"model.pretrained={sources}"]
+    )
+    total = time.time() - start
+
+    data = "ml-100k" if args.quick else f"ml-1m ({SUBSET})"
+    neumf = runs["neumf"][0]
+    rows = [
+        f"| popularity | {neumf['popularity/test/hr@10']:.4f} | "
+        f"{neumf['popularity/test/ndcg@10']:.4f} | - | - |"
+    ]
+    labels = {
+        "mf": "MF (Rendle et al. 2020)",
+        "gmf": "GMF",
+        "mlp": "MLP",
+        "neumf": "NeuMF",
+        "neumf_pretrained": "NeuMF pretrained",
+    }
+    for name, label in labels.items():
+        m, wall = runs[name]
+        seconds = f"{wall:.0f}"
+        if name == "neumf_pretrained":
+            seconds += f" (+ sources {wall + runs['gmf'][1] + runs['mlp'][1]:.0f})"
+        rows.append(
+            f"| {label} | {m['test/hr@10']:.4f} | {m['test/ndcg@10']:.4f} | "
+            f"{m['best_epoch']} | {seconds} |"
+        )
+    print(f"\nNCF protocol on {data}: leave-one-out, 99 sampled negatives, test of the best")
+    print(f"checkpoint by val/ndcg@10; run folders under {root}\n")
+    print("| model | HR@10 | NDCG@10 | best epoch | wall s |")
+    print("| --- | --- | --- | --- | --- |")
+    print("\n".join(rows))
+    reached = "never" if ttq is None else f"{ttq:.0f} s"
+    print(f"\nNeuMF time to val/hr@10 >= {TARGET_HR}: {reached} from the command's start")
+    print(f"whole command: {total:.0f} s")
+
+
+if __name__ == "__main__":
+    if any(a in ("-h", "--help") for a in sys.argv[1:]):
+        sys.exit(__doc__)
+    main()
