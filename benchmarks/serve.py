@@ -30,6 +30,7 @@ import aiohttp
 import httpx
 import numpy as np
 import pandas as pd
+import uvloop
 from omegaconf import DictConfig, OmegaConf
 
 from recsys.checkpoint import load_checkpoint
@@ -166,7 +167,8 @@ def bench_case(name: str, ckpt: Path, args: DictConfig, folder: Path) -> pd.Data
         users, items = sample_ids(ckpt, meta, rng)
         rows = []
         for endpoint, make in endpoints(users, items).items():
-            figures = asyncio.run(drive(base, make, args.clients, args.seconds, seed=1))
+            # uvloop (as the server runs): the client shares the 2 cores with the server
+            figures = uvloop.run(drive(base, make, args.clients, args.seconds, seed=1))
             rows.append({"case": name, "endpoint": endpoint, **figures})
             print(f"  {endpoint}: {figures['requests/s']:.0f} req/s", flush=True)
         memory = peak_rss_mb(server.pid)
