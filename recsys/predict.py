@@ -39,16 +39,7 @@ def _similar(rec: Recommender, raw_item, k: int) -> pd.DataFrame:
     (code,) = rec.item_codes([raw_item], missing_ok=True)
     if code < 0:
         raise ValueError(f"similar_to={raw_item!r} is not an item id of {rec.source}")
-    top, sims = rec.similar(int(code), min(k, rec.num_items - 1))
-    info = rec.item_info.iloc[top].reset_index(drop=True)
-    return pd.concat(
-        [
-            pd.DataFrame({"rank": np.arange(1, len(top) + 1)}),
-            info,
-            pd.Series(sims, name="similarity"),
-        ],
-        axis=1,
-    )
+    return rec.similar_table(int(code), min(k, rec.num_items - 1))
 
 
 def _recommendations(cfg: DictConfig, rec: Recommender) -> pd.DataFrame:

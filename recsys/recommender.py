@@ -120,6 +120,14 @@ class Recommender:
         s, top = sims.topk(k)
         return top.numpy(), s.numpy()
 
+    def similar_table(self, item_code: int, k: int) -> pd.DataFrame:
+        """`similar` as a table: ``rank``, the items' display fields, ``similarity``."""
+        codes, sims = self.similar(item_code, k)
+        frame = self.item_info.iloc[codes].reset_index(drop=True)
+        frame.insert(0, "rank", np.arange(1, len(frame) + 1))
+        frame["similarity"] = sims
+        return frame
+
     @torch.inference_mode()
     def score(self, user_codes: np.ndarray, item_codes: np.ndarray) -> np.ndarray:
         """Logits [N] of the (user, item) pairs, through the model's own forward."""

@@ -100,11 +100,7 @@ class CatalogueScorer:
         for chunk in users.split(self.chunk_users):
             s = self._chunk(chunk)
             if exclude is not None:
-                lengths, items = exclude.items_of(chunk)
-                if len(chunk) == 1:
-                    s[0, items] = float("-inf")
-                else:
-                    s[torch.arange(len(chunk)).repeat_interleave(lengths), items] = float("-inf")
+                s.masked_fill_(exclude.mask(chunk), float("-inf"))
             best, top = s.topk(k, dim=1)
             tops.append(top)
             logits.append(best)

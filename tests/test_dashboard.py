@@ -146,7 +146,7 @@ def test_item_tables(rec):
     star_wars = dashboard.search_items(rec, "star wars")
     assert len(star_wars) and rec.item_info["title"].iloc[star_wars].str.contains("Star Wars").all()
     assert dashboard.search_items(rec, "50")[0] == rec.item_codes(["50"])[0]  # then "1950"...
-    similar = dashboard.similar_items(rec, int(star_wars[0]), 5)
+    similar = rec.similar_table(int(star_wars[0]), 5)
     assert len(similar) == 5 and similar["similarity"].is_monotonic_decreasing
 
 

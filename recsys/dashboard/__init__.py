@@ -202,15 +202,6 @@ def search_items(rec: Recommender, query: str, limit: int = 100) -> np.ndarray:
     return np.concatenate([popular[same_id], popular[in_title & ~same_id]])[:limit]
 
 
-def similar_items(rec: Recommender, item_code: int, k: int) -> pd.DataFrame:
-    """The k items nearest to the item, with their fields and cosine similarity."""
-    codes, sims = rec.similar(item_code, k)
-    frame = rec.item_info.iloc[codes].reset_index(drop=True)
-    frame.insert(0, "rank", np.arange(1, len(frame) + 1))
-    frame["similarity"] = sims
-    return frame
-
-
 def predictions(
     rec: Recommender, splits: tuple[str, ...], user_ids: list[str] | None = None
 ) -> pd.DataFrame:

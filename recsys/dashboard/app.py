@@ -129,7 +129,7 @@ def similar_page(cfg: DictConfig) -> None:
     chosen = rec.item_info.iloc[[item]]
     st.subheader(f"Nearest to {titles[item]}")
     st.caption("cosine similarity of the model's item vectors")
-    neighbours = dashboard.similar_items(rec, item, k)
+    neighbours = rec.similar_table(item, k)
     if has_covers(rec):
         card, cards = st.columns([1, 6])
         card.html(dashboard.cover_cards(chosen))

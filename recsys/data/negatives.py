@@ -45,6 +45,13 @@ class PositiveSet:
             return torch.tensor([end - start]), self._items[start:end]
         return ragged_gather(self._offsets, self._items, known)
 
+    def mask(self, users: torch.Tensor) -> torch.Tensor:
+        """bool [B, num_items]: True where the user has the item."""
+        lengths, items = self.items_of(users)
+        out = torch.zeros(len(users), self.num_items, dtype=torch.bool)
+        out[torch.arange(len(users)).repeat_interleave(lengths), items] = True
+        return out
+
     def positives_of(self, users: torch.Tensor) -> torch.Tensor:
         """int64 [B]: how many positives each user has."""
         known = users < len(self.count)

@@ -116,14 +116,7 @@ class FullRanking(Dataset):
     def __getitem__(self, index: BatchIndex) -> RankingBatch:
         users = self.users[index.rows]
         q, c = len(users), self.num_items
-        relevant = self._mask(self.held_out, users)
-        valid = ~self._mask(self.seen, users)
+        relevant = self.held_out.mask(users)
+        valid = ~self.seen.mask(users)
         items = torch.arange(c).expand(q, c)
         return RankingBatch(None, users, items, relevant, valid, features=self.features)
-
-    def _mask(self, pairs: PositiveSet, users: torch.Tensor) -> torch.Tensor:
-        """bool [Q, num_items]: True where the user has the item in ``pairs``."""
-        lengths, items = pairs.items_of(users)
-        mask = torch.zeros(len(users), self.num_items, dtype=torch.bool)
-        mask[torch.arange(len(users)).repeat_interleave(lengths), items] = True
-        return mask

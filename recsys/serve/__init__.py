@@ -65,9 +65,9 @@ def create_app(
     rec: Recommender, api_key: str | None = None, max_k: int = 1000, max_batch: int = 1000
 ) -> FastAPI:
     """The HTTP app over ``rec``: everything request-independent is already built in it."""
-    app = FastAPI(title=f"recsys: {rec.metadata()['model']['net']} on {rec.source}")
-    max_k = min(max_k, rec.num_items)
     metadata = rec.metadata()
+    app = FastAPI(title=f"recsys: {metadata['model']['net']} on {rec.source}")
+    max_k = min(max_k, rec.num_items)
 
     async def check_key(x_api_key: str | None = Header(None)) -> None:
         if api_key and not (x_api_key and secrets.compare_digest(x_api_key, api_key)):
