@@ -92,6 +92,31 @@ def test_user_with_every_item_has_no_negative():
         positives.sample(torch.tensor([0]), 1)
 
 
+def test_nth_negative_against_a_listing_of_each_users_non_positives():
+    g = torch.Generator().manual_seed(0)
+    users = torch.randint(0, 30, (600,), generator=g)
+    items = torch.randint(0, 40, (600,), generator=g)
+    positives = PositiveSet(users, items, num_items=40)
+    for u in range(32):  # 30, 31: users past the last one, with no positives
+        have = set(items[users == u].tolist())
+        listing = [i for i in range(40) if i not in have]
+        ranks = torch.arange(len(listing))
+        got = positives.nth_negative(torch.full_like(ranks, u), ranks)
+        assert got.tolist() == listing
+
+
+def test_negatives_are_uniform_over_the_non_positives():
+    # user 0 has 3 of 10 items: each of the other 7 comes up 1/7 of the time
+    positives = PositiveSet(torch.zeros(3, dtype=torch.long), torch.tensor([0, 4, 9]), 10)
+    g = torch.Generator().manual_seed(0)
+    draws = positives.sample(torch.zeros(70_000, dtype=torch.long), 1, generator=g)
+    counts = torch.bincount(draws.flatten(), minlength=10)
+    assert counts[[0, 4, 9]].sum() == 0
+    expected = 70_000 / 7
+    chi2 = float(((counts[counts > 0] - expected) ** 2 / expected).sum())
+    assert chi2 < 22.5  # 6 degrees of freedom, p = 0.001
+
+
 def test_distinct_sampling_draws_different_items_per_row():
     positives = PositiveSet(torch.tensor([0, 0]), torch.tensor([0, 1]), num_items=12)
     g = torch.Generator().manual_seed(0)

@@ -171,3 +171,32 @@ def test_catalogue_scoring_equals_the_forward(net, monkeypatch):
     with torch.no_grad():
         expected = net(flat).view(len(users), -1)
     torch.testing.assert_close(scorer.scores(users), expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("variant", ["mlp", "neumf"])
+def test_mlp_tower_equals_the_mlp_on_concatenated_embeddings(variant):
+    """`NeuMF._mlp_tower` (the first layer once per distinct user and item) against the plain
+    MLP over [p'_u; q'_i] per pair: the same logits and the same gradients, with repeated
+    users and items as negative sampling makes them."""
+    torch.manual_seed(0)
+    net = NeuMF(SPEC_IDS, variant=variant, gmf_dim=4, mlp_dim=6, mlp_layers=[8, 4], dropout=0.0)
+    users = torch.randint(SPEC_IDS.num_users, (40,)).repeat_interleave(5)
+    items = torch.randint(SPEC_IDS.num_items, (200,))
+    batch = FeatureStore(SPEC_IDS, None, None).make_batch(users, items)
+
+    def plain() -> torch.Tensor:
+        towers = [net.mlp(torch.cat([net.mlp_user(users), net.mlp_item(items)], 1))]
+        if variant == "neumf":
+            towers.insert(0, net.gmf_user(users) * net.gmf_item(items))
+        return net.head(torch.cat(towers, 1)).squeeze(1)
+
+    grads = []
+    for forward in (lambda: net(batch), plain):
+        net.zero_grad()
+        logits = forward()
+        (logits * torch.linspace(-1, 1, len(logits))).sum().backward()
+        grads.append((logits.detach(), {n: p.grad.clone() for n, p in net.named_parameters()}))
+    (ours, our_grads), (expected, expected_grads) = grads
+    torch.testing.assert_close(ours, expected)
+    for name, grad in expected_grads.items():
+        torch.testing.assert_close(our_grads[name], grad, msg=name)

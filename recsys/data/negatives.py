@@ -30,6 +30,10 @@ class PositiveSet:
         self._offsets[1:-1] = torch.cumsum(self.count, 0)
         self._offsets[-1] = len(self.keys)
         self._items = self.keys % num_items
+        # user * num_items + (p_j - j) for each user's j-th positive p_j (sorted, as keys are):
+        # how many of a user's positives lie below the r-th item the user does not have
+        rank = torch.arange(len(self.keys)) - self._offsets[self.keys // num_items]
+        self._gaps = self.keys - rank
 
     def contains(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         """bool [B]: whether each (users[b], items[b]) is in the set."""
@@ -68,10 +72,11 @@ class PositiveSet:
     ) -> torch.Tensor:
         """int64 [B, n] items drawn uniformly among each user's non-positives.
 
-        Rejection sampling in rounds over the whole batch (no loop over rows): each round
-        redraws only the draws that hit a positive (and, with ``distinct``, that repeat an
-        item already drawn for the same row, so each row holds n different items: a uniform
-        draw without replacement).
+        Each draw picks a rank r uniformly below the user's count of non-positives and maps
+        it to the r-th item the user does not have (`nth_negative`): one pass over the whole
+        batch, never a positive, however many items the user has. With ``distinct`` each row
+        holds n different items (a uniform draw without replacement): the draws that repeat an
+        earlier one of the same row are drawn again, in rounds over the batch.
 
         Raises:
             ValueError: a user has fewer than n non-positives (1 without ``distinct``).
@@ -85,18 +90,31 @@ class PositiveSet:
                 f"as negatives, fewer than the {needed} to sample: filter such users out, or "
                 "sample fewer negatives"
             )
-        flat_users = users.repeat_interleave(n)
-        items = torch.randint(self.num_items, (len(flat_users),), generator=generator)
-        bad = self.contains(flat_users, items)
+        flat_users, flat_left = users.repeat_interleave(n), left.repeat_interleave(n)
+
+        def draw(rows: torch.Tensor | slice) -> torch.Tensor:
+            u, k = flat_users[rows], flat_left[rows]
+            r = (torch.rand(len(u), generator=generator, dtype=torch.float64) * k).long()
+            return self.nth_negative(u, r)
+
+        items = draw(slice(None))
         if distinct:
-            bad |= _repeats(items.view(len(users), n)).flatten()
-        while bad.any():
-            items[bad] = torch.randint(self.num_items, (int(bad.sum()),), generator=generator)
-            redrawn = bad.clone()
-            bad[redrawn] = self.contains(flat_users[redrawn], items[redrawn])
-            if distinct:
-                bad |= _repeats(items.view(len(users), n)).flatten()
+            bad = _repeats(items.view(len(users), n)).flatten()
+            while bad.any():
+                items[bad] = draw(bad)
+                bad = _repeats(items.view(len(users), n)).flatten()
         return items.view(len(users), n)
+
+    def nth_negative(self, users: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+        """int64 [B]: the r[b]-th item (from 0, in item order) that user users[b] does not
+        have; r[b] must lie below the user's count of non-positives.
+
+        The user's positives p_0 < p_1 < ... below that item are those with p_j - j <= r, so
+        the item is r plus their count, found by binary search over the (p_j - j) of all users.
+        """
+        known = users.clamp_max(len(self.count))  # past the last user: no positives
+        below = torch.searchsorted(self._gaps, users * self.num_items + r, right=True)
+        return r + below - self._offsets[known]
 
 
 def _repeats(items: torch.Tensor) -> torch.Tensor:
