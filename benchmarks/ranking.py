@@ -1,6 +1,7 @@
 """Full-catalogue ranking speed: every user's top-10 among every item, per model.
 
     python benchmarks/ranking.py [data=movielens data.variant=1m] [threads=1] [seconds=5]
+    python benchmarks/ranking.py quick=true     # ml-100k, 1 s per model
 
 Other arguments are Hydra overrides of the data (default: ml-1m).
 
@@ -37,7 +38,7 @@ MODELS = {
     "Hybrid (side features)": ["model=hybrid", "model.use_side_features=true"],
     "DLRM": ["model=dlrm"],
 }
-DEFAULTS = {"threads": 1, "seconds": 5.0}
+DEFAULTS = {"threads": 1, "seconds": 5.0, "quick": False}
 
 
 def matmul_gflops(seconds: float = 2.0) -> float:
@@ -74,6 +75,8 @@ def main() -> None:
     ours = [a for a in given if a.split("=", 1)[0] in DEFAULTS]
     args = OmegaConf.merge(DEFAULTS, OmegaConf.from_cli(ours))
     data = [a for a in given if a not in ours] or ["data=movielens", "data.variant=1m"]
+    if args.quick:
+        data, args.seconds = ["data=movielens", "data.variant=100k"], 1.0
     torch.set_num_threads(args.threads)
     with initialize_config_dir(str(CONF), version_base="1.3"):
         cfg = compose("train", overrides=data)

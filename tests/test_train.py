@@ -85,8 +85,8 @@ def test_reports_the_validation_of_the_best_checkpoint(make_cfg, tmp_path, monke
     epoch = written["best_epoch"]
     for name in ("val/auroc", "val/loss", "val/accuracy"):  # all of that validation
         assert written[name] == pytest.approx(val.loc[epoch, name]), name
-    train_rows = history.dropna(subset=["train/loss_epoch"]).set_index("epoch")
-    assert written["train/loss"] == pytest.approx(train_rows.loc[epoch, "train/loss_epoch"])
+    train_rows = history.dropna(subset=["train/loss"]).set_index("epoch")
+    assert written["train/loss"] == pytest.approx(train_rows.loc[epoch, "train/loss"])
     best = torch.load(written["best_model_path"], weights_only=False)
     assert (best["epoch"], best["global_step"]) == (epoch, written["best_step"])
     assert cfg.optimized_metric == "val/auroc" and returned == written["val/auroc"]
@@ -141,3 +141,25 @@ def test_other_models_beat_popularity_on_ml100k(make_cfg, model):
     )
     print(f"ml-100k {model} test AUROC {metrics['test/auroc']:.4f}")
     assert metrics["test/auroc"] > metrics["popularity/test/auroc"] + 0.05
+
+
+def test_train_loss_is_the_epochs_mean_by_sample(make_cfg, tmp_path):
+    """``train/loss`` is the mean over the epoch's samples of the loss (logged once, on the
+    epoch's last step); ``train/loss_step`` is each step's, here logged at every step. The
+    last batch is smaller, so an unweighted mean of the steps would differ."""
+    cfg = make_cfg(
+        "data=movielens",
+        "data.variant=100k",
+        "data.batch_size=30000",  # 80,000 training rows: batches of 30,000, 30,000, 20,000
+        "trainer.max_epochs=1",
+        "trainer.log_every_n_steps=1",
+        "logger=csv",
+    )
+    run(cfg)
+    log = pd.read_csv(tmp_path / "csv" / "metrics.csv")
+    steps = log.dropna(subset=["train/loss_step"])["train/loss_step"].to_numpy()
+    epoch = log.dropna(subset=["train/loss"])["train/loss"].to_numpy()
+    sizes = [30_000, 30_000, 20_000]
+    assert len(steps) == 3 and len(epoch) == 1
+    assert epoch[0] == pytest.approx(float((steps * sizes).sum() / sum(sizes)), rel=1e-5)
+    assert epoch[0] != pytest.approx(float(steps.mean()), rel=1e-5)

@@ -258,6 +258,7 @@ def learning_curves(run_dir: Path) -> pd.DataFrame | None:
     path = run_dir / "csv" / "metrics.csv"
     if not path.is_file():
         return None
+    # runs logged before the epoch mean was logged once per epoch call it train/loss_epoch
     log_frame = pd.read_csv(path).rename(columns={"train/loss_epoch": "train/loss"})
     figures = [
         c

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from hydra.utils import get_class, instantiate
 from torch import nn
-from torchmetrics import CatMetric, MeanMetric, MetricCollection
+from torchmetrics import CatMetric, MeanMetric, MetricCollection, SumMetric
 from torchmetrics.classification import BinaryAccuracy, BinaryAUROC
 from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
 from torchrec.optim.optimizers import in_backward_optimizer_filter
@@ -96,6 +96,11 @@ class RecommenderModule(L.LightningModule):
         self.val_metrics = self._metrics("val/")
         self.test_metrics = self._metrics("test/")
         self.val_loss, self.test_logloss = MeanMetric(), MeanMetric()
+        # the epoch's loss summed over samples, and its samples: their ratio is the epoch's mean
+        # (MeanMetric(nan_strategy="disable") ignores weights in torchmetrics 1.9, and its other
+        # strategies test for NaN at every update, a device sync per step on a GPU)
+        self.train_loss_sum = SumMetric(nan_strategy="disable")
+        self.train_samples = SumMetric(nan_strategy="disable")
         self.val_ranking, self.test_ranking = RankingMetrics(ranking_ks), RankingMetrics(ranking_ks)
         self.test_lists = CatMetric()  # top-K lists of full-ranking tests, flattened
         self.scoring = {"users": 0, "seconds": 0.0}
@@ -130,12 +135,26 @@ class RecommenderModule(L.LightningModule):
             loss = bpr_loss(logits, batch.labels)
         else:
             loss = F.binary_cross_entropy_with_logits(logits, batch.labels)
-        self.log(
-            "train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(batch)
-        )
-        if self.hparams.lr_scheduler is not None:
-            self.log_dict(self._learning_rates(), on_step=True, on_epoch=False)
+        # self.log costs about a millisecond a call on the CPU, a tenth of a small batch's step:
+        # the step figures are logged at the steps the loggers write (every
+        # trainer.log_every_n_steps), the epoch's mean loss once, on its last step
+        self.train_loss_sum.update(loss.detach() * len(batch))
+        self.train_samples.update(float(len(batch)))
+        if (self.global_step + 1) % self.trainer.log_every_n_steps == 0:
+            self.log("train/loss_step", loss.detach(), prog_bar=True, batch_size=len(batch))
+            if self.hparams.lr_scheduler is not None:
+                self.log_dict(self._learning_rates(), on_step=True, on_epoch=False)
+        if self._last_step_of_epoch():
+            epoch_loss = self.train_loss_sum.compute() / self.train_samples.compute()
+            self.log("train/loss", epoch_loss, on_step=False, on_epoch=True, batch_size=len(batch))
+            self._reset_train_loss()
         return loss
+
+    def _last_step_of_epoch(self) -> bool:
+        """The epoch's last batch, or the last step of a fit that ends mid-epoch
+        (``trainer.max_steps``)."""
+        max_steps = self.trainer.max_steps
+        return self.trainer.is_last_batch or 0 < max_steps <= self.global_step + 1
 
     def _learning_rates(self) -> dict[str, float]:
         """The lr of the dense parameters' first group, and of the tables' when they have
@@ -169,6 +188,13 @@ class RecommenderModule(L.LightningModule):
         else:
             logits = self(batch.pairs).view(batch.items.shape)
         return logits.masked_fill(~batch.valid, float("-inf"))
+
+    def on_train_epoch_start(self) -> None:
+        self._reset_train_loss()  # an epoch resumed mid-way, or after one cut short
+
+    def _reset_train_loss(self) -> None:
+        self.train_loss_sum.reset()
+        self.train_samples.reset()
 
     def on_validation_epoch_start(self) -> None:
         self._catalogue = None  # new weights: the catalogue scorer's item part is rebuilt
