@@ -1,7 +1,7 @@
 """Training throughput: the platform against a bare PyTorch loop and RecBole 1.2.1, same work.
 
     python benchmarks/training.py [quick=true] [batches=[1280,4096,20480]] [epochs=1]
-        [threads=2] [recbole=true] [out=logs/benchmarks/training]
+        [threads=2] [recbole=true] [out=logs/benchmarks/training] [overrides=[...]]
 
 The work: NeuMF (GMF 32, MLP on 2 x 128 embeddings with layers 128-64-32), leave-one-out on
 the shared ml-1m (``experiment=ncf_protocol``: implicit feedback, each user's last two
@@ -60,6 +60,7 @@ DEFAULTS = {
     "threads": 2,
     "recbole": True,
     "out": "logs/benchmarks/training",
+    "overrides": [],  # more Hydra overrides for the platform's runs, e.g. [data.num_workers=1]
 }
 NEGATIVES = 4
 GMF_DIM, MLP_DIM, LAYERS = 32, 128, [128, 64, 32]
@@ -93,7 +94,7 @@ def training_pairs(data: list[str], out: Path):
 # --- the three systems, each run in a child process ----------------------------------------
 
 
-def run_bare(data: list[str], batch: int, epochs: int, out: Path) -> dict:
+def run_bare(data: list[str], batch: int, epochs: int, out: Path, overrides=()) -> dict:
     from bare_neumf import BareNeuMF, train_epoch
 
     dm, users, items = training_pairs(data, out)
@@ -109,7 +110,7 @@ def run_bare(data: list[str], batch: int, epochs: int, out: Path) -> dict:
     return {"samples_per_sec": samples / seconds, "loss": loss}
 
 
-def run_recsys(data: list[str], batch: int, epochs: int, out: Path) -> dict:
+def run_recsys(data: list[str], batch: int, epochs: int, out: Path, overrides=()) -> dict:
     from recsys.callbacks import SamplesPerSecond
     from recsys.train import build
 
@@ -120,6 +121,7 @@ def run_recsys(data: list[str], batch: int, epochs: int, out: Path) -> dict:
             f"trainer.max_epochs={epochs}",
             "+trainer.limit_val_batches=0",
             f"paths.output_dir={out}/recsys_{batch}",
+            *overrides,
         ],
     )
     dm, model, trainer = build(cfg)
@@ -156,9 +158,12 @@ def run_recbole(python: Path, pairs: Path, batch: int, epochs: int, threads: int
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def child(system: str, data: list[str], batch: int, epochs: int, threads: int, out: Path):
+def child(
+    system: str, data: list[str], batch: int, epochs: int, threads: int, out: Path, overrides
+):
     """Runs one system in a fresh Python process; returns its JSON figures."""
-    spec = json.dumps({"system": system, "data": data, "batch": batch, "epochs": epochs})
+    spec = {"system": system, "data": data, "batch": batch, "epochs": epochs}
+    spec = json.dumps({**spec, "overrides": list(overrides)})
     env = {**os.environ, CHILD: spec}
     done = subprocess.run(
         [sys.executable, __file__, f"threads={threads}", f"out={out}"],
@@ -228,8 +233,8 @@ def main(opts) -> None:
 
     rows = []
     for batch in batches:
-        figures = {"bare": child("bare", data, batch, opts.epochs, opts.threads, out)}
-        figures["recsys"] = child("recsys", data, batch, opts.epochs, opts.threads, out)
+        run = (data, batch, opts.epochs, opts.threads, out, opts.overrides)
+        figures = {"bare": child("bare", *run), "recsys": child("recsys", *run)}
         if python is not None:
             figures["recbole"] = run_recbole(python, pairs, batch, opts.epochs, opts.threads, out)
         rows.append((batch, figures))
@@ -278,5 +283,7 @@ if __name__ == "__main__":
         torch.set_num_threads(opts.threads)
         spec = json.loads(os.environ[CHILD])
         runner = {"bare": run_bare, "recsys": run_recsys}[spec["system"]]
-        result = runner(spec["data"], spec["batch"], spec["epochs"], Path(opts.out))
+        result = runner(
+            spec["data"], spec["batch"], spec["epochs"], Path(opts.out), spec["overrides"]
+        )
         print(json.dumps(result))
