@@ -132,7 +132,7 @@ def run_recsys(data: list[str], batch: int, epochs: int, out: Path, overrides=()
 
 def recbole_python(cache_dir: Path) -> Path:
     """RecBole's interpreter, its virtual environment made first when missing."""
-    venv = cache_dir / "recbole-1.2.1"
+    venv = (cache_dir / "recbole-1.2.1").resolve()
     python = venv / "bin" / "python"
     if not (venv / "ready").exists():
         print(f"making RecBole's virtual environment in {venv} (once)", flush=True)
