@@ -6,10 +6,12 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Mapping
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 from hydra.utils import get_class
 from torch.utils.data import DataLoader
@@ -135,10 +137,8 @@ class RecDataModule(L.LightningDataModule):
         self.rebuild = rebuild
         self.data: ProcessedDataset | None = None
         self.rows: dict[str, torch.Tensor] = {}
-        # every known (user, item) pair: excluded from evaluation candidates and predictions
-        self.positives: PositiveSet | None = None
-        # the training pairs only: excluded from training negatives (the NCF protocol)
-        self.train_positives: PositiveSet | None = None
+        # the pair sets behind `positives` and `train_positives`, built when first asked for
+        self._positives: dict[str, PositiveSet] = {}
         # what validation and test score: pointwise pairs, ranking candidates, item statistics
         self.protocol = EvaluationProtocol(
             feedback=feedback,
@@ -325,7 +325,7 @@ class RecDataModule(L.LightningDataModule):
         processed = self.preprocess()
         if self.feedback == "implicit":
             n = len(processed.interactions)
-            processed.interactions["label"] = 1.0
+            processed.interactions["label"] = np.ones(n, dtype=np.float32)
             processed.report.record("implicit feedback: every interaction", n, n, "labelled 1:")
         log.info(processed.report.summary())
         processed.save(folder, self.settings())
@@ -353,13 +353,11 @@ class RecDataModule(L.LightningDataModule):
         if self.data is not None:
             return
         self.data = ProcessedDataset.load(self.processed_dir)
-        inter = self.data.interactions
         self.rows, self.cold_rows = self._split(self.data)
-        num_items = self.spec.num_items
-        self.positives = PositiveSet(inter.users, inter.items, num_items)
-        train = self.rows["train"]
-        self.train_positives = PositiveSet(inter.users[train], inter.items[train], num_items)
-        self.protocol.setup(self.processed_dir, self.data, self.rows, self.positives)
+        self._positives = {}
+        # every known pair, built when first sampled; not a lambda: ddp_spawn pickles this module
+        all_pairs = partial(self._pair_set, "all")
+        self.protocol.setup(self.processed_dir, self.data, self.rows, all_pairs)
         labels = self.data.interactions.labels
         log.info(
             "%s: %d users, %d items; %s; positives %.1f%%",
@@ -369,6 +367,32 @@ class RecDataModule(L.LightningDataModule):
             ", ".join(f"{k} {len(v):,}" for k, v in self.rows.items()),
             100 * float(labels.mean()) if len(labels) else 0.0,
         )
+
+    @property
+    def positives(self) -> PositiveSet | None:
+        """Every known (user, item) pair, in any split: excluded from evaluation candidates
+        and predictions. Built on first use (training never needs it, and it takes several
+        bytes per interaction), None before `setup`."""
+        return self._pair_set("all")
+
+    @property
+    def train_positives(self) -> PositiveSet | None:
+        """The training pairs only: excluded from training negatives (the NCF protocol).
+        Built on first use (explicit feedback never needs it), None before `setup`."""
+        return self._pair_set("train")
+
+    def _pair_set(self, which: str) -> PositiveSet | None:
+        if self.data is None:
+            return None
+        if which not in self._positives:
+            inter, num_items = self.data.interactions, self.spec.num_items
+            if which == "all":
+                pairs = PositiveSet(inter.users, inter.items, num_items)
+            else:
+                train = self.rows["train"]
+                pairs = PositiveSet(inter.users[train], inter.items[train], num_items)
+            self._positives[which] = pairs
+        return self._positives[which]
 
     def _load_split(self) -> tuple[ProcessedDataset, dict[str, torch.Tensor]]:
         """The processed data and its split rows, loaded anew (for `EvaluationProtocol.prepare`

@@ -2,8 +2,9 @@
 
 A processed dataset is a folder of three Parquet files and a small metadata file:
 
-- ``interactions.parquet``: ``user``, ``item`` (0-based codes), ``label`` (0/1), ``rating``
-  (NaN where the source has none), ``timestamp`` (-1 where the source has none).
+- ``interactions.parquet``: ``user``, ``item`` (0-based codes, int32), ``label`` (0/1,
+  float32), ``rating`` (float32, NaN where the source has none), ``timestamp`` (int64, -1
+  where the source has none).
 - ``users.parquet`` / ``items.parquet``: row i describes code i: ``raw_id`` (the dataset's own
   id, as a string), optional ``title``, one column per side feature of the `FeatureSpec`
   (int codes, lists of codes for multi-hot features, floats for dense features), and optional
@@ -35,7 +36,8 @@ from recsys.data.spec import DenseFeature, FeatureSpec, SparseFeature
 log = logging.getLogger(__name__)
 
 # Bump when the processed format or any preprocessing rule changes: old caches are rebuilt.
-FORMAT_VERSION = 2
+# 3: user and item codes stored as int32
+FORMAT_VERSION = 3
 INFO = "info_"  # prefix of the text columns for display (`ProcessedDataset.item_info`)
 META_FILE = "meta.json"
 
@@ -59,6 +61,33 @@ def encode_ids(raw: pd.Series) -> tuple[np.ndarray, pd.Index]:
     """Sorted dense codes 0..n-1 for raw ids; returns (codes, raw ids in code order)."""
     codes, uniques = pd.factorize(raw, sort=True)
     return codes.astype(np.int64), pd.Index(uniques)
+
+
+def code_dtype(num_codes: int) -> type:
+    """The dtype of stored user and item codes: int32 below 2**31 codes (they load as int64)."""
+    return np.int32 if num_codes < 2**31 else np.int64
+
+
+def latest_of_pairs(
+    users: np.ndarray, items: np.ndarray, num_items: int, timestamps: np.ndarray
+) -> np.ndarray:
+    """bool [N]: the rows to keep when (user, item) pairs repeat, the latest interaction of
+    each pair (by timestamp, then row order): one sort of the pair codes, no per-row loop.
+
+    Args:
+        users, items: codes (0..num_users-1, 0..num_items-1) [N].
+        num_items: number of item codes.
+        timestamps: int [N].
+    """
+    keys = users.astype(np.int64) * num_items + items
+    order = np.lexsort((timestamps, keys))  # by pair, then time, then row (a stable sort)
+    keys = keys[order]
+    last = np.ones(len(keys), dtype=bool)  # the last row of each pair in that order
+    np.not_equal(keys[1:], keys[:-1], out=last[:-1])
+    del keys
+    keep = np.zeros(len(last), dtype=bool)
+    keep[order[last]] = True
+    return keep
 
 
 def encode_categorical(values: pd.Series) -> tuple[np.ndarray, list[str]]:
@@ -223,27 +252,26 @@ def assemble(
     has no row in its side table are kept with unknown (0) codes and counted in the report.
     """
     n = len(ratings)
-    dup = ratings.duplicated(["user", "item"], keep=False)
-    if dup.any():  # keep the latest interaction of each (user, item) pair
-        ratings = ratings.sort_values("timestamp", kind="stable")
-        ratings = report.drop(
-            ratings,
-            ratings.duplicated(["user", "item"], keep="last"),
-            "repeated (user, item) pairs, older copies",
-        ).sort_index()
-    else:
-        report.record("repeated (user, item) pairs, older copies", 0, n)
+    # codes first: removing repeated pairs keeps every user and item, so the codes stay
     user_codes, user_ids = encode_ids(ratings["user"])
     item_codes, item_ids = encode_ids(ratings["item"])
+    timestamps = ratings["timestamp"].to_numpy(np.int64)
+    keep = latest_of_pairs(user_codes, item_codes, len(item_ids), timestamps)
+    report.record("repeated (user, item) pairs, older copies", n - int(keep.sum()), n)
     interactions = pd.DataFrame(
         {
-            "user": user_codes,
-            "item": item_codes,
+            "user": user_codes.astype(code_dtype(len(user_ids))),
+            "item": item_codes.astype(code_dtype(len(item_ids))),
             "label": ratings["label"].to_numpy(np.float32),
             "rating": ratings["rating"].to_numpy(np.float32),
-            "timestamp": ratings["timestamp"].to_numpy(np.int64),
-        }
+            "timestamp": timestamps,
+        },
+        copy=False,
     )
+    del user_codes, item_codes, timestamps  # the int64 codes (the frame holds int32)
+    if not keep.all():
+        interactions = interactions.loc[keep].reset_index(drop=True)
+    user_codes, item_codes = interactions["user"].to_numpy(), interactions["item"].to_numpy()
     tables = {}
     for entity, ids, side, codes in (
         ("user", user_ids, users, user_codes),

@@ -81,7 +81,7 @@ class EvaluationProtocol:
         self.folder: Path | None = None
         self.data: ProcessedDataset | None = None
         self.rows: dict[str, torch.Tensor] = {}
-        self.positives: PositiveSet | None = None
+        self._positives: Callable[[], PositiveSet] | None = None
         self._eval_pairs: dict[str, Interactions] = {}
 
     # --- sampled candidates, built once ----------------------------------------------------
@@ -156,12 +156,18 @@ class EvaluationProtocol:
         folder: Path,
         data: ProcessedDataset,
         rows: dict[str, torch.Tensor],
-        positives: PositiveSet,
+        positives: Callable[[], PositiveSet],
     ) -> None:
-        """The loaded processed data (in ``folder``), its split rows, and every known (user,
-        item) pair (excluded from the sampled negatives)."""
-        self.folder, self.data, self.rows, self.positives = folder, data, rows, positives
+        """The loaded processed data (in ``folder``), its split rows, and what gives every
+        known (user, item) pair (excluded from the sampled negatives), called only when
+        negatives are sampled: the pair set is as large as several interaction columns."""
+        self.folder, self.data, self.rows, self._positives = folder, data, rows, positives
         self._eval_pairs = {}
+
+    @property
+    def positives(self) -> PositiveSet | None:
+        """Every known (user, item) pair (built on first use), None before `setup`."""
+        return None if self._positives is None else self._positives()
 
     def _check_setup(self) -> None:
         if self.data is None:

@@ -1,4 +1,5 @@
-"""Train/validation/test splits of the interaction rows, as index tensors."""
+"""Train/validation/test splits of the interaction rows, as index tensors (int32 below 2**31
+rows)."""
 
 from __future__ import annotations
 
@@ -28,15 +29,14 @@ def split_indices(
     if not (0 <= val < 1 and 0 <= test < 1 and val + test < 1):
         raise ValueError(f"split fractions val={val}, test={test} must be in [0, 1) and sum < 1")
     n = len(inter)
+    split = np.zeros(n, dtype=np.int8)  # 0 train, 1 val, 2 test, in original row order
     if kind == "random":
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).numpy()
         n_test, n_val = round(n * test), round(n * val)
-        parts = {
-            "test": perm[:n_test],
-            "val": perm[n_test : n_test + n_val],
-            "train": perm[n_test + n_val :],
-        }
-        return {k: v.sort().values for k, v in parts.items()}
+        split[perm[:n_test]] = 2
+        split[perm[n_test : n_test + n_val]] = 1
+        del perm
+        return _rows_of(split)
 
     ts = inter.timestamps.numpy()
     if (ts < 0).any():
@@ -45,7 +45,7 @@ def split_indices(
             f"{int((ts < 0).sum()):,} rows; use data.split.kind=random"
         )
     users = inter.users.numpy()
-    order = np.lexsort((np.arange(n), ts, users))  # by user, then time, then row
+    order = np.lexsort((ts, users))  # by user, then time, then row (the sort is stable)
     sorted_users = users[order]
     counts = np.bincount(sorted_users)
     starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
@@ -58,10 +58,16 @@ def split_indices(
         n_test = np.floor(n_u * test + 0.5)
         n_val = np.floor(n_u * (test + val) + 0.5)
         is_test, is_val = from_end < n_test, (from_end >= n_test) & (from_end < n_val)
-    split = np.zeros(n, dtype=np.int8)  # 0 train, 1 val, 2 test, in original row order
     split[order[is_val]] = 1
     split[order[is_test]] = 2
+    return _rows_of(split)
+
+
+def _rows_of(split: np.ndarray) -> dict[str, torch.Tensor]:
+    """Sorted row indices of each split from the split code of every row (0 train, 1 val,
+    2 test), int32 below 2**31 rows (4 bytes a row, not 8: they index tensors as well)."""
+    dtype = np.int32 if len(split) < 2**31 else np.int64
     return {
-        name: torch.from_numpy(np.flatnonzero(split == code))
+        name: torch.from_numpy(np.flatnonzero(split == code).astype(dtype))
         for code, name in enumerate(("train", "val", "test"))
     }

@@ -165,20 +165,9 @@ class ProcessedDataset:
     def load(cls, folder: Path) -> ProcessedDataset:
         meta = read_meta(folder)
         spec = FeatureSpec.from_dict(meta["spec"])
-        inter = pq.read_table(folder / "interactions.parquet")
+        interactions = read_interactions(folder / "interactions.parquet")
         users = pq.read_table(folder / "users.parquet")
         items = pq.read_table(folder / "items.parquet")
-
-        def col(name: str, dtype) -> torch.Tensor:
-            return torch.from_numpy(inter.column(name).to_numpy().astype(dtype, copy=True))
-
-        interactions = Interactions(
-            users=col("user", np.int64),
-            items=col("item", np.int64),
-            labels=col("label", np.float32),
-            ratings=col("rating", np.float32),
-            timestamps=col("timestamp", np.int64),
-        )
         shown = [c for c in items.column_names if c == "title" or c.startswith(INFO)]
         item_info = items.select(["raw_id", *shown]).to_pandas(ignore_metadata=True)
         item_info.columns = ["item_id", *(c.removeprefix(INFO) for c in shown)]
@@ -191,6 +180,46 @@ class ProcessedDataset:
             item_ids=items.column("raw_id").to_numpy(),
             item_info=item_info,
         )
+
+
+# the in-memory dtype of each interaction column, in `Interactions` order; codes are int64
+# (the file's are int32) because pair keys user * num_items + item (`PositiveSet`) need it
+INTERACTION_DTYPES = {
+    "user": np.int64,
+    "item": np.int64,
+    "label": np.float32,
+    "rating": np.float32,
+    "timestamp": np.int64,
+}
+
+
+def read_interactions(path: Path, batch_rows: int = 1 << 16) -> Interactions:
+    """The interactions file as tensors, filled a record batch at a time.
+
+    The arrays are allocated once at their final size and dtype and Arrow decodes one batch
+    of ``batch_rows`` rows at a time (one thread), so loading takes the tensors' memory and
+    little more; a whole Arrow table beside them, and the copy that converts it, would take
+    as much again. Arrow's memory pool gives its cached memory back to the system after.
+    """
+    arrays = _read_columns(path, INTERACTION_DTYPES, batch_rows)
+    pa.default_memory_pool().release_unused()
+    return Interactions(*(torch.from_numpy(arrays[name]) for name in INTERACTION_DTYPES))
+
+
+def _read_columns(path: Path, dtypes: dict, batch_rows: int) -> dict[str, np.ndarray]:
+    file = pq.ParquetFile(path)
+    n = file.metadata.num_rows
+    out = {name: np.empty(n, dtype) for name, dtype in dtypes.items()}
+    start = 0
+    for batch in file.iter_batches(batch_size=batch_rows, columns=list(dtypes), use_threads=False):
+        stop = start + batch.num_rows
+        for name, array in out.items():
+            # nulls (missing ratings) come out as NaN
+            array[start:stop] = batch.column(name).to_numpy(zero_copy_only=False)
+        start = stop
+    if start != n:
+        raise RuntimeError(f"{path}: read {start:,} of {n:,} rows")
+    return out
 
 
 def read_meta(folder: Path) -> dict:
