@@ -147,15 +147,9 @@ def run_recbole(python: Path, pairs: Path, batch: int, epochs: int, threads: int
     work = out / f"recbole_{batch}"
     work.mkdir(parents=True, exist_ok=True)
     args = [str(HERE / "recbole_neumf.py"), str(pairs), str(work)]
-    done = subprocess.run(  # in its folder: RecBole writes log/ and log_tensorboard/ there
-        [str(python), *args, str(batch), str(epochs), str(threads)],
-        capture_output=True,
-        text=True,
-        cwd=work,
-    )
-    if done.returncode != 0:
-        raise RuntimeError(f"RecBole failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    command = [str(python), *args, str(batch), str(epochs), str(threads)]
+    # in its folder: RecBole writes log/ and log_tensorboard/ there
+    return last_json(command, f"RecBole at batch {batch}", cwd=work)
 
 
 def child(
@@ -164,15 +158,15 @@ def child(
     """Runs one system in a fresh Python process; returns its JSON figures."""
     spec = {"system": system, "data": data, "batch": batch, "epochs": epochs}
     spec = json.dumps({**spec, "overrides": list(overrides)})
-    env = {**os.environ, CHILD: spec}
-    done = subprocess.run(
-        [sys.executable, __file__, f"threads={threads}", f"out={out}"],
-        capture_output=True,
-        text=True,
-        env=env,
-    )
+    command = [sys.executable, __file__, f"threads={threads}", f"out={out}"]
+    return last_json(command, f"{system} at batch {batch}", env={**os.environ, CHILD: spec})
+
+
+def last_json(command: list[str], what: str, **kwargs) -> dict:
+    """Runs a command; its figures are the JSON of its last line of output."""
+    done = subprocess.run(command, capture_output=True, text=True, **kwargs)
     if done.returncode != 0:
-        raise RuntimeError(f"{system} at batch {batch} failed:\n{done.stderr[-3000:]}")
+        raise RuntimeError(f"{what} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
