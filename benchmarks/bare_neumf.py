@@ -47,10 +47,10 @@ def sample_negatives(
     """[len(users) * n] items, none of them a training item of its user; ``known`` holds the
     sorted keys user * num_items + item of the training pairs."""
     users = users.repeat_interleave(n)
-    items = torch.randint(num_items, (len(users),), generator=g)
+    items = torch.randint(num_items, (len(users),), generator=g, device=users.device)
     bad = torch.isin(users * num_items + items, known)
     while bad.any():
-        items[bad] = torch.randint(num_items, (int(bad.sum()),), generator=g)
+        items[bad] = torch.randint(num_items, (int(bad.sum()),), generator=g, device=users.device)
         bad[bad.clone()] = torch.isin(users[bad] * num_items + items[bad], known)
     return items
 
@@ -69,12 +69,13 @@ def train_epoch(
     each with ``num_negatives`` sampled negatives. Returns (samples, seconds, mean loss); the
     seconds cover the sampling, the shuffle and every step."""
     start = time.perf_counter()
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator(users.device).manual_seed(seed)
     known = torch.unique(users * num_items + items)
-    order = torch.randperm(len(users), generator=g)
+    order = torch.randperm(len(users), generator=g, device=users.device)
     users, items = users[order], items[order]
     negatives = sample_negatives(users, known, num_items, num_negatives, g).view(-1, num_negatives)
-    labels = torch.cat([torch.ones(batch_size), torch.zeros(batch_size * num_negatives)])
+    labels = torch.ones(batch_size * (1 + num_negatives), device=users.device)
+    labels[batch_size:] = 0
     total, steps = 0.0, 0
     for lo in range(0, len(users), batch_size):
         u, i = users[lo : lo + batch_size], items[lo : lo + batch_size]
@@ -85,6 +86,7 @@ def train_epoch(
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        total += loss.item()
+        total += loss.detach()  # no device sync per step
         steps += 1
-    return len(users) * (1 + num_negatives), time.perf_counter() - start, total / steps
+    mean_loss = float(total) / steps
+    return len(users) * (1 + num_negatives), time.perf_counter() - start, mean_loss

@@ -1,7 +1,7 @@
 """Training throughput: the platform against a bare PyTorch loop and RecBole 1.2.1, same work.
 
     python benchmarks/training.py [quick=true] [batches=[1280,4096,20480]] [epochs=1]
-        [threads=2] [recbole=true] [out=logs/benchmarks/training] [overrides=[...]]
+        [threads=2] [recbole=true] [device=cpu] [out=logs/benchmarks/training] [overrides=[...]]
 
 The work: NeuMF (GMF 32, MLP on 2 x 128 embeddings with layers 128-64-32), leave-one-out on
 the shared ml-1m (``experiment=ncf_protocol``: implicit feedback, each user's last two
@@ -32,6 +32,9 @@ so it does less work for the same function (the ratio is measured on the platfor
 batches). Both are set against a float32 matmul of the first layer's shape on this machine,
 measured in the same run.
 
+``device=cuda``: the bare loop and the platform on the GPU (the platform with
+``trainer=gpu``), the matmul figure of the GPU; RecBole is not run.
+
 ``quick=true``: ml-100k, effective batches 1,280 and 4,096, no RecBole (a smoke test).
 """
 
@@ -59,6 +62,7 @@ DEFAULTS = {
     "epochs": 1,
     "threads": 2,
     "recbole": True,
+    "device": "cpu",  # or cuda
     "out": "logs/benchmarks/training",
     "overrides": [],  # more Hydra overrides for the platform's runs, e.g. [data.num_workers=1]
 }
@@ -94,12 +98,13 @@ def training_pairs(data: list[str], out: Path):
 # --- the three systems, each run in a child process ----------------------------------------
 
 
-def run_bare(data: list[str], batch: int, epochs: int, out: Path, overrides=()) -> dict:
+def run_bare(data: list[str], batch: int, epochs: int, out: Path, device: str, overrides=()):
     from bare_neumf import BareNeuMF, train_epoch
 
     dm, users, items = training_pairs(data, out)
+    users, items = users.to(device), items.to(device)
     torch.manual_seed(0)
-    model = BareNeuMF(dm.spec.num_users, dm.spec.num_items, GMF_DIM, MLP_DIM, LAYERS)
+    model = BareNeuMF(dm.spec.num_users, dm.spec.num_items, GMF_DIM, MLP_DIM, LAYERS).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=0.001)
     positives, samples, seconds = batch // (1 + NEGATIVES), 0.0, 0.0
     for epoch in range(epochs):
@@ -110,7 +115,7 @@ def run_bare(data: list[str], batch: int, epochs: int, out: Path, overrides=()) 
     return {"samples_per_sec": samples / seconds, "loss": loss}
 
 
-def run_recsys(data: list[str], batch: int, epochs: int, out: Path, overrides=()) -> dict:
+def run_recsys(data: list[str], batch: int, epochs: int, out: Path, device: str, overrides=()):
     from recsys.callbacks import SamplesPerSecond
     from recsys.train import build
 
@@ -121,6 +126,7 @@ def run_recsys(data: list[str], batch: int, epochs: int, out: Path, overrides=()
             f"trainer.max_epochs={epochs}",
             "+trainer.limit_val_batches=0",
             f"paths.output_dir={out}/recsys_{batch}",
+            "trainer=gpu" if device == "cuda" else "trainer=cpu",
             *overrides,
         ],
     )
@@ -152,11 +158,9 @@ def run_recbole(python: Path, pairs: Path, batch: int, epochs: int, threads: int
     return last_json(command, f"RecBole at batch {batch}", cwd=work)
 
 
-def child(
-    system: str, data: list[str], batch: int, epochs: int, threads: int, out: Path, overrides
-):
+def child(system: str, data, batch: int, epochs: int, threads: int, out: Path, device, overrides):
     """Runs one system in a fresh Python process; returns its JSON figures."""
-    spec = {"system": system, "data": data, "batch": batch, "epochs": epochs}
+    spec = {"system": system, "data": data, "batch": batch, "epochs": epochs, "device": device}
     spec = json.dumps({**spec, "overrides": list(overrides)})
     command = [sys.executable, __file__, f"threads={threads}", f"out={out}"]
     return last_json(command, f"{system} at batch {batch}", env={**os.environ, CHILD: spec})
@@ -173,14 +177,19 @@ def last_json(command: list[str], what: str, **kwargs) -> dict:
 # --- the figures ----------------------------------------------------------------------------
 
 
-def matmul_gflops(rows: int, seconds: float = 2.0) -> float:
+def matmul_gflops(rows: int, device: str, seconds: float = 2.0) -> float:
     """float32 GFLOP/s of the first MLP layer's matmul, [rows, 2M] x [2M, H1]."""
-    a, w = torch.randn(rows, 2 * MLP_DIM), torch.randn(2 * MLP_DIM, LAYERS[0])
+    a = torch.randn(rows, 2 * MLP_DIM, device=device)
+    w = torch.randn(2 * MLP_DIM, LAYERS[0], device=device)
     a @ w
+    sync = torch.cuda.synchronize if device == "cuda" else lambda: None
+    sync()
     n, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
-        a @ w
-        n += 1
+        for _ in range(10):
+            a @ w
+        sync()
+        n += 10
     return n * 2 * rows * 2 * MLP_DIM * LAYERS[0] / (time.perf_counter() - start) / 1e9
 
 
@@ -213,7 +222,7 @@ def main(opts) -> None:
     torch.set_num_threads(opts.threads)
     data = QUICK_DATA if opts.quick else DATA
     batches = [1280, 4096] if opts.quick else list(opts.batches)
-    use_recbole = bool(opts.recbole) and not opts.quick
+    use_recbole = bool(opts.recbole) and not opts.quick and opts.device == "cpu"
     out = Path(opts.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
 
@@ -227,7 +236,7 @@ def main(opts) -> None:
 
     rows = []
     for batch in batches:
-        run = (data, batch, opts.epochs, opts.threads, out, opts.overrides)
+        run = (data, batch, opts.epochs, opts.threads, out, opts.device, opts.overrides)
         figures = {"bare": child("bare", *run), "recsys": child("recsys", *run)}
         if python is not None:
             figures["recbole"] = run_recbole(python, pairs, batch, opts.epochs, opts.threads, out)
@@ -237,7 +246,8 @@ def main(opts) -> None:
     def rate(figures: dict, system: str) -> str:
         return f"{figures[system]['samples_per_sec']:,.0f}" if system in figures else "-"
 
-    print(f"\nNeuMF, {opts.threads} threads, samples/s (train loss after the epoch)\n")
+    where = torch.cuda.get_device_name() if opts.device == "cuda" else f"{opts.threads} threads"
+    print(f"\nNeuMF, {where}, samples/s (train loss after the epoch)\n")
     print(
         "| effective batch | bare loop | RecBole 1.2.1 | recsys | recsys / bare "
         "| recsys / RecBole |\n| --- | --- | --- | --- | --- | --- |"
@@ -258,7 +268,7 @@ def main(opts) -> None:
         "| of matmul |\n| --- | --- | --- | --- | --- | --- |"
     )
     for batch, f in rows:
-        peak = matmul_gflops(batch)
+        peak = matmul_gflops(batch, opts.device)
         share = executed_share(dm, batch)
         for system, fig in f.items():
             model = fig["samples_per_sec"] * flops / 1e9
@@ -276,8 +286,7 @@ if __name__ == "__main__":
     else:
         torch.set_num_threads(opts.threads)
         spec = json.loads(os.environ[CHILD])
+        run = (spec["data"], spec["batch"], spec["epochs"], Path(opts.out), spec["device"])
         runner = {"bare": run_bare, "recsys": run_recsys}[spec["system"]]
-        result = runner(
-            spec["data"], spec["batch"], spec["epochs"], Path(opts.out), spec["overrides"]
-        )
+        result = runner(*run, spec["overrides"])
         print(json.dumps(result))
