@@ -38,7 +38,8 @@ def _iterate_sampler(rank: int, world: int, port: int, out: str) -> None:
     seen = {
         "train": torch.cat([b.rows for b in train]),
         "eval": torch.cat([b.rows for b in evaluation]),
-        "train_len": len(train),
+        "lengths": (len(train), len(evaluation)),
+        "batches": (len(list(train)), len(list(evaluation))),
     }
     torch.save(seen, Path(out) / f"rank{rank}.pt")
     dist.destroy_process_group()
@@ -48,7 +49,9 @@ def test_sampler_gives_each_rank_a_disjoint_share(tmp_path):
     mp.spawn(_iterate_sampler, args=(2, _free_port(), str(tmp_path)), nprocs=2)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     # training: equal shares (same number of steps on every rank), disjoint
-    assert len(r0["train"]) == len(r1["train"]) == 501 and r0["train_len"] == r1["train_len"]
+    assert len(r0["train"]) == len(r1["train"]) == 501
+    # len() of each sampler is the number of batches it yields on its rank
+    assert r0["lengths"] == r0["batches"] and r1["lengths"] == r1["batches"]
     assert not set(r0["train"].tolist()) & set(r1["train"].tolist())
     # evaluation: every row exactly once over the two ranks
     assert torch.equal(torch.cat([r0["eval"], r1["eval"]]).sort().values, torch.arange(1003))

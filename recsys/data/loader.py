@@ -93,7 +93,10 @@ class BatchIndexSampler(Sampler[BatchIndex]):
                 yield BatchIndex(batch, derived_seed(self.seed, rank, self.epoch, b))
 
     def __len__(self) -> int:
-        n = len(self._rank_rows())
+        # the length of _rank_rows() without its shuffle (Lightning asks for it many times)
+        n, (rank, world) = len(self.rows), _rank_and_world()
+        if world > 1:
+            n = n // world if self.even_shards else len(range(rank, n, world))
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
 
