@@ -9,9 +9,11 @@ For each number of rows N, on ``data=synthetic`` with ``data.num_rows=N``:
 - preprocessing, in a fresh process: ``prepare_data`` builds the processed folder (generate
   the rows, remove repeated (user, item) pairs, encode, write Parquet). Reported: its wall
   time and peak RSS.
-- per model (``ncf``: NeuMF, ``dlrm``: DLRM), in a fresh process: one training epoch on the
-  platform's own path, `recsys.train.build` (``prepare_data`` finds the folder; ``setup``
-  loads the processed data as tensors and splits it; the model and the Trainer) and then
+- per model (``ncf``: NeuMF, ``dlrm``: DLRM, both with ``model.sparse_grad=true``: each
+  step updates only the table rows of its batch, NeuMF's tables with SparseAdam, DLRM's with
+  its Adagrad), in a fresh process: one training epoch on the platform's own path,
+  `recsys.train.build` (``prepare_data`` finds the folder; ``setup`` loads the processed
+  data as tensors and splits it; the model and the Trainer) and then
   ``trainer.fit`` with ``trainer.max_epochs=1``. Reported: the process's peak RSS (the
   kernel's maximum resident set size, read with ``wait4``: imports, about 0.5 GB, included),
   bytes per row (peak RSS over the rows kept after repeated pairs are removed), the peak when
@@ -65,6 +67,15 @@ DEFAULTS = {
     "report": None,
 }
 QUICK_ROWS = [100_000, 1_000_000]
+# row-sparse table updates, as a model with millions of rows needs: each step moves the
+# batch's rows only (NeuMF's tables with SparseAdam, DLRM's with its own Adagrad)
+MODELS = {
+    "ncf": [
+        "model.sparse_grad=true",
+        "model.sparse_optimizer={_target_: torch.optim.SparseAdam, _partial_: true, lr: 0.001}",
+    ],
+    "dlrm": ["model.sparse_grad=true"],
+}
 QUICK = ["+trainer.limit_train_batches=20"]
 LABELS = {"ncf": "NeuMF", "dlrm": "DLRM", "preprocess": "preprocessing"}
 COLORS = {"preprocess": "tab:gray", "ncf": "tab:blue", "dlrm": "tab:orange"}
@@ -178,7 +189,8 @@ def run_all(args, extra: list[str], tmp: Path) -> list[dict]:
             if name == "preprocess":
                 figures = measure("prepare", [*overrides, *extra], run_dir)
             else:
-                figures = measure("fit", [*overrides, f"model={name}", *FIT, *extra], run_dir)
+                model = [f"model={name}", *MODELS.get(name, [])]
+                figures = measure("fit", [*overrides, *model, *FIT, *extra], run_dir)
             figures.update({"rows": rows, "stage": name, **sizes(rows)})
             figures["bytes_per_row"] = figures["peak_mb"] * 2**20 / figures["kept_rows"]
             results.append(figures)
@@ -213,11 +225,18 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def measured(results: list[dict], stage: str) -> list[dict]:
+    """The runs of ``stage`` by rows, without preprocessing that found its folder cached (it
+    measured nothing)."""
+    runs = [r for r in results if r["stage"] == stage and r.get("built", True)]
+    return sorted(runs, key=lambda r: r["rows"])
+
+
 def slopes(results: list[dict]) -> list[str]:
     """Marginal bytes per kept row between consecutive sizes, per stage."""
     lines = []
     for stage in dict.fromkeys(r["stage"] for r in results):
-        runs = sorted((r for r in results if r["stage"] == stage), key=lambda r: r["kept_rows"])
+        runs = measured(results, stage)
         for a, b in zip(runs, runs[1:], strict=False):
             slope = (b["peak_mb"] - a["peak_mb"]) * 2**20 / (b["kept_rows"] - a["kept_rows"])
             lines.append(
@@ -236,7 +255,7 @@ def plot(results: list[dict], out: Path, title: str) -> None:
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.8))
     for stage in dict.fromkeys(r["stage"] for r in results):
-        runs = sorted((r for r in results if r["stage"] == stage), key=lambda r: r["rows"])
+        runs = measured(results, stage)
         x = [r["rows"] for r in runs]
         style = {
             "marker": "o",
@@ -305,8 +324,13 @@ def main() -> None:
     print()
     print("\n".join(slopes(results)))
     out = Path(args.out)
-    plot(results, out if out.is_absolute() else ROOT / out, title)
-    print(f"\nplot: {out}; whole command: {time.perf_counter() - start:.0f} s")
+    out = out if out.is_absolute() else ROOT / out
+    plot(results, out, title)
+    out.with_suffix(".json").write_text(json.dumps({"title": title, "results": results}, indent=1))
+    print(
+        f"\nplot: {out} (figures: {out.with_suffix('.json').name}); whole command: "
+        f"{time.perf_counter() - start:.0f} s"
+    )
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """Training throughput: the platform against a bare PyTorch loop and RecBole 1.2.1, same work.
 
     python benchmarks/training.py [quick=true] [batches=[1280,4096,20480]] [epochs=1]
-        [threads=2] [recbole=true] [device=cpu] [out=logs/benchmarks/training] [overrides=[...]]
+        [threads=2] [recbole=true] [device=cpu] [repeats=1] [out=logs/benchmarks/training]
+        [overrides=[...]]
 
 The work: NeuMF (GMF 32, MLP on 2 x 128 embeddings with layers 128-64-32), leave-one-out on
 the shared ml-1m (``experiment=ncf_protocol``: implicit feedback, each user's last two
@@ -22,15 +23,17 @@ Three systems train it, each in a fresh process with ``threads`` torch threads:
   training pairs of the platform.
 
 Each figure is samples per second over the epochs' wall time: data loading from memory,
-negative sampling, forward, backward and optimiser step, no start-up, no validation.
+negative sampling, forward, backward and optimiser step, no start-up, no validation. With
+``repeats=N`` each system runs N times per batch, the systems taking turns, and the table
+gives the median run (on a shared 2-core machine one run can be 10-20% off).
 
 The GFLOP/s table counts the dense part's floating-point work: the MLP, GMF product and head,
 forward and backward (3 x the forward's multiply-adds x 2). ``model`` counts it as the plain
 NeuMF formulation does, the same for every system; ``executed`` is what the platform runs: it
 computes the MLP's first layer once per distinct user and item of a batch (`NeuMF._mlp_tower`),
 so it does less work for the same function (the ratio is measured on the platform's own
-batches). Both are set against a float32 matmul of the first layer's shape on this machine,
-measured in the same run.
+batches; on a GPU it runs the plain MLP). Both are set against a float32 matmul of the first
+layer's shape on this machine, measured in the same run.
 
 ``device=cuda``: the bare loop and the platform on the GPU (the platform with
 ``trainer=gpu``), the matmul figure of the GPU; RecBole is not run.
@@ -63,6 +66,7 @@ DEFAULTS = {
     "threads": 2,
     "recbole": True,
     "device": "cpu",  # or cuda
+    "repeats": 1,
     "out": "logs/benchmarks/training",
     "overrides": [],  # more Hydra overrides for the platform's runs, e.g. [data.num_workers=1]
 }
@@ -177,6 +181,12 @@ def last_json(command: list[str], what: str, **kwargs) -> dict:
 # --- the figures ----------------------------------------------------------------------------
 
 
+def median_run(runs: list[dict]) -> dict:
+    """The run with the median samples/s (the lower middle one of an even number)."""
+    ranked = sorted(runs, key=lambda r: r["samples_per_sec"])
+    return ranked[(len(ranked) - 1) // 2]
+
+
 def matmul_gflops(rows: int, device: str, seconds: float = 2.0) -> float:
     """float32 GFLOP/s of the first MLP layer's matmul, [rows, 2M] x [2M, H1]."""
     a = torch.randn(rows, 2 * MLP_DIM, device=device)
@@ -237,17 +247,24 @@ def main(opts) -> None:
     rows = []
     for batch in batches:
         run = (data, batch, opts.epochs, opts.threads, out, opts.device, opts.overrides)
-        figures = {"bare": child("bare", *run), "recsys": child("recsys", *run)}
-        if python is not None:
-            figures["recbole"] = run_recbole(python, pairs, batch, opts.epochs, opts.threads, out)
+        runs: dict[str, list[dict]] = {}
+        for _ in range(opts.repeats):
+            runs.setdefault("bare", []).append(child("bare", *run))
+            runs.setdefault("recsys", []).append(child("recsys", *run))
+            if python is not None:
+                recbole = run_recbole(python, pairs, batch, opts.epochs, opts.threads, out)
+                runs.setdefault("recbole", []).append(recbole)
+            rates = {k: f"{v[-1]['samples_per_sec']:,.0f}/s" for k, v in runs.items()}
+            print(batch, rates, flush=True)
+        figures = {k: median_run(v) for k, v in runs.items()}
         rows.append((batch, figures))
-        print(batch, {k: f"{v['samples_per_sec']:,.0f}/s" for k, v in figures.items()}, flush=True)
 
     def rate(figures: dict, system: str) -> str:
         return f"{figures[system]['samples_per_sec']:,.0f}" if system in figures else "-"
 
     where = torch.cuda.get_device_name() if opts.device == "cuda" else f"{opts.threads} threads"
-    print(f"\nNeuMF, {where}, samples/s (train loss after the epoch)\n")
+    median = f", median of {opts.repeats} runs" if opts.repeats > 1 else ""
+    print(f"\nNeuMF, {where}, samples/s{median} (train loss after the epoch)\n")
     print(
         "| effective batch | bare loop | RecBole 1.2.1 | recsys | recsys / bare "
         "| recsys / RecBole |\n| --- | --- | --- | --- | --- | --- |"
@@ -272,7 +289,8 @@ def main(opts) -> None:
         share = executed_share(dm, batch)
         for system, fig in f.items():
             model = fig["samples_per_sec"] * flops / 1e9
-            executed = model * (share if system == "recsys" else 1.0)
+            # on a GPU the platform runs the plain MLP (`NeuMF._mlp_tower`)
+            executed = model * (share if system == "recsys" and opts.device == "cpu" else 1.0)
             print(
                 f"| {batch:,} | {peak:.1f} | {system} | {model:.1f} | {executed:.1f} | "
                 f"{executed / peak:.0%} |"

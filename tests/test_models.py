@@ -107,6 +107,42 @@ def test_dlrm_sparse_and_dense_optimizers(make_cfg):
     assert not sparse & dense and sparse | dense == {id(p) for p in module.parameters()}
 
 
+SPARSE_ADAM = "model.sparse_optimizer={_target_: torch.optim.SparseAdam, _partial_: true, lr: 0.01}"
+
+
+@pytest.mark.parametrize(
+    ("model", "table", "ids"),
+    [
+        (["model=ncf", "model.variant=neumf", SPARSE_ADAM], "mlp_user", "user_id"),
+        (["model=ncf", "model.variant=mf", SPARSE_ADAM], "item_bias", "item_id"),
+        (
+            ["model=dlrm"],
+            "dlrm.sparse_arch.embedding_bag_collection.embedding_bags.t_item_id",
+            "item_id",
+        ),
+    ],
+)
+def test_sparse_grad_updates_only_the_rows_of_the_batch(make_cfg, model, table, ids):
+    """model.sparse_grad=true: row-sparse table gradients, stepped by the sparse optimizer;
+    a table's rows that the batch does not hold keep their values, the others move."""
+    module, batch, _ = _net_and_batch(make_cfg, *model, "model.sparse_grad=true")
+    weight = module.net.get_submodule(table).weight
+    before = weight.detach().clone()
+    optimizer = module.configure_optimizers()
+    loss = torch.nn.functional.binary_cross_entropy_with_logits(module(batch), batch.labels)
+    loss.backward()
+    assert weight.grad.is_sparse
+    optimizer.step()
+    moved = (weight.detach() != before).any(1)
+    assert torch.equal(moved.nonzero()[:, 0], batch.ids(ids).unique())
+
+
+def test_sparse_grad_needs_a_sparse_optimizer(make_cfg):
+    module, _, _ = _net_and_batch(make_cfg, "model=ncf", "model.sparse_grad=true")
+    with pytest.raises(ValueError, match="model.sparse_grad=true .* set model.sparse_optimizer"):
+        module.configure_optimizers()
+
+
 def test_hybrid_side_features_change_the_score(make_cfg):
     module, batch, dm = _net_and_batch(make_cfg, "model=hybrid", "model.use_side_features=true")
     torch.manual_seed(0)

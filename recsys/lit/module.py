@@ -313,6 +313,13 @@ class RecommenderModule(L.LightningModule):
         # tables whose optimizer runs fused in the backward pass (trainer=torchrec) step there
         params = [p for _, p in in_backward_optimizer_filter(named)]
         dense_opt = instantiate(self.hparams.optimizer)
+        if getattr(self.net, "sparse_grad", False) and self.hparams.sparse_optimizer is None:
+            raise ValueError(
+                "model.sparse_grad=true makes the tables' gradients row-sparse, which "
+                f"{self.hparams.optimizer['_target_']} does not take: set model.sparse_optimizer, "
+                "e.g. model.sparse_optimizer='{_target_: torch.optim.SparseAdam, _partial_: true, "
+                "lr: 0.001}' (torch.optim.Adagrad takes them too)"
+            )
         if self.hparams.sparse_optimizer is None or len(params) < len(named):
             optimizer = dense_opt(params=params)
         else:

@@ -86,6 +86,11 @@ class DLRM(nn.Module):
     F + 1 vectors (``dot``) or TorchRec's low-rank DCN cross network (``dcn``). Over arch:
     MLP to one logit.
 
+    ``sparse_grad``: the tables' gradients are row-sparse (their ``nn.EmbeddingBag`` modules
+    with ``sparse=True``), for an optimizer that takes them (``model.sparse_optimizer``:
+    Adagrad does): a step's cost then depends on the batch, not on the tables' sizes. Under
+    trainer=torchrec the sharded tables update themselves in the backward pass instead.
+
     Example::
 
             >>> import torch
@@ -110,6 +115,7 @@ class DLRM(nn.Module):
         feature_pooling: Mapping[str, str] | None = None,
         dcn_num_layers: int = 3,
         dcn_low_rank_dim: int = 16,
+        sparse_grad: bool = False,
         device: str | None = None,
     ):
         super().__init__()
@@ -121,6 +127,9 @@ class DLRM(nn.Module):
                 f"model.embedding_dim={embedding_dim} (the dense vector joins the interaction)"
             )
         ebc = embedding_bags(spec, embedding_dim, pooling, feature_pooling, device=device)
+        self.sparse_grad = sparse_grad
+        for table in ebc.embedding_bags.values():
+            table.sparse = sparse_grad
         # DLRM needs a dense input; a dataset without dense features gets one constant column
         self.num_dense = spec.num_dense
         layers = dict(

@@ -36,6 +36,11 @@ class NeuMF(nn.Module):
     not read the files when it is built (a checkpoint of it rebuilds without them): the
     LightningModule calls `load_pretrained` when a fit starts from scratch.
 
+    ``sparse_grad``: the tables' gradients are row-sparse (``nn.Embedding(sparse=True)``): a
+    step's cost then depends on the batch, not on the number of users and items, with an
+    optimizer that takes such gradients for the tables (``model.sparse_optimizer``, e.g.
+    ``torch.optim.SparseAdam``).
+
     Example::
 
             >>> import torch
@@ -60,6 +65,7 @@ class NeuMF(nn.Module):
         biases: bool = True,
         pretrained: Mapping[str, str] | None = None,
         alpha: float = 0.5,
+        sparse_grad: bool = False,
     ):
         super().__init__()
         if variant not in VARIANTS:
@@ -77,21 +83,22 @@ class NeuMF(nn.Module):
         self.variant = variant
         self.pretrained = dict(pretrained) if pretrained is not None else None
         self.alpha = alpha
+        self.sparse_grad = sparse_grad
         head_in = 0
         if variant in ("gmf", "neumf", "mf"):
-            self.gmf_user = nn.Embedding(spec.num_users, gmf_dim)
-            self.gmf_item = nn.Embedding(spec.num_items, gmf_dim)
+            self.gmf_user = nn.Embedding(spec.num_users, gmf_dim, sparse=sparse_grad)
+            self.gmf_item = nn.Embedding(spec.num_items, gmf_dim, sparse=sparse_grad)
             head_in += gmf_dim
         if variant in ("mlp", "neumf"):
-            self.mlp_user = nn.Embedding(spec.num_users, mlp_dim)
-            self.mlp_item = nn.Embedding(spec.num_items, mlp_dim)
+            self.mlp_user = nn.Embedding(spec.num_users, mlp_dim, sparse=sparse_grad)
+            self.mlp_item = nn.Embedding(spec.num_items, mlp_dim, sparse=sparse_grad)
             self.mlp = mlp(2 * mlp_dim, mlp_layers, dropout)
             head_in += mlp_layers[-1]
         if variant == "mf":
             self.bias = nn.Parameter(torch.zeros(()))
             if biases:
-                self.user_bias = nn.Embedding(spec.num_users, 1)
-                self.item_bias = nn.Embedding(spec.num_items, 1)
+                self.user_bias = nn.Embedding(spec.num_users, 1, sparse=sparse_grad)
+                self.item_bias = nn.Embedding(spec.num_items, 1, sparse=sparse_grad)
         else:
             self.head = nn.Linear(head_in, 1)
         for m in self.modules():
@@ -164,7 +171,10 @@ class NeuMF(nn.Module):
         W_u p'_u and the item half W_i q'_i + b, each computed once per distinct user and item
         of the batch and gathered per pair. The same function as the MLP on the concatenation,
         with fewer FLOPs: negative sampling repeats each user 1 + n times in a batch, and the
-        first layer is the MLP's widest."""
+        first layer is the MLP's widest. On a GPU, where FLOPs are cheap and `torch.unique`
+        waits for the device, the plain MLP on the concatenation."""
+        if users.is_cuda:
+            return self.mlp(torch.cat([self.mlp_user(users), self.mlp_item(items)], dim=1))
         first, m = self.mlp[0], self.mlp_user.embedding_dim
         users, user_of = torch.unique(users, return_inverse=True)
         items, item_of = torch.unique(items, return_inverse=True)
