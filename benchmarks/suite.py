@@ -4,9 +4,9 @@
 
 Runs each script of this folder as its own process with this interpreter and prints its output
 as it comes; the tables are the scripts' own (see each script's docstring for what it measures
-and the options it takes). The full suite takes about an hour on a 2-core machine; ``quick=true``
-passes ``quick=true`` to every script (small data, short runs, no RecBole: a few minutes), so
-that CI runs every script end to end. Figures are only meaningful on a quiet machine.
+and the options it takes). The full suite takes about an hour and a half on a 2-core machine;
+``quick=true`` passes ``quick=true`` to every script (small data, short runs, no RecBole: a few
+minutes), so that CI runs every script end to end. Figures are only meaningful on a quiet machine.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Training throughput: the platform against a bare PyTorch loop and RecBole 1.2.1, same work.
 
     python benchmarks/training.py [quick=true] [batches=[1280,4096,20480]] [epochs=1]
-        [threads=2] [recbole=true] [device=cpu] [repeats=1] [out=logs/benchmarks/training]
+        [threads=2] [recbole=true] [device=cpu] [repeats=3] [out=logs/benchmarks/training]
         [overrides=[...]]
 
 The work: NeuMF (GMF 32, MLP on 2 x 128 embeddings with layers 128-64-32), leave-one-out on
@@ -38,7 +38,8 @@ layer's shape on this machine, measured in the same run.
 ``device=cuda``: the bare loop and the platform on the GPU (the platform with
 ``trainer=gpu``), the matmul figure of the GPU; RecBole is not run.
 
-``quick=true``: ml-100k, effective batches 1,280 and 4,096, no RecBole (a smoke test).
+``quick=true``: ml-100k, effective batches 1,280 and 4,096, one run each, no RecBole (a smoke
+test).
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ DEFAULTS = {
     "threads": 2,
     "recbole": True,
     "device": "cpu",  # or cuda
-    "repeats": 1,
+    "repeats": 3,
     "out": "logs/benchmarks/training",
     "overrides": [],  # more Hydra overrides for the platform's runs, e.g. [data.num_workers=1]
 }
@@ -233,6 +234,7 @@ def main(opts) -> None:
     data = QUICK_DATA if opts.quick else DATA
     batches = [1280, 4096] if opts.quick else list(opts.batches)
     use_recbole = bool(opts.recbole) and not opts.quick and opts.device == "cpu"
+    repeats = 1 if opts.quick else opts.repeats
     out = Path(opts.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
 
@@ -248,7 +250,7 @@ def main(opts) -> None:
     for batch in batches:
         run = (data, batch, opts.epochs, opts.threads, out, opts.device, opts.overrides)
         runs: dict[str, list[dict]] = {}
-        for _ in range(opts.repeats):
+        for _ in range(repeats):
             runs.setdefault("bare", []).append(child("bare", *run))
             runs.setdefault("recsys", []).append(child("recsys", *run))
             if python is not None:
@@ -263,7 +265,7 @@ def main(opts) -> None:
         return f"{figures[system]['samples_per_sec']:,.0f}" if system in figures else "-"
 
     where = torch.cuda.get_device_name() if opts.device == "cuda" else f"{opts.threads} threads"
-    median = f", median of {opts.repeats} runs" if opts.repeats > 1 else ""
+    median = f", median of {repeats} runs" if repeats > 1 else ""
     print(f"\nNeuMF, {where}, samples/s{median} (train loss after the epoch)\n")
     print(
         "| effective batch | bare loop | RecBole 1.2.1 | recsys | recsys / bare "
