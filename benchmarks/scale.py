@@ -129,6 +129,7 @@ def child(stage: str, overrides: list[str], report: Path) -> None:
     from hydra.utils import instantiate
 
     from recsys.callbacks import SamplesPerSecond
+    from recsys.data.store import read_meta
     from recsys.train import build
 
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
@@ -151,8 +152,7 @@ def child(stage: str, overrides: list[str], report: Path) -> None:
         figures["train_rows"] = len(dm.rows["train"])
     else:
         raise ValueError(f"stage={stage!r} is not prepare or fit")
-    meta = json.loads((dm.processed_dir / "meta.json").read_text())
-    figures["kept_rows"] = meta["num_interactions"]
+    figures["kept_rows"] = read_meta(dm.processed_dir)["num_interactions"]
     report.write_text(json.dumps(figures))
 
 

@@ -63,9 +63,10 @@ def encode_ids(raw: pd.Series) -> tuple[np.ndarray, pd.Index]:
     return codes.astype(np.int64), pd.Index(uniques)
 
 
-def code_dtype(num_codes: int) -> type:
-    """The dtype of stored user and item codes: int32 below 2**31 codes (they load as int64)."""
-    return np.int32 if num_codes < 2**31 else np.int64
+def index_dtype(count: int) -> type:
+    """The dtype of ``count`` codes or row indices kept compact: int32 below 2**31, else
+    int64 (4 bytes a row, not 8). Stored user and item codes load back as int64."""
+    return np.int32 if count < 2**31 else np.int64
 
 
 def latest_of_pairs(
@@ -260,8 +261,8 @@ def assemble(
     report.record("repeated (user, item) pairs, older copies", n - int(keep.sum()), n)
     interactions = pd.DataFrame(
         {
-            "user": user_codes.astype(code_dtype(len(user_ids))),
-            "item": item_codes.astype(code_dtype(len(item_ids))),
+            "user": user_codes.astype(index_dtype(len(user_ids))),
+            "item": item_codes.astype(index_dtype(len(item_ids))),
             "label": ratings["label"].to_numpy(np.float32),
             "rating": ratings["rating"].to_numpy(np.float32),
             "timestamp": timestamps,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from recsys.data.preprocess import index_dtype
 from recsys.data.store import Interactions
 
 SPLITS = ("random", "temporal", "leave_one_out")
@@ -66,7 +67,7 @@ def split_indices(
 def _rows_of(split: np.ndarray) -> dict[str, torch.Tensor]:
     """Sorted row indices of each split from the split code of every row (0 train, 1 val,
     2 test), int32 below 2**31 rows (4 bytes a row, not 8: they index tensors as well)."""
-    dtype = np.int32 if len(split) < 2**31 else np.int64
+    dtype = index_dtype(len(split))
     return {
         name: torch.from_numpy(np.flatnonzero(split == code).astype(dtype))
         for code, name in enumerate(("train", "val", "test"))
