@@ -20,6 +20,9 @@ from recsys.data.negatives import PositiveSet
 from recsys.data.store import FeatureStore
 
 FACTORISED_FLOATS = 1 << 18
+# users whose known items `top_k` masks at once: one mask and one topk per block of users, not
+# per chunk (a factorised NeuMF scores one user a chunk; a mask per user took a quarter of it)
+MASK_USERS = 256
 
 
 class CatalogueScorer:
@@ -97,10 +100,10 @@ class CatalogueScorer:
         if not 1 <= k <= self.num_items:
             raise ValueError(f"k={k} must be between 1 and the {self.num_items} items")
         tops, logits = [], []
-        for chunk in users.split(self.chunk_users):
-            s = self._chunk(chunk)
+        for block in users.split(max(self.chunk_users, MASK_USERS)):
+            s = self.scores(block)
             if exclude is not None:
-                s.masked_fill_(exclude.mask(chunk), float("-inf"))
+                s.masked_fill_(exclude.mask(block), float("-inf"))
             best, top = s.topk(k, dim=1)
             tops.append(top)
             logits.append(best)

@@ -209,6 +209,35 @@ def test_catalogue_scoring_equals_the_forward(net, monkeypatch):
     torch.testing.assert_close(scorer.scores(users), expected, atol=1e-4, rtol=1e-4)
 
 
+def test_top_k_over_several_blocks_is_the_best_unseen_items(monkeypatch):
+    """`CatalogueScorer.top_k` masks known items a block of users at a time and scores each
+    block in chunks: with blocks of 3 and chunks of 2 users, every user's top-k is still the
+    k highest logits of the plain forward among the items the user has not seen."""
+    from recsys.data.negatives import PositiveSet
+
+    monkeypatch.setattr(scoring, "FACTORISED_FLOATS", 2 * 40 * 8)  # chunks of 2 users
+    monkeypatch.setattr(scoring, "MASK_USERS", 3)
+    torch.manual_seed(0)
+    net = NeuMF(SPEC_IDS, variant="neumf", gmf_dim=4, mlp_dim=6, mlp_layers=[8, 4])
+    seen_users = torch.randint(SPEC_IDS.num_users, (60,))
+    seen = PositiveSet(seen_users, torch.randint(SPEC_IDS.num_items, (60,)), SPEC_IDS.num_items)
+    features = FeatureStore(SPEC_IDS, None, None)
+    scorer = CatalogueScorer(net, features, SPEC_IDS.num_items)
+    assert scorer.chunk_users == 2
+    users = torch.arange(SPEC_IDS.num_users)
+    top, logits = scorer.top_k(users, 5, exclude=seen)
+    with torch.no_grad():
+        flat = features.make_batch(
+            users.repeat_interleave(SPEC_IDS.num_items),
+            torch.arange(SPEC_IDS.num_items).repeat(len(users)),
+        )
+        expected = net(flat).view(len(users), -1).masked_fill(seen.mask(users), float("-inf"))
+    best, _ = expected.topk(5, dim=1)
+    torch.testing.assert_close(logits, best, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(expected.gather(1, top), best, atol=1e-5, rtol=1e-5)
+    assert not seen.mask(users).gather(1, top).any()
+
+
 @pytest.mark.parametrize("variant", ["mlp", "neumf"])
 def test_mlp_tower_equals_the_mlp_on_concatenated_embeddings(variant):
     """`NeuMF._mlp_tower` (the first layer once per distinct user and item) against the plain
