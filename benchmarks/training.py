@@ -24,8 +24,10 @@ Three systems train it, each in a fresh process with ``threads`` torch threads:
 
 Each figure is samples per second over the epochs' wall time: data loading from memory,
 negative sampling, forward, backward and optimiser step, no start-up, no validation. With
-``repeats=N`` each system runs N times per batch, the systems taking turns, and the table
-gives the median run (on a shared 2-core machine one run can be 10-20% off).
+``repeats=N`` each system runs N times per batch, in rounds: one run of each system per round,
+back to back, the order reversed every other round. The speed of this shared machine drifts by
+10-25% over minutes, so the table gives each system's median run and, as the ratios, the
+median over rounds of the ratio within a round (paired: runs a minute apart, not ten).
 
 The GFLOP/s table counts the dense part's floating-point work: the MLP, GMF product and head,
 forward and backward (3 x the forward's multiply-adds x 2). ``model`` counts it as the plain
@@ -188,6 +190,14 @@ def median_run(runs: list[dict]) -> dict:
     return ranked[(len(ranked) - 1) // 2]
 
 
+def paired_ratio(runs: dict[str, list[dict]], system: str, baseline: str) -> float | None:
+    """The median over rounds of system's samples/s over baseline's in the same round."""
+    if system not in runs or baseline not in runs:
+        return None
+    pairs = zip(runs[system], runs[baseline], strict=True)
+    return float(np.median([a["samples_per_sec"] / b["samples_per_sec"] for a, b in pairs]))
+
+
 def matmul_gflops(rows: int, device: str, seconds: float = 2.0) -> float:
     """float32 GFLOP/s of the first MLP layer's matmul, [rows, 2M] x [2M, H1]."""
     a = torch.randn(rows, 2 * MLP_DIM, device=device)
@@ -250,34 +260,37 @@ def main(opts) -> None:
     for batch in batches:
         run = (data, batch, opts.epochs, opts.threads, out, opts.device, opts.overrides)
         runs: dict[str, list[dict]] = {}
-        for _ in range(repeats):
-            runs.setdefault("bare", []).append(child("bare", *run))
-            runs.setdefault("recsys", []).append(child("recsys", *run))
-            if python is not None:
-                recbole = run_recbole(python, pairs, batch, opts.epochs, opts.threads, out)
-                runs.setdefault("recbole", []).append(recbole)
-            rates = {k: f"{v[-1]['samples_per_sec']:,.0f}/s" for k, v in runs.items()}
+        systems = ["bare", "recsys", *(["recbole"] if python is not None else [])]
+        for round_ in range(repeats):
+            for system in systems if round_ % 2 == 0 else systems[::-1]:
+                if system == "recbole":
+                    result = run_recbole(python, pairs, batch, opts.epochs, opts.threads, out)
+                else:
+                    result = child(system, *run)
+                runs.setdefault(system, []).append(result)
+            rates = {k: f"{runs[k][-1]['samples_per_sec']:,.0f}/s" for k in systems}
             print(batch, rates, flush=True)
         figures = {k: median_run(v) for k, v in runs.items()}
-        rows.append((batch, figures))
+        ratios = {k: paired_ratio(runs, "recsys", k) for k in ("bare", "recbole")}
+        rows.append((batch, figures, ratios))
 
     def rate(figures: dict, system: str) -> str:
         return f"{figures[system]['samples_per_sec']:,.0f}" if system in figures else "-"
 
     where = torch.cuda.get_device_name() if opts.device == "cuda" else f"{opts.threads} threads"
-    median = f", median of {repeats} runs" if repeats > 1 else ""
+    median = ""
+    if repeats > 1:
+        median = f", median of {repeats} runs; ratios: median of the rounds' ratios"
     print(f"\nNeuMF, {where}, samples/s{median} (train loss after the epoch)\n")
     print(
         "| effective batch | bare loop | RecBole 1.2.1 | recsys | recsys / bare "
         "| recsys / RecBole |\n| --- | --- | --- | --- | --- | --- |"
     )
-    for batch, f in rows:
-        ours = f["recsys"]["samples_per_sec"]
-        vs_recbole = f"{ours / f['recbole']['samples_per_sec']:.2f}x" if "recbole" in f else "-"
+    for batch, f, ratios in rows:
         systems = ("bare", "recbole", "recsys")
         cells = [f"{rate(f, s)} ({f[s]['loss']:.3f})" if s in f else "-" for s in systems]
-        ratio = ours / f["bare"]["samples_per_sec"]
-        print(f"| {batch:,} | {' | '.join(cells)} | {ratio:.2f}x | {vs_recbole} |")
+        cells += [f"{r:.2f}x" if r is not None else "-" for r in ratios.values()]
+        print(f"| {batch:,} | {' | '.join(cells)} |")
 
     total, _ = dense_macs()
     flops = 3 * 2 * total  # forward, and backward at twice the forward
@@ -286,7 +299,7 @@ def main(opts) -> None:
         "| effective batch | matmul GFLOP/s | system | model GFLOP/s | executed GFLOP/s "
         "| of matmul |\n| --- | --- | --- | --- | --- | --- |"
     )
-    for batch, f in rows:
+    for batch, f, _ in rows:
         peak = matmul_gflops(batch, opts.device)
         share = executed_share(dm, batch)
         for system, fig in f.items():
