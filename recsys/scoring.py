@@ -20,9 +20,10 @@ from recsys.data.negatives import PositiveSet
 from recsys.data.store import FeatureStore
 
 FACTORISED_FLOATS = 1 << 18
-# users whose known items `top_k` masks at once: one mask and one topk per block of users, not
-# per chunk (a factorised NeuMF scores one user a chunk; a mask per user took a quarter of it)
-MASK_USERS = 256
+# `top_k` masks known items and takes the top-K once per block of users whose scores [U, I] fit
+# in this many floats, not once per scoring chunk (a factorised NeuMF scores one user a chunk,
+# and a mask per user took a quarter of its time)
+BLOCK_FLOATS = 1 << 20
 
 
 class CatalogueScorer:
@@ -71,6 +72,12 @@ class CatalogueScorer:
             return 1 << 62
         return max(1, self.max_pairs // self.num_items)
 
+    @property
+    def block_users(self) -> int:
+        """Users whose top-K `top_k` takes at once: whole chunks, with scores [U, num_items]
+        within ``BLOCK_FLOATS`` where a chunk is smaller (290 users on ml-1m's 3.6K items)."""
+        return max(self.chunk_users, BLOCK_FLOATS // self.num_items)
+
     @torch.inference_mode()
     def scores(self, users: torch.Tensor) -> torch.Tensor:
         """Logits [U, num_items] of users (int64 codes [U]) against every item."""
@@ -100,7 +107,7 @@ class CatalogueScorer:
         if not 1 <= k <= self.num_items:
             raise ValueError(f"k={k} must be between 1 and the {self.num_items} items")
         tops, logits = [], []
-        for block in users.split(max(self.chunk_users, MASK_USERS)):
+        for block in users.split(self.block_users):
             s = self.scores(block)
             if exclude is not None:
                 s.masked_fill_(exclude.mask(block), float("-inf"))

@@ -11,6 +11,7 @@ from hydra.utils import instantiate
 
 from recsys import scoring
 from recsys.data import FeatureSpec
+from recsys.data.negatives import PositiveSet
 from recsys.data.store import FeatureStore
 from recsys.lit.module import embedding_parameters
 from recsys.lit.optim import CombinedOptimizer
@@ -213,17 +214,15 @@ def test_top_k_over_several_blocks_is_the_best_unseen_items(monkeypatch):
     """`CatalogueScorer.top_k` masks known items a block of users at a time and scores each
     block in chunks: with blocks of 3 and chunks of 2 users, every user's top-k is still the
     k highest logits of the plain forward among the items the user has not seen."""
-    from recsys.data.negatives import PositiveSet
-
     monkeypatch.setattr(scoring, "FACTORISED_FLOATS", 2 * 40 * 8)  # chunks of 2 users
-    monkeypatch.setattr(scoring, "MASK_USERS", 3)
+    monkeypatch.setattr(scoring, "BLOCK_FLOATS", 3 * 40)  # blocks of 3
     torch.manual_seed(0)
     net = NeuMF(SPEC_IDS, variant="neumf", gmf_dim=4, mlp_dim=6, mlp_layers=[8, 4])
     seen_users = torch.randint(SPEC_IDS.num_users, (60,))
     seen = PositiveSet(seen_users, torch.randint(SPEC_IDS.num_items, (60,)), SPEC_IDS.num_items)
     features = FeatureStore(SPEC_IDS, None, None)
     scorer = CatalogueScorer(net, features, SPEC_IDS.num_items)
-    assert scorer.chunk_users == 2
+    assert (scorer.chunk_users, scorer.block_users) == (2, 3)
     users = torch.arange(SPEC_IDS.num_users)
     top, logits = scorer.top_k(users, 5, exclude=seen)
     with torch.no_grad():
