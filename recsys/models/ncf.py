@@ -161,7 +161,7 @@ class NeuMF(nn.Module):
             return self._mf(users, items)
         towers = []
         if self.variant in ("gmf", "neumf"):
-            towers.append(self.gmf_user(users) * self.gmf_item(items))
+            towers.append(_rows(self.gmf_user, users) * _rows(self.gmf_item, items))
         if self.variant in ("mlp", "neumf"):
             towers.append(self._mlp_tower(users, items))
         return self.head(torch.cat(towers, dim=1)).squeeze(1)
@@ -178,16 +178,18 @@ class NeuMF(nn.Module):
         first, m = self.mlp[0], self.mlp_user.embedding_dim
         users, user_of = torch.unique(users, return_inverse=True)
         items, item_of = torch.unique(items, return_inverse=True)
-        user_half = F.linear(self.mlp_user(users), first.weight[:, :m])  # [distinct users, H1]
-        item_half = F.linear(self.mlp_item(items), first.weight[:, m:], first.bias)
-        # gathers as embedding lookups: their backward is a segment sum, not an index_put
-        hidden = F.embedding(user_of, user_half) + F.embedding(item_of, item_half)
+        user_half = F.linear(_rows(self.mlp_user, users), first.weight[:, :m])  # [distinct, H1]
+        item_half = F.linear(_rows(self.mlp_item, items), first.weight[:, m:], first.bias)
+        # gathers by index_select: their backward is an index_add (see `_rows`)
+        hidden = user_half.index_select(0, user_of) + item_half.index_select(0, item_of)
         return self.mlp[1:](hidden)
 
     def _mf(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
-        logits = (self.gmf_user(users) * self.gmf_item(items)).sum(1) + self.bias
+        logits = (_rows(self.gmf_user, users) * _rows(self.gmf_item, items)).sum(1) + self.bias
         if hasattr(self, "user_bias"):
-            logits = logits + self.user_bias(users)[:, 0] + self.item_bias(items)[:, 0]
+            logits = (
+                logits + _rows(self.user_bias, users)[:, 0] + _rows(self.item_bias, items)[:, 0]
+            )
         return logits
 
     @torch.no_grad()
@@ -224,6 +226,16 @@ class NeuMF(nn.Module):
                 )
         for _, name, value in sources:
             own[name].copy_(value)
+
+
+def _rows(table: nn.Embedding, ids: torch.Tensor) -> torch.Tensor:
+    """``table(ids)``; on the CPU with dense gradients as ``index_select``, whose backward (an
+    index_add) is 1.3-2x as fast there as the embedding's (a sort and a segment sum) at training
+    batch sizes. Row-sparse gradients (``sparse_grad``) need the embedding op, and on a GPU the
+    index_add's atomics would make the gradients order-dependent."""
+    if table.sparse or ids.is_cuda:
+        return table(ids)
+    return table.weight.index_select(0, ids)
 
 
 def _tower_weights(path: str | Path, variant: str) -> dict[str, torch.Tensor]:
