@@ -1,7 +1,7 @@
 """Scale: peak memory and training throughput against the number of interaction rows.
 
     python benchmarks/scale.py [quick=true] [rows=[1000000,10000000,50000000]]
-        [models=[ncf,dlrm]] [out=docs/images/scale.png] [batch_size=4096] [cache_dir=<dir>]
+        [models=[ncf,dlrm]] [out=<png>] [batch_size=4096] [cache_dir=<dir>]
         [hydra overrides ...]
 
 For each number of rows N, on ``data=synthetic`` with ``data.num_rows=N``:
@@ -59,7 +59,10 @@ DEFAULTS = {
     "quick": False,
     "rows": [1_000_000, 10_000_000, 50_000_000],
     "models": ["ncf", "dlrm"],
-    "out": "docs/images/scale.png",
+    # the plot (its figures beside it, .json); relative to the working directory. Default: the
+    # README's docs/images/scale.png, and with quick=true logs/benchmarks/scale_quick.png (a
+    # smoke test, as CI runs it, must not overwrite the README's plot)
+    "out": None,
     "batch_size": 4096,
     "cache_dir": None,
     # internal: what a child process runs (prepare | fit) and where it writes its figures
@@ -323,8 +326,12 @@ def main() -> None:
     print(table(results))
     print()
     print("\n".join(slopes(results)))
-    out = Path(args.out)
-    out = out if out.is_absolute() else ROOT / out
+    if args.out is not None:
+        out = Path(args.out)
+    elif args.quick:
+        out = Path("logs/benchmarks/scale_quick.png")
+    else:
+        out = ROOT / "docs" / "images" / "scale.png"
     plot(results, out, title)
     out.with_suffix(".json").write_text(json.dumps({"title": title, "results": results}, indent=1))
     print(
