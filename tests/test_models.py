@@ -201,13 +201,18 @@ def test_catalogue_scoring_equals_the_forward(net, monkeypatch):
     scorer = CatalogueScorer(net, features, SPEC_IDS.num_items, max_pairs=100)
     users = torch.arange(SPEC_IDS.num_users)
     assert scorer.factorised and scorer.chunk_users < len(users)  # several chunks
+    expected = _all_pair_logits(net, features, users)
+    torch.testing.assert_close(scorer.scores(users), expected, atol=1e-4, rtol=1e-4)
+
+
+def _all_pair_logits(net, features: FeatureStore, users: torch.Tensor) -> torch.Tensor:
+    """Logits [U, num_items] by one plain forward over every (user, item) pair."""
     flat = features.make_batch(
         users.repeat_interleave(SPEC_IDS.num_items),
         torch.arange(SPEC_IDS.num_items).repeat(len(users)),
     )
     with torch.no_grad():
-        expected = net(flat).view(len(users), -1)
-    torch.testing.assert_close(scorer.scores(users), expected, atol=1e-4, rtol=1e-4)
+        return net(flat).view(len(users), -1)
 
 
 def test_top_k_over_several_blocks_is_the_best_unseen_items(monkeypatch):
@@ -225,12 +230,7 @@ def test_top_k_over_several_blocks_is_the_best_unseen_items(monkeypatch):
     assert (scorer.chunk_users, scorer.block_users) == (2, 3)
     users = torch.arange(SPEC_IDS.num_users)
     top, logits = scorer.top_k(users, 5, exclude=seen)
-    with torch.no_grad():
-        flat = features.make_batch(
-            users.repeat_interleave(SPEC_IDS.num_items),
-            torch.arange(SPEC_IDS.num_items).repeat(len(users)),
-        )
-        expected = net(flat).view(len(users), -1).masked_fill(seen.mask(users), float("-inf"))
+    expected = _all_pair_logits(net, features, users).masked_fill(seen.mask(users), float("-inf"))
     best, _ = expected.topk(5, dim=1)
     torch.testing.assert_close(logits, best, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(expected.gather(1, top), best, atol=1e-5, rtol=1e-5)
