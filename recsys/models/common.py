@@ -19,15 +19,34 @@ def mlp(in_features: int, layers: Sequence[int], dropout: float = 0.0) -> nn.Seq
     return nn.Sequential(*blocks)
 
 
-def mlp_rest(first_out: torch.Tensor, layers: nn.Sequential) -> torch.Tensor:
-    """An `mlp` from the output of its first Linear on: [..., H1] -> [..., layers[-1]].
+# (W^T [in, out], b [out]) per Linear
+LayerWeights = list[tuple[torch.Tensor, torch.Tensor]]
+
+
+def mlp_rest_weights(layers: nn.Sequential) -> LayerWeights:
+    """(W^T [in, out], contiguous; b [out]) of each Linear of an `mlp` after the first: what
+    `mlp_rest` multiplies by, computed once per scorer (a contiguous W^T makes each product
+    about 5% faster than ``weight.T`` at catalogue scoring's shapes)."""
+    linears = [m for m in layers if isinstance(m, nn.Linear)][1:]
+    return [(m.weight.T.contiguous(), m.bias) for m in linears]
+
+
+def mlp_rest(
+    user_half: torch.Tensor, item_half: torch.Tensor, weights: LayerWeights
+) -> torch.Tensor:
+    """An `mlp` from the output of its first Linear on, for every (user, item) pair whose first
+    layer output is ``user_half[u] + item_half[i]``: [U, H1] and [I, H1] -> [U * I, L], row
+    u * I + i; ``weights`` from `mlp_rest_weights`.
 
     For scoring in eval mode (dropout off): the ReLUs run in place on fresh tensors and each
-    Linear is one ``addmm``, so the large [U, I, H] activations of catalogue scoring are
-    written once per layer. ``first_out`` is overwritten.
+    Linear is one ``addmm``, so the large activations of catalogue scoring are written once
+    per layer. One user's rows are a 2-D add (a few % faster than the broadcast over [U, I,
+    H1]; NeuMF scores one user at a time on catalogues of thousands of items).
     """
-    shape = first_out.shape[:-1]
-    h = first_out.reshape(-1, first_out.shape[-1]).relu_()
-    for layer in [m for m in layers if isinstance(m, nn.Linear)][1:]:
-        h = torch.addmm(layer.bias, h, layer.weight.T).relu_()
-    return h.view(*shape, h.shape[-1])
+    if len(user_half) == 1:
+        h = (item_half + user_half).relu_()
+    else:
+        h = (user_half[:, None, :] + item_half).flatten(0, 1).relu_()
+    for weight_t, bias in weights:
+        h = torch.addmm(bias, h, weight_t).relu_()
+    return h

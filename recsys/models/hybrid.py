@@ -9,7 +9,7 @@ from torch import nn
 
 from recsys.data.batch import Batch
 from recsys.data.spec import FeatureSpec
-from recsys.models.common import mlp, mlp_rest
+from recsys.models.common import mlp, mlp_rest, mlp_rest_weights
 from recsys.models.dlrm import embedding_bags
 
 
@@ -72,18 +72,23 @@ class Hybrid(nn.Module):
         """Whether the logit factors into user and item parts (`CatalogueScorer`): ids only."""
         return self.side is None and self.num_dense == 0
 
-    def item_part(self) -> dict[str, torch.Tensor]:
-        """The item vectors [I, D] and the item half of the first MLP layer [I, H1]."""
+    def item_part(self) -> dict:
+        """The item vectors [I, D], the item half of the first MLP layer [I, H1] and the later
+        layers' weights (`mlp_rest_weights`)."""
         first, d = self.mlp[0], self.item.embedding_dim
-        return {"dot": self.item.weight, "mlp": self.item.weight @ first.weight[:, d:].T}
+        return {
+            "dot": self.item.weight,
+            "mlp": self.item.weight @ first.weight[:, d:].T,
+            "mlp_rest": mlp_rest_weights(self.mlp),
+        }
 
-    def score_catalogue(self, users: torch.Tensor, item_part: dict[str, torch.Tensor]):
+    def score_catalogue(self, users: torch.Tensor, item_part: dict):
         """Logits [U, I] of users [U] against every item (ids only, see `factorised`)."""
         first, d = self.mlp[0], self.user.embedding_dim
         u = self.user(users)
         user_half = u @ first.weight[:, :d].T + first.bias  # [U, H1]
-        hidden = mlp_rest(user_half[:, None, :] + item_part["mlp"][None], self.mlp)  # [U, I, L]
-        return u @ item_part["dot"].T + self.head(hidden).squeeze(2)
+        hidden = mlp_rest(user_half, item_part["mlp"], item_part["mlp_rest"])  # [U * I, L]
+        return u @ item_part["dot"].T + self.head(hidden).view(len(users), -1)
 
     def forward(self, batch: Batch) -> torch.Tensor:
         """Returns: logits [B]."""

@@ -12,7 +12,7 @@ from torch import nn
 
 from recsys.data.batch import Batch
 from recsys.data.spec import FeatureSpec
-from recsys.models.common import mlp, mlp_rest
+from recsys.models.common import mlp, mlp_rest, mlp_rest_weights
 
 VARIANTS = ("gmf", "mlp", "neumf", "mf")
 
@@ -116,11 +116,12 @@ class NeuMF(nn.Module):
     # every variant's logit factors into a user part and an item part: `CatalogueScorer`
     factorised = True
 
-    def item_part(self) -> dict[str, torch.Tensor]:
+    def item_part(self) -> dict:
         """What catalogue scoring needs that no request changes, computed once: the GMF item
         vectors times the head's GMF weights, transposed [G, I]; the item half of the first
-        MLP layer, bias included [I, H1], and its user half's weights, transposed [M, H1];
-        for ``mf``, the item vectors [I, G] and the item biases plus the global bias [I]."""
+        MLP layer, bias included [I, H1], its user half's weights, transposed [M, H1], the
+        later layers' weights (`mlp_rest_weights`) and the head's MLP weights [L]; for ``mf``,
+        the item vectors [I, G] and the item biases plus the global bias [I]."""
         if self.variant == "mf":
             bias = self.bias.expand(self.gmf_item.num_embeddings)
             if hasattr(self, "item_bias"):
@@ -135,9 +136,11 @@ class NeuMF(nn.Module):
             first, m = self.mlp[0], self.mlp_item.embedding_dim
             out["mlp"] = self.mlp_item.weight @ first.weight[:, m:].T + first.bias
             out["mlp_user"] = first.weight[:, :m].T.contiguous()
+            out["mlp_rest"] = mlp_rest_weights(self.mlp)
+            out["mlp_head"] = h[self.gmf_item.embedding_dim :] if self.variant == "neumf" else h
         return out
 
-    def score_catalogue(self, users: torch.Tensor, item_part: dict[str, torch.Tensor]):
+    def score_catalogue(self, users: torch.Tensor, item_part: dict):
         """Logits [U, I] of users [U] against every item: the same function as `forward`,
         with the user halves computed once per user instead of once per pair."""
         if "dot" in item_part:  # mf
@@ -145,13 +148,15 @@ class NeuMF(nn.Module):
             if hasattr(self, "user_bias"):
                 logits = logits + self.user_bias(users)
             return logits
+        # the tables' rows by indexing: a module call costs more than the lookup (about 10 us
+        # of the 0.5 ms a user takes on ml-1m)
         logits = self.head.bias
         if "gmf" in item_part:
-            logits = logits + self.gmf_user(users) @ item_part["gmf"]
+            logits = logits + self.gmf_user.weight[users] @ item_part["gmf"]
         if "mlp" in item_part:
-            user_half = self.mlp_user(users) @ item_part["mlp_user"]  # [U, H1]
-            hidden = mlp_rest(user_half[:, None, :] + item_part["mlp"][None], self.mlp)  # [U, I, L]
-            logits = logits + hidden @ self.head.weight[0, -hidden.shape[-1] :]
+            user_half = self.mlp_user.weight[users] @ item_part["mlp_user"]  # [U, H1]
+            hidden = mlp_rest(user_half, item_part["mlp"], item_part["mlp_rest"])  # [U * I, L]
+            logits = logits + (hidden @ item_part["mlp_head"]).view(len(users), -1)
         return logits
 
     def forward(self, batch: Batch) -> torch.Tensor:
