@@ -10,7 +10,7 @@ For each number of rows N, on ``data=synthetic`` with ``data.num_rows=N``:
   the rows, remove repeated (user, item) pairs, encode, write Parquet). Reported: its wall
   time and peak RSS.
 - per model (``ncf``: NeuMF, ``dlrm``: DLRM, both with ``model.sparse_grad=true``: each
-  step updates only the table rows of its batch, NeuMF's tables with SparseAdam, DLRM's with
+  step updates only the table rows of its batch, NeuMF's tables with RowSparseAdam, DLRM's with
   its Adagrad), in a fresh process: one training epoch on the platform's own path,
   `recsys.train.build` (``prepare_data`` finds the folder; ``setup`` loads the processed
   data as tensors and splits it; the model and the Trainer) and then
@@ -71,11 +71,12 @@ DEFAULTS = {
 }
 QUICK_ROWS = [100_000, 1_000_000]
 # row-sparse table updates, as a model with millions of rows needs: each step moves the
-# batch's rows only (NeuMF's tables with SparseAdam, DLRM's with its own Adagrad)
+# batch's rows only (NeuMF's tables with RowSparseAdam, DLRM's with its own Adagrad)
 MODELS = {
     "ncf": [
         "model.sparse_grad=true",
-        "model.sparse_optimizer={_target_: torch.optim.SparseAdam, _partial_: true, lr: 0.001}",
+        "model.sparse_optimizer="
+        "{_target_: recsys.lit.optim.RowSparseAdam, _partial_: true, lr: 0.001}",
     ],
     "dlrm": ["model.sparse_grad=true"],
 }

@@ -14,7 +14,7 @@ from recsys.data import FeatureSpec
 from recsys.data.negatives import PositiveSet
 from recsys.data.store import FeatureStore
 from recsys.lit.module import embedding_parameters
-from recsys.lit.optim import CombinedOptimizer
+from recsys.lit.optim import CombinedOptimizer, RowSparseAdam
 from recsys.models import Hybrid, NeuMF
 from recsys.models.ncf import VARIANTS
 from recsys.scoring import CatalogueScorer
@@ -108,7 +108,9 @@ def test_dlrm_sparse_and_dense_optimizers(make_cfg):
     assert not sparse & dense and sparse | dense == {id(p) for p in module.parameters()}
 
 
-SPARSE_ADAM = "model.sparse_optimizer={_target_: torch.optim.SparseAdam, _partial_: true, lr: 0.01}"
+SPARSE_ADAM = (
+    "model.sparse_optimizer={_target_: recsys.lit.optim.RowSparseAdam, _partial_: true, lr: 0.01}"
+)
 
 
 @pytest.mark.parametrize(
@@ -180,6 +182,7 @@ def test_hybrid_is_dot_plus_mlp(make_cfg):
 
 
 SPEC_IDS = FeatureSpec.of_ids(num_users=7, num_items=40)
+TABLES = ("gmf_user", "gmf_item", "mlp_user", "mlp_item")
 
 
 @pytest.mark.parametrize(
@@ -237,13 +240,17 @@ def test_top_k_over_several_blocks_is_the_best_unseen_items(monkeypatch):
     assert not seen.mask(users).gather(1, top).any()
 
 
+@pytest.mark.parametrize("sparse_grad", [False, True])
 @pytest.mark.parametrize("variant", ["mlp", "neumf"])
-def test_mlp_tower_equals_the_mlp_on_concatenated_embeddings(variant):
+def test_mlp_tower_equals_the_mlp_on_concatenated_embeddings(variant, sparse_grad):
     """`NeuMF._mlp_tower` (the first layer once per distinct user and item) against the plain
     MLP over [p'_u; q'_i] per pair: the same logits and the same gradients, with repeated
-    users and items as negative sampling makes them."""
+    users and items as negative sampling makes them; with ``sparse_grad``, the tables'
+    gradients are row-sparse over distinct rows in order, with the same values."""
     torch.manual_seed(0)
-    net = NeuMF(SPEC_IDS, variant=variant, gmf_dim=4, mlp_dim=6, mlp_layers=[8, 4], dropout=0.0)
+    net = NeuMF(
+        SPEC_IDS, variant=variant, gmf_dim=4, mlp_dim=6, mlp_layers=[8, 4], sparse_grad=sparse_grad
+    )
     users = torch.randint(SPEC_IDS.num_users, (40,)).repeat_interleave(5)
     items = torch.randint(SPEC_IDS.num_items, (200,))
     batch = FeatureStore(SPEC_IDS, None, None).make_batch(users, items)
@@ -263,4 +270,38 @@ def test_mlp_tower_equals_the_mlp_on_concatenated_embeddings(variant):
     (ours, our_grads), (expected, expected_grads) = grads
     torch.testing.assert_close(ours, expected)
     for name, grad in expected_grads.items():
-        torch.testing.assert_close(our_grads[name], grad, msg=name)
+        ours = our_grads[name]
+        if sparse_grad and "_" in name.split(".")[0]:  # the tables: gmf_user, mlp_item, ...
+            rows = ours._indices()[0]
+            assert ours.is_sparse and bool((rows[1:] > rows[:-1]).all()), name  # distinct
+            ours, grad = ours.to_dense(), grad.coalesce().to_dense()
+        torch.testing.assert_close(ours, grad, msg=name)
+
+
+def test_row_sparse_adam_is_sparse_adam():
+    """`RowSparseAdam` against torch.optim.SparseAdam on NeuMF's row-sparse gradients: the
+    same weights and moments, to the bit, after steps whose batches repeat rows."""
+    torch.manual_seed(0)
+    nets = [NeuMF(SPEC_IDS, gmf_dim=4, mlp_dim=6, mlp_layers=[8, 4], sparse_grad=True)]
+    nets.append(NeuMF(SPEC_IDS, gmf_dim=4, mlp_dim=6, mlp_layers=[8, 4], sparse_grad=True))
+    nets[1].load_state_dict(nets[0].state_dict())
+    opts = [
+        cls([p for n, p in net.named_parameters() if n.split(".")[0] in TABLES], lr=0.01)
+        for cls, net in zip((torch.optim.SparseAdam, RowSparseAdam), nets, strict=True)
+    ]
+    features = FeatureStore(SPEC_IDS, None, None)
+    for _ in range(5):
+        users = torch.randint(SPEC_IDS.num_users, (12,)).repeat_interleave(3)
+        items = torch.randint(SPEC_IDS.num_items, (36,))
+        batch = features.make_batch(users, items)
+        for net, opt in zip(nets, opts, strict=True):
+            opt.zero_grad()
+            net(batch).square().sum().backward()
+            opt.step()
+    theirs = nets[0].state_dict()
+    for name, ours in nets[1].state_dict().items():
+        assert torch.equal(ours, theirs[name]), name
+    for ours, theirs in zip(opts[1].state.values(), opts[0].state.values(), strict=True):
+        assert ours["step"] == theirs["step"] == 5
+        assert torch.equal(ours["exp_avg"], theirs["exp_avg"])
+        assert torch.equal(ours["exp_avg_sq"], theirs["exp_avg_sq"])

@@ -326,8 +326,8 @@ class RecommenderModule(L.LightningModule):
             raise ValueError(
                 "model.sparse_grad=true makes the tables' gradients row-sparse, which "
                 f"{self.hparams.optimizer['_target_']} does not take: set model.sparse_optimizer, "
-                "e.g. model.sparse_optimizer='{_target_: torch.optim.SparseAdam, _partial_: true, "
-                "lr: 0.001}' (torch.optim.Adagrad takes them too)"
+                "e.g. model.sparse_optimizer='{_target_: recsys.lit.optim.RowSparseAdam, "
+                "_partial_: true, lr: 0.001}' (torch.optim.SparseAdam and Adagrad take them too)"
             )
         if self.hparams.sparse_optimizer is None or len(params) < len(named):
             optimizer = dense_opt(params=params)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -36,10 +37,10 @@ class NeuMF(nn.Module):
     not read the files when it is built (a checkpoint of it rebuilds without them): the
     LightningModule calls `load_pretrained` when a fit starts from scratch.
 
-    ``sparse_grad``: the tables' gradients are row-sparse (``nn.Embedding(sparse=True)``): a
-    step's cost then depends on the batch, not on the number of users and items, with an
-    optimizer that takes such gradients for the tables (``model.sparse_optimizer``, e.g.
-    ``torch.optim.SparseAdam``).
+    ``sparse_grad``: the tables' gradients are row-sparse (``nn.Embedding(sparse=True)``), one
+    row per distinct user or item of the batch, in order: a step's work then depends on the
+    batch, not on the number of users and items, with an optimizer that takes such gradients
+    for the tables (``model.sparse_optimizer``, e.g. `recsys.lit.optim.RowSparseAdam`).
 
     Example::
 
@@ -161,7 +162,10 @@ class NeuMF(nn.Module):
 
     def forward(self, batch: Batch) -> torch.Tensor:
         """Returns: logits [B]."""
-        users, items = batch.ids("user_id"), batch.ids("item_id")
+        # the distinct ids: for the MLP's first layer, and for row-sparse gradients (see `_rows`)
+        distinct = self.sparse_grad or self.variant in ("mlp", "neumf")
+        users = _Ids.of(batch.ids("user_id"), distinct)
+        items = _Ids.of(batch.ids("item_id"), distinct)
         if self.variant == "mf":
             return self._mf(users, items)
         towers = []
@@ -171,25 +175,24 @@ class NeuMF(nn.Module):
             towers.append(self._mlp_tower(users, items))
         return self.head(torch.cat(towers, dim=1)).squeeze(1)
 
-    def _mlp_tower(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+    def _mlp_tower(self, users: _Ids, items: _Ids) -> torch.Tensor:
         """MLP([p'_u; q'_i]) [B, L], its first layer W [p'_u; q'_i] + b split into the user half
         W_u p'_u and the item half W_i q'_i + b, each computed once per distinct user and item
         of the batch and gathered per pair. The same function as the MLP on the concatenation,
         with fewer FLOPs: negative sampling repeats each user 1 + n times in a batch, and the
         first layer is the MLP's widest. On a GPU, where FLOPs are cheap and `torch.unique`
         waits for the device, the plain MLP on the concatenation."""
-        if users.is_cuda:
-            return self.mlp(torch.cat([self.mlp_user(users), self.mlp_item(items)], dim=1))
+        if users.distinct is None:
+            pairs = [_rows(self.mlp_user, users), _rows(self.mlp_item, items)]
+            return self.mlp(torch.cat(pairs, dim=1))
         first, m = self.mlp[0], self.mlp_user.embedding_dim
-        users, user_of = torch.unique(users, return_inverse=True)
-        items, item_of = torch.unique(items, return_inverse=True)
-        user_half = F.linear(_rows(self.mlp_user, users), first.weight[:, :m])  # [distinct, H1]
-        item_half = F.linear(_rows(self.mlp_item, items), first.weight[:, m:], first.bias)
+        user_half = F.linear(_distinct_rows(self.mlp_user, users), first.weight[:, :m])
+        item_half = F.linear(_distinct_rows(self.mlp_item, items), first.weight[:, m:], first.bias)
         # gathers by index_select: their backward is an index_add (see `_rows`)
-        hidden = user_half.index_select(0, user_of) + item_half.index_select(0, item_of)
+        hidden = user_half.index_select(0, users.inverse) + item_half.index_select(0, items.inverse)
         return self.mlp[1:](hidden)
 
-    def _mf(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+    def _mf(self, users: _Ids, items: _Ids) -> torch.Tensor:
         logits = (_rows(self.gmf_user, users) * _rows(self.gmf_item, items)).sum(1) + self.bias
         if hasattr(self, "user_bias"):
             logits = (
@@ -233,14 +236,66 @@ class NeuMF(nn.Module):
             own[name].copy_(value)
 
 
-def _rows(table: nn.Embedding, ids: torch.Tensor) -> torch.Tensor:
-    """``table(ids)``; on the CPU with dense gradients as ``index_select``, whose backward (an
-    index_add) is 1.3-2x as fast there as the embedding's (a sort and a segment sum) at training
-    batch sizes. Row-sparse gradients (``sparse_grad``) need the embedding op, and on a GPU the
-    index_add's atomics would make the gradients order-dependent."""
-    if table.sparse or ids.is_cuda:
-        return table(ids)
-    return table.weight.index_select(0, ids)
+class _Ids(NamedTuple):
+    """A batch's ids of one kind: per pair [B] and, on the CPU where asked, the distinct ids
+    (sorted) [D] and each pair's index among them [B]."""
+
+    pairs: torch.Tensor
+    distinct: torch.Tensor | None = None
+    inverse: torch.Tensor | None = None
+
+    @classmethod
+    def of(cls, ids: torch.Tensor, distinct: bool) -> _Ids:
+        if not distinct or ids.is_cuda:  # on a GPU, unique waits for the device
+            return cls(ids)
+        return cls(ids, *torch.unique(ids, return_inverse=True))
+
+
+def _rows(table: nn.Embedding, ids: _Ids) -> torch.Tensor:
+    """The pairs' rows of a table [B, D].
+
+    - row-sparse gradients (``sparse_grad``) on the CPU: the distinct rows (`_distinct_rows`,
+      a gradient already coalesced), gathered per pair;
+    - dense gradients on the CPU: ``index_select``, whose backward (an index_add) is 1.3-2x as
+      fast there as the embedding's (a sort and a segment sum) at training batch sizes;
+    - on a GPU the embedding op: an index_add's atomics would make the gradients
+      order-dependent.
+    """
+    if ids.pairs.is_cuda:
+        return table(ids.pairs)
+    if table.sparse:
+        return _distinct_rows(table, ids).index_select(0, ids.inverse)
+    return table.weight.index_select(0, ids.pairs)
+
+
+def _distinct_rows(table: nn.Embedding, ids: _Ids) -> torch.Tensor:
+    """The rows of the distinct ids [D, dim]; with ``sparse_grad`` their gradient is row-sparse
+    with distinct rows in order (`_CoalescedRows`)."""
+    if table.sparse:
+        return _CoalescedRows.apply(table.weight, ids.distinct)
+    return table.weight.index_select(0, ids.distinct)
+
+
+class _CoalescedRows(torch.autograd.Function):
+    """``weight[rows]`` for sorted distinct ``rows``, with a row-sparse gradient over those rows:
+    coalesced in content, so `recsys.lit.optim.RowSparseAdam` skips its ``coalesce`` (a sort
+    and a segment sum of every gradient row: about 5 ms per table for 20K rows of 64 floats on
+    this project's CPU, as the embedding op's gradient, a row per pair, needs). The gradient
+    is marked coalesced, but autograd's accumulation into ``.grad`` drops the mark, so the
+    optimizer checks the order of the rows instead."""
+
+    @staticmethod
+    def forward(ctx, weight: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(rows)
+        ctx.size = weight.shape
+        return weight.index_select(0, rows)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        (rows,) = ctx.saved_tensors
+        return torch.sparse_coo_tensor(
+            rows[None], grad, ctx.size, is_coalesced=True, check_invariants=False
+        ), None
 
 
 def _tower_weights(path: str | Path, variant: str) -> dict[str, torch.Tensor]:
