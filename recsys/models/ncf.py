@@ -254,8 +254,8 @@ class _Ids(NamedTuple):
 def _rows(table: nn.Embedding, ids: _Ids) -> torch.Tensor:
     """The pairs' rows of a table [B, D].
 
-    - row-sparse gradients (``sparse_grad``) on the CPU: the distinct rows (`_distinct_rows`,
-      a gradient already coalesced), gathered per pair;
+    - row-sparse gradients (``sparse_grad``) on the CPU: the distinct rows (`_distinct_rows`:
+      a gradient with each row once, in order), gathered per pair;
     - dense gradients on the CPU: ``index_select``, whose backward (an index_add) is 1.3-2x as
       fast there as the embedding's (a sort and a segment sum) at training batch sizes;
     - on a GPU the embedding op: an index_add's atomics would make the gradients
