@@ -305,3 +305,14 @@ def test_row_sparse_adam_is_sparse_adam():
         assert ours["step"] == theirs["step"] == 5
         assert torch.equal(ours["exp_avg"], theirs["exp_avg"])
         assert torch.equal(ours["exp_avg_sq"], theirs["exp_avg_sq"])
+
+
+def test_row_sparse_adam_refuses_gradients_it_does_not_take():
+    weight = torch.nn.Parameter(torch.zeros(4, 3))
+    opt = RowSparseAdam([weight])
+    weight.grad = torch.ones(4, 3)
+    with pytest.raises(RuntimeError, match="row-sparse gradients only"):
+        opt.step()
+    weight.grad = torch.ones(4, 3).to_sparse()  # sparse in both dimensions
+    with pytest.raises(RuntimeError, match="row-sparse gradients only"):
+        opt.step()

@@ -114,10 +114,11 @@ class RowSparseAdam(torch.optim.SparseAdam):
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                if not p.grad.is_sparse:
+                if not p.grad.is_sparse or p.grad.sparse_dim() != 1:
                     raise RuntimeError(
-                        "RowSparseAdam takes row-sparse gradients only (model.sparse_grad=true); "
-                        "use Adam for dense ones"
+                        "RowSparseAdam takes row-sparse gradients only (sparse in their first "
+                        "dimension, as nn.Embedding(sparse=True) and model.sparse_grad=true give); "
+                        "use Adam for dense ones and torch.optim.SparseAdam for other sparse ones"
                     )
                 state = self.state[p]
                 if not state:
