@@ -144,13 +144,13 @@ class NeuMF(nn.Module):
     def score_catalogue(self, users: torch.Tensor, item_part: dict):
         """Logits [U, I] of users [U] against every item: the same function as `forward`,
         with the user halves computed once per user instead of once per pair."""
-        if "dot" in item_part:  # mf
-            logits = self.gmf_user(users) @ item_part["dot"].T + item_part["item_bias"]
-            if hasattr(self, "user_bias"):
-                logits = logits + self.user_bias(users)
-            return logits
         # the tables' rows by indexing: a module call costs more than the lookup (about 10 us
-        # of the 0.5 ms a user takes on ml-1m)
+        # of the 0.5 ms a NeuMF user takes on ml-1m)
+        if "dot" in item_part:  # mf
+            logits = self.gmf_user.weight[users] @ item_part["dot"].T + item_part["item_bias"]
+            if hasattr(self, "user_bias"):
+                logits = logits + self.user_bias.weight[users]
+            return logits
         logits = self.head.bias
         if "gmf" in item_part:
             logits = logits + self.gmf_user.weight[users] @ item_part["gmf"]
