@@ -12,6 +12,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
+from recsys.allocator import set_malloc_thresholds
 from recsys.baselines import evaluate_with_baseline
 from recsys.callbacks import SamplesPerSecond, ValidationHistory
 from recsys.data.base import RecDataModule
@@ -38,7 +39,9 @@ def model_context(trainer: L.Trainer) -> AbstractContextManager:
 
 def build(cfg: DictConfig) -> tuple[RecDataModule, L.LightningModule, L.Trainer]:
     """Data module (prepared and set up), model sized from its metadata and holding the
-    training data's item statistics, and Trainer."""
+    training data's item statistics, and Trainer. Sets the process's ``malloc`` thresholds
+    first (`set_malloc_thresholds`)."""
+    set_malloc_thresholds(**cfg.get("malloc") or {})
     dm: RecDataModule = instantiate(cfg.data)
     dm.prepare_data()  # the model needs the dataset's sizes before the Trainer starts
     dm.setup()  # and the training split's item statistics (novelty, diversity)
