@@ -22,10 +22,10 @@ def set_malloc_thresholds(
     ``trim_threshold`` bytes are free there, and serves requests of ``mmap_threshold`` bytes
     or more with their own mappings, unmapped on free; both start small (128 KiB) and grow
     with what the process frees. Memory given back is faulted in again, page by page, by the
-    next step: at 20,480 samples a NeuMF step on ml-1m took about 2,000 page faults and 7.5 ms
-    of system time (of 75 ms) with glibc's defaults on this project's CPU, and none with a
-    32 MiB mmap threshold and a 512 MiB trim threshold. The cost: up to ``trim_threshold``
-    bytes of freed memory stay with the process.
+    next step: at 20,480 samples a NeuMF step on ml-1m took 1,400-2,200 page faults and 6-10
+    ms of system time (of about 80 ms) with glibc's defaults on this project's CPU, and 2-100
+    faults and under 1 ms with a 32 MiB mmap threshold and a 512 MiB trim threshold. The
+    cost: up to ``trim_threshold`` bytes of freed memory stay with the process.
 
     Args:
         mmap_threshold: requests of this many bytes or more get their own mapping (large
@@ -54,12 +54,12 @@ def set_malloc_thresholds(
     if not hasattr(libc, "mallopt") or not hasattr(libc, "gnu_get_libc_version"):
         log.info("malloc: the C library is not glibc; its settings are left as they are")
         return False
-    # the mmap threshold first: older glibc versions refuse one above 32 MiB (HEAP_MAX_SIZE / 2)
-    # and then change nothing
+    # the mmap threshold first: glibc may refuse one above its limit (mallopt(3) gives 32 MiB on
+    # 64-bit systems; glibc 2.36 takes more), and then changes nothing
     if not libc.mallopt(M_MMAP_THRESHOLD, mmap_threshold):
         raise ValueError(
             f"malloc.mmap_threshold={mmap_threshold}: this glibc refuses it; give at most "
-            "33554432 (32 MiB)"
+            "33554432 (32 MiB, the limit mallopt(3) documents for 64-bit systems)"
         )
     libc.mallopt(M_TRIM_THRESHOLD, trim_threshold)
     return True
