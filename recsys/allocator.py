@@ -12,6 +12,12 @@ log = logging.getLogger(__name__)
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
 
 
+def glibc() -> ctypes.CDLL | None:
+    """This process's C library when it is glibc (which has ``mallopt``), else None."""
+    libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    return libc if hasattr(libc, "gnu_get_libc_version") else None
+
+
 def set_malloc_thresholds(
     mmap_threshold: int | None = None, trim_threshold: int | None = None
 ) -> bool:
@@ -50,8 +56,8 @@ def set_malloc_thresholds(
                 "malloc.trim_threshold as numbers of bytes from 1 to 2**31 - 1, or both "
                 "null (glibc's defaults)"
             )
-    libc = ctypes.CDLL(ctypes.util.find_library("c"))
-    if not hasattr(libc, "mallopt") or not hasattr(libc, "gnu_get_libc_version"):
+    libc = glibc()
+    if libc is None:
         log.info("malloc: the C library is not glibc; its settings are left as they are")
         return False
     # the mmap threshold first: glibc may refuse one above its limit (mallopt(3) gives 32 MiB on

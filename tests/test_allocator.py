@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import subprocess
 import sys
 
 import pytest
 
 import recsys.train
-from recsys.allocator import set_malloc_thresholds
+from recsys.allocator import glibc, set_malloc_thresholds
 
-GLIBC = hasattr(ctypes.CDLL(ctypes.util.find_library("c")), "gnu_get_libc_version")
+GLIBC = glibc() is not None
 
 # a step's pattern: ten 4 MiB tensors made and freed together, 30 times; prints the page
 # faults of the last 20 rounds (the first ones fault the heap in once)
