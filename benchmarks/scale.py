@@ -17,8 +17,10 @@ For each number of rows N, on ``data=synthetic`` with ``data.num_rows=N``:
   ``trainer.fit`` with ``trainer.max_epochs=1``. Reported: the process's peak RSS (the
   kernel's maximum resident set size, read with ``wait4``: imports, about 0.5 GB, included),
   bytes per row (peak RSS over the rows kept after repeated pairs are removed), the peak when
-  the data was set up (before the fit), ``train/samples_per_sec`` of the epoch (positives and
-  their negatives, `SamplesPerSecond`), the fit's and the process's wall time.
+  the data was set up (before the fit), the distinct users and items a step and the median
+  time to build a batch (the first 20 training batches, built before the fit),
+  ``train/samples_per_sec`` of the epoch (positives and their negatives, `SamplesPerSecond`),
+  the fit's and the process's wall time.
 
 Below the table, the marginal bytes per row between consecutive sizes (the slope of peak RSS
 against rows: constant when memory is linear in rows) and the PNG ``out``: peak RSS and bytes
@@ -46,6 +48,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -126,6 +129,27 @@ def vm_hwm_mb() -> float:
     raise RuntimeError("no VmHWM in /proc/self/status")
 
 
+def batch_figures(dm, n: int = 20) -> dict:
+    """What the first ``n`` training batches hold and cost: the distinct users and items a
+    step (the table rows that NeuMF's first layer and the tables' row-sparse updates run over),
+    and the median time to build one batch (negative sampling included)."""
+    loader = dm.train_dataloader()
+    n = min(n, len(loader))
+    batches = iter(loader)
+    seconds, users, items = [], [], []
+    for _ in range(n):
+        start = time.perf_counter()
+        batch = next(batches)
+        seconds.append(time.perf_counter() - start)
+        users.append(len(batch.ids("user_id").unique()))
+        items.append(len(batch.ids("item_id").unique()))
+    return {
+        "users_per_step": sum(users) / n,
+        "items_per_step": sum(items) / n,
+        "batch_ms": statistics.median(seconds) * 1e3,
+    }
+
+
 def child(stage: str, overrides: list[str], report: Path) -> None:
     """Run one stage in this process and write its figures to ``report`` (JSON)."""
     import lightning as L
@@ -148,6 +172,7 @@ def child(stage: str, overrides: list[str], report: Path) -> None:
             L.seed_everything(cfg.seed, workers=True)
         dm, model, trainer = build(cfg)
         figures["setup_peak_mb"] = vm_hwm_mb()
+        figures.update(batch_figures(dm))
         start = time.perf_counter()
         trainer.fit(model, datamodule=dm)
         figures["fit_s"] = time.perf_counter() - start
@@ -211,8 +236,9 @@ def run_all(args, extra: list[str], tmp: Path) -> list[dict]:
 def table(results: list[dict]) -> str:
     lines = [
         "| rows | kept rows | users | items | stage | peak RSS MB | B/row | setup peak MB "
-        "| samples/s | fit s | wall s |",
-        "| ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| users / items a step | batch ms | samples/s | fit s | wall s |",
+        "| ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
+        "| ---: |",
     ]
 
     def num(r: dict, key: str, fmt: str) -> str:
@@ -220,10 +246,16 @@ def table(results: list[dict]) -> str:
 
     for r in results:
         stage = LABELS.get(r["stage"], r["stage"]) + ("" if r.get("built", True) else " (cached)")
+        per_step = (
+            f"{r['users_per_step']:,.0f} / {r['items_per_step']:,.0f}"
+            if "users_per_step" in r
+            else "-"
+        )
         lines.append(
             f"| {r['rows']:,} | {r['kept_rows']:,} | {r['num_users']:,} | {r['num_items']:,} "
             f"| {stage} | {r['peak_mb']:,.0f} | {r['bytes_per_row']:.0f} "
-            f"| {num(r, 'setup_peak_mb', ',.0f')} | {num(r, 'samples_per_sec', ',.0f')} "
+            f"| {num(r, 'setup_peak_mb', ',.0f')} | {per_step} | {num(r, 'batch_ms', '.1f')} "
+            f"| {num(r, 'samples_per_sec', ',.0f')} "
             f"| {num(r, 'fit_s', '.0f')} | {r['wall_s']:.0f} |"
         )
     return "\n".join(lines)
