@@ -33,6 +33,9 @@ from omegaconf import OmegaConf
 
 from recsys.scoring import CatalogueScorer
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from matmul import matmul_gflops  # noqa: E402
+
 CONF = Path(__file__).resolve().parents[1] / "conf"
 MODELS = {
     "MF": ["model=ncf", "model.variant=mf"],
@@ -44,17 +47,6 @@ MODELS = {
     "DLRM": ["model=dlrm"],
 }
 DEFAULTS = {"threads": 1, "seconds": 5.0, "rounds": 5, "quick": False}
-
-
-def matmul_gflops(seconds: float = 2.0) -> float:
-    """float32 GFLOP/s of a [4096, 512] x [512, 512] matmul: the machine's dense limit."""
-    a, b = torch.randn(4096, 512), torch.randn(512, 512)
-    a @ b
-    n, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        a @ b
-        n += 1
-    return n * 2 * 4096 * 512 * 512 / (time.perf_counter() - start) / 1e9
 
 
 def users_per_second(scorer: CatalogueScorer, users: torch.Tensor, dm, seconds: float) -> float:
@@ -114,7 +106,7 @@ def main() -> None:
             else:  # rounds of (matmul, scoring), paired: the machine's speed drifts
                 rounds = []
                 for _ in range(args.rounds):
-                    g = matmul_gflops(0.5)
+                    g = matmul_gflops(4096, 512, 512, seconds=0.5)
                     r = users_per_second(scorer, users, dm, args.seconds / args.rounds)
                     rounds.append((r, g, g / (flops * r / 1e9)))
                 rate, gflops, bound = (float(np.median(x)) for x in zip(*rounds, strict=True))

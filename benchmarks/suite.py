@@ -1,6 +1,8 @@
 """Every benchmark of the Performance section of the README, one after the other.
 
-    python benchmarks/suite.py [quick=true] [only=[training,ncf_table,ranking,scale,serve]]
+    python benchmarks/suite.py [quick=true] [only=[<script>,...]]
+
+``only`` names scripts of ``SCRIPTS`` (default: all of them, in that order).
 
 Runs each script of this folder as its own process with this interpreter and prints its output
 as it comes; the tables are the scripts' own (see each script's docstring for what it measures
@@ -19,7 +21,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 HERE = Path(__file__).resolve().parent
-SCRIPTS = ["training", "ncf_table", "ranking", "scale", "serve"]
+SCRIPTS = ["training", "ncf_table", "ranking", "scale", "table_rows", "serve"]
 DEFAULTS = {"quick": False, "only": SCRIPTS}
 
 

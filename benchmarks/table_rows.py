@@ -1,6 +1,6 @@
 """NeuMF's training step against the size of its tables and the rows a batch touches.
 
-    python benchmarks/table_rows.py [batch_size=4096] [rounds=6] [batches=30]
+    python benchmarks/table_rows.py [batch_size=4096] [rounds=6] [batches=30] [quick=true]
 
 Separates the two things that grow together in ``benchmarks/scale.py``: the tables (users
 rows/100, items rows/1000) and the distinct users and items of a batch. The model is the
@@ -10,7 +10,8 @@ each pair of table size and id range, the same kind of batches (``batch_size`` p
 uniform users and items, 4 uniform negatives each, drawn from the first ids of the range) go
 through forward, backward and both optimizers' steps. The pairs run in alternating rounds in
 one process; printed: the distinct users and items a step and the median ms a step.
-Batch building (negative sampling) is not timed here: scale.py reports it.
+Batch building (negative sampling) is not timed here: scale.py reports it. ``quick=true``:
+one round of 3 steps of 1,024 positives (a smoke test).
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ from recsys.data.store import FeatureStore
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from scale import MODELS, ROOT, sizes  # noqa: E402
 
-DEFAULTS = {"batch_size": 4096, "rounds": 6, "batches": 30}
+DEFAULTS = {"batch_size": 4096, "rounds": 6, "batches": 30, "quick": False}
+QUICK = {"batch_size": 1024, "rounds": 1, "batches": 3}
 NEGATIVES = 4
 # (rows whose tables are built, rows whose catalogue the batches draw from), as scale.py sizes
 # them: the 1M catalogue in every table, then each table's own
@@ -84,6 +86,8 @@ def stepper(rows: int):
 
 def main() -> None:
     args = OmegaConf.merge(DEFAULTS, OmegaConf.from_cli(sys.argv[1:]))
+    if args.quick:
+        args.merge_with(QUICK)
     torch.set_num_threads(2)
     runs = {}
     for rows, draw_rows in PAIRS:
@@ -104,7 +108,7 @@ def main() -> None:
     print(
         f"NeuMF (model=ncf, {' '.join(MODELS['ncf'][:1])}), {args.batch_size:,} positives "
         f"+ {NEGATIVES} negatives each a step, {torch.get_num_threads()} threads; "
-        f"{args.rounds} alternating rounds of {args.batches} steps\n"
+        f"{args.rounds} alternating round(s) of {args.batches} steps\n"
     )
     print("| tables of (users x items) | ids drawn from | users / items a step | ms a step |")
     print("| --- | --- | ---: | ---: |")

@@ -50,7 +50,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -60,7 +59,8 @@ from omegaconf import OmegaConf
 
 HERE = Path(__file__).resolve().parent
 CONF = HERE.parent / "conf"
-sys.path.insert(0, str(HERE))  # bare_neumf, when run as a script
+sys.path.insert(0, str(HERE))  # bare_neumf and matmul, when run as a script
+from matmul import matmul_gflops  # noqa: E402
 
 DEFAULTS = {
     "quick": False,
@@ -198,22 +198,6 @@ def paired_ratio(runs: dict[str, list[dict]], system: str, baseline: str) -> flo
     return float(np.median([a["samples_per_sec"] / b["samples_per_sec"] for a, b in pairs]))
 
 
-def matmul_gflops(rows: int, device: str, seconds: float = 2.0) -> float:
-    """float32 GFLOP/s of the first MLP layer's matmul, [rows, 2M] x [2M, H1]."""
-    a = torch.randn(rows, 2 * MLP_DIM, device=device)
-    w = torch.randn(2 * MLP_DIM, LAYERS[0], device=device)
-    a @ w
-    sync = torch.cuda.synchronize if device == "cuda" else lambda: None
-    sync()
-    n, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        for _ in range(10):
-            a @ w
-        sync()
-        n += 10
-    return n * 2 * rows * 2 * MLP_DIM * LAYERS[0] / (time.perf_counter() - start) / 1e9
-
-
 def dense_macs() -> tuple[float, float]:
     """Multiply-adds per sample of the dense part's forward: (all of it, the first MLP layer)."""
     first = 2 * MLP_DIM * LAYERS[0]
@@ -300,7 +284,8 @@ def main(opts) -> None:
         "| of matmul |\n| --- | --- | --- | --- | --- | --- |"
     )
     for batch, f, _ in rows:
-        peak = matmul_gflops(batch, opts.device)
+        # the first MLP layer's product, [batch, 2M] x [2M, H1]
+        peak = matmul_gflops(batch, 2 * MLP_DIM, LAYERS[0], opts.device)
         share = executed_share(dm, batch)
         for system, fig in f.items():
             model = fig["samples_per_sec"] * flops / 1e9

@@ -62,10 +62,11 @@ def test_the_suite_runs_quick(data_dir, cache_dir, tmp_path):
     )
     assert done.returncode == 0, done.stderr[-5000:]
     out = done.stdout
-    for name in ("training", "ncf_table", "ranking", "scale", "serve"):
+    for name in ("training", "ncf_table", "ranking", "scale", "table_rows", "serve"):
         assert f"## {name}:" in out
     assert "| effective batch | bare loop | RecBole 1.2.1 | recsys |" in out
     assert "| 1,280 |" in out and "| 4,096 |" in out
     assert "| NeuMF pretrained" in out  # the NCF table
     assert "users/s" in out  # ranking
+    assert "| tables of (users x items) | ids drawn from |" in out  # table_rows
     assert "GET /recommend" in out  # serve
