@@ -47,7 +47,8 @@ PAIRS = [
 ]
 
 
-def batches(rows: int, draw_rows: int, args, spec: FeatureSpec) -> list:
+def batches(draw_rows: int, args, spec: FeatureSpec) -> list:
+    """``args.batches`` batches of uniform draws from the catalogue of ``draw_rows`` rows."""
     store = FeatureStore(spec, None, None)
     draw = sizes(draw_rows)
     g = torch.Generator().manual_seed(0)
@@ -92,7 +93,7 @@ def main() -> None:
     runs = {}
     for rows, draw_rows in PAIRS:
         spec, step = stepper(rows)
-        data = batches(rows, draw_rows, args, spec)
+        data = batches(draw_rows, args, spec)
         step(data[0])  # the optimizers' state
         distinct = {
             key: statistics.mean(len(b.ids(key).unique()) for b in data)
