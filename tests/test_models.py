@@ -14,7 +14,7 @@ from recsys.data import FeatureSpec
 from recsys.data.negatives import PositiveSet
 from recsys.data.store import FeatureStore
 from recsys.lit.module import embedding_parameters
-from recsys.lit.optim import CombinedOptimizer, RowSparseAdam
+from recsys.lit.optim import CombinedOptimizer, RowSparseAdagrad, RowSparseAdam
 from recsys.models import Hybrid, NeuMF
 from recsys.models.ncf import VARIANTS
 from recsys.scoring import CatalogueScorer
@@ -111,6 +111,10 @@ def test_dlrm_sparse_and_dense_optimizers(make_cfg):
 ROW_SPARSE_ADAM = (
     "model.sparse_optimizer={_target_: recsys.lit.optim.RowSparseAdam, _partial_: true, lr: 0.01}"
 )
+ROW_SPARSE_ADAGRAD = (
+    "model.sparse_optimizer="
+    "{_target_: recsys.lit.optim.RowSparseAdagrad, _partial_: true, lr: 0.02}"
+)
 
 
 @pytest.mark.parametrize(
@@ -120,6 +124,11 @@ ROW_SPARSE_ADAM = (
         (["model=ncf", "model.variant=mf", ROW_SPARSE_ADAM], "item_bias", "item_id"),
         (
             ["model=dlrm"],
+            "dlrm.sparse_arch.embedding_bag_collection.embedding_bags.t_item_id",
+            "item_id",
+        ),
+        (
+            ["model=dlrm", ROW_SPARSE_ADAGRAD],
             "dlrm.sparse_arch.embedding_bag_collection.embedding_bags.t_item_id",
             "item_id",
         ),
@@ -305,6 +314,43 @@ def test_row_sparse_adam_is_sparse_adam():
         assert ours["step"] == theirs["step"] == 5
         assert torch.equal(ours["exp_avg"], theirs["exp_avg"])
         assert torch.equal(ours["exp_avg_sq"], theirs["exp_avg_sq"])
+
+
+@pytest.mark.parametrize("distinct", [True, False])
+def test_row_sparse_adagrad_is_adagrad(distinct):
+    """`RowSparseAdagrad` against torch.optim.Adagrad on the row-sparse gradients of
+    ``nn.EmbeddingBag(sparse=True)`` tables (DLRM's), five steps with lr decay: to the bit when
+    a step's rows are distinct; with repeated rows (one gradient row per lookup) the sums add in
+    another order, so equal up to float rounding."""
+    torch.manual_seed(0)
+    tables = [torch.nn.EmbeddingBag(30, 4, mode="sum", sparse=True) for _ in range(2)]
+    tables[1].load_state_dict(tables[0].state_dict())
+    opts = [
+        cls(table.parameters(), lr=0.05, lr_decay=0.01, initial_accumulator_value=0.1)
+        for cls, table in zip((torch.optim.Adagrad, RowSparseAdagrad), tables, strict=True)
+    ]
+    for _ in range(5):
+        ids = torch.randperm(30)[:12] if distinct else torch.randint(30, (12,))
+        offsets, weights = torch.tensor([0, 5]), torch.randn(2)
+        for table, opt in zip(tables, opts, strict=True):
+            opt.zero_grad()
+            (table(ids, offsets).sum(1) * weights).sum().backward()
+            opt.step()
+    check = torch.equal if distinct else torch.allclose
+    assert check(tables[1].weight, tables[0].weight)
+    ours, theirs = (next(iter(opt.state.values())) for opt in opts[::-1])
+    assert check(ours["sum"], theirs["sum"]) and ours["step"] == theirs["step"] == 5
+    assert not torch.equal(tables[1].weight, tables[1].weight.new_zeros(30, 4))
+
+
+def test_row_sparse_adagrad_refuses_what_torch_refuses():
+    weight = torch.nn.Parameter(torch.zeros(4, 3))
+    weight.grad = torch.ones(4, 3)
+    with pytest.raises(RuntimeError, match="row-sparse gradients only"):
+        RowSparseAdagrad([weight]).step()
+    weight.grad = torch.ones(4, 3).to_sparse(1)
+    with pytest.raises(RuntimeError, match="weight_decay"):
+        RowSparseAdagrad([weight], weight_decay=0.1).step()
 
 
 def test_row_sparse_adam_refuses_gradients_it_does_not_take():
