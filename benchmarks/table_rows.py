@@ -107,7 +107,7 @@ def main() -> None:
                 step(batch)
             times.append((time.perf_counter() - start) / len(data) * 1e3)
     print(
-        f"NeuMF (model=ncf, {' '.join(MODELS['ncf'][:1])}), {args.batch_size:,} positives "
+        f"NeuMF (model=ncf, {MODELS['ncf'][0]}), {args.batch_size:,} positives "
         f"+ {NEGATIVES} negatives each a step, {torch.get_num_threads()} threads; "
         f"{args.rounds} alternating round(s) of {args.batches} steps\n"
     )

@@ -109,33 +109,27 @@ class RowSparseAdam(torch.optim.SparseAdam):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group in self.param_groups:
+        for group, p, rows, values in _row_gradients(self):
             beta1, beta2 = group["betas"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                rows, values = _row_sparse(p.grad, type(self).__name__)
-                if group["maximize"]:
-                    values = -values
-                state = self.state[p]
-                if not state:
-                    state["step"] = 0
-                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["step"] += 1
-                if values.numel() == 0:
-                    continue
-                # the operations of torch.optim._functional.sparse_adam, in its order, on
-                # the gathered rows: old + (new - old) * (1 - beta)
-                exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
-                old_avg, old_sq = exp_avg.index_select(0, rows), exp_avg_sq.index_select(0, rows)
-                avg = values.sub(old_avg).mul_(1 - beta1).add_(old_avg)
-                sq = values.pow(2).sub_(old_sq).mul_(1 - beta2).add_(old_sq)
-                exp_avg.index_copy_(0, rows, avg)
-                exp_avg_sq.index_copy_(0, rows, sq)
-                step = state["step"]
-                step_size = group["lr"] * math.sqrt(1 - beta2**step) / (1 - beta1**step)
-                p.index_add_(0, rows, -step_size * avg.div_(sq.sqrt_().add_(group["eps"])))
+            state = self.state[p]
+            if not state:
+                state["step"] = 0
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["step"] += 1
+            if values.numel() == 0:
+                continue
+            # the operations of torch.optim._functional.sparse_adam, in its order, on the
+            # gathered rows: old + (new - old) * (1 - beta)
+            exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+            old_avg, old_sq = exp_avg.index_select(0, rows), exp_avg_sq.index_select(0, rows)
+            avg = values.sub(old_avg).mul_(1 - beta1).add_(old_avg)
+            sq = values.pow(2).sub_(old_sq).mul_(1 - beta2).add_(old_sq)
+            exp_avg.index_copy_(0, rows, avg)
+            exp_avg_sq.index_copy_(0, rows, sq)
+            step = state["step"]
+            step_size = group["lr"] * math.sqrt(1 - beta2**step) / (1 - beta1**step)
+            p.index_add_(0, rows, -step_size * avg.div_(sq.sqrt_().add_(group["eps"])))
         return loss
 
 
@@ -157,6 +151,17 @@ def _row_sparse(grad: torch.Tensor, optimizer: str) -> tuple[torch.Tensor, torch
         return rows, values
     rows, inverse = torch.unique(rows, return_inverse=True)
     return rows, values.new_zeros(len(rows), *values.shape[1:]).index_add_(0, inverse, values)
+
+
+def _row_gradients(optimizer: Optimizer):
+    """(group, parameter, rows, values) for each parameter of ``optimizer`` with a gradient:
+    its row-sparse gradient as `_row_sparse` gives it, negated where the group maximizes."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            rows, values = _row_sparse(p.grad, type(optimizer).__name__)
+            yield group, p, rows, -values if group["maximize"] else values
 
 
 class RowSparseAdagrad(torch.optim.Adagrad):
@@ -182,24 +187,18 @@ class RowSparseAdagrad(torch.optim.Adagrad):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group in self.param_groups:
-            if group["weight_decay"] != 0:
-                raise RuntimeError("weight_decay option is not compatible with sparse gradients")
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                rows, values = _row_sparse(p.grad, type(self).__name__)
-                if group["maximize"]:
-                    values = -values
-                state = self.state[p]
-                state["step"] += 1
-                clr = group["lr"] / (1 + (float(state["step"]) - 1) * group["lr_decay"])
-                if values.numel() == 0:
-                    continue
-                # torch.optim._functional.adagrad's sparse branch, on the gathered rows
-                state["sum"].index_add_(0, rows, values.pow(2))
-                std = state["sum"].index_select(0, rows).sqrt_().add_(group["eps"])
-                p.index_add_(0, rows, values / std, alpha=-clr)
+        if any(group["weight_decay"] != 0 for group in self.param_groups):
+            raise RuntimeError("weight_decay option is not compatible with sparse gradients")
+        for group, p, rows, values in _row_gradients(self):
+            state = self.state[p]
+            state["step"] += 1
+            clr = group["lr"] / (1 + (float(state["step"]) - 1) * group["lr_decay"])
+            if values.numel() == 0:
+                continue
+            # torch.optim._functional.adagrad's sparse branch, on the gathered rows
+            state["sum"].index_add_(0, rows, values.pow(2))
+            std = state["sum"].index_select(0, rows).sqrt_().add_(group["eps"])
+            p.index_add_(0, rows, values / std, alpha=-clr)
         return loss
 
 
