@@ -2,11 +2,12 @@
 
     python benchmarks/ncf_table.py [quick=true] [out=logs/benchmarks/ncf_table] [hydra overrides]
 
-Protocol (``experiment=ncf_protocol``): implicit feedback; each user's latest interaction is
-the test item and the one before it the validation item, each ranked against 99 sampled items
-the user never rated; HR@10 and NDCG@10 on the test items, of the checkpoint with the best
-val/ndcg@10. The shared ``data/ml-1m`` is a subset of MovieLens 1M (487,650 of 1,000,209
-ratings, users 1-2,999), so the figures are not the paper's.
+Protocol (``experiment=ncf_protocol``, He et al. 2017, Section 4.1): implicit feedback; each
+user's latest interaction is the test item and one of the others, drawn at random, the
+validation item, each ranked against 99 sampled items the user never rated; HR@10 and NDCG@10
+on the test items, of the checkpoint with the best val/ndcg@10. The shared ``data/ml-1m`` is a
+subset of MovieLens 1M (487,650 of 1,000,209 ratings, users 1-2,999), so the figures are not
+the paper's.
 
 Rows, each one `recsys.train.run` of ``experiment=ncf_<model>`` (fit with early stopping,
 test of the best checkpoint, the popularity baseline beside it):
@@ -19,10 +20,15 @@ test of the best checkpoint, the popularity baseline beside it):
   (``model.pretrained``); its wall time is its own run's, and ``+ sources`` adds theirs.
 
 NeuMF runs first, so its time to quality counts from the command's start: the seconds from the
-start until the end of the first validation whose ``val/hr@10`` reached ``TARGET_HR`` (start-up,
-data loading and the validations included). `ValidationClock`, a callback added to that run,
-appends the wall clock and ``val/hr@10`` of each validation to ``validation_clock.jsonl`` in
-the run folder; the figure is read from there (``never`` when no validation reached it).
+start until the end of the first validation after which the weights of that moment reach
+``TARGET_HR`` in the table's own figure, HR@10 on the test items (start-up, data loading and
+the evaluations included). `ValidationClock`, a callback added to that run, appends the wall
+clock, ``val/hr@10`` and the current weights' test HR@10 after each validation to
+``validation_clock.jsonl`` in the run folder; the figures are read from there (``never`` when
+none reached it). The test items only time the run: the checkpoint is still chosen by
+validation. The time to ``val/hr@10`` is printed beside it; under the paper's validation rows
+(one random interaction per user, ``data.split.val_row=random``) validation runs well above
+test, so that figure says little by itself.
 
 Options: ``quick=true`` (ml-100k, one epoch per run: a smoke test), ``out`` (the folder of the
 run folders); anything else is a Hydra override given to every run, e.g. ``trainer.max_epochs=3``.
@@ -35,10 +41,12 @@ import sys
 import time
 from pathlib import Path
 
+import torch
 from hydra import compose, initialize_config_dir
 from lightning.pytorch.callbacks import Callback
 from omegaconf import OmegaConf
 
+from recsys.metrics import RankingMetrics
 from recsys.train import run
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -50,8 +58,9 @@ SUBSET = "a subset: 487,650 of 1,000,209 ratings, users 1-2,999"
 
 
 class ValidationClock(Callback):
-    """Appends ``{"time": <time.time()>, "epoch": e, "val/hr@10": x}`` to ``path`` at the end
-    of every validation (sanity checks excluded)."""
+    """Appends ``{"time": <time.time()>, "epoch": e, "val/hr@10": x, "test/hr@10": y}`` to
+    ``path`` at the end of every validation (sanity checks excluded): ``y`` is the HR@10 of
+    the weights of that moment on the test queries, timed before it is computed."""
 
     def __init__(self, path: str) -> None:
         self.path = Path(path)
@@ -62,6 +71,9 @@ class ValidationClock(Callback):
         hr = trainer.callback_metrics.get("val/hr@10")
         entry = {"time": time.time(), "epoch": trainer.current_epoch}
         entry["val/hr@10"] = None if hr is None else float(hr)
+        entry["test/hr@10"] = hit_rate(
+            pl_module, trainer.datamodule.protocol.ranking_loader("test")
+        )
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.path.open("a") as f:
             f.write(json.dumps(entry) + "\n")
@@ -84,12 +96,24 @@ def _train(name: str, out: Path, overrides: list[str]) -> tuple[dict, float]:
     return metrics, time.perf_counter() - start
 
 
-def time_to_quality(clock: Path, start: float, target: float = TARGET_HR) -> float | None:
+@torch.no_grad()
+def hit_rate(module, loader, k: int = 10) -> float:
+    """HR@k of ``module`` (a `RecommenderModule`) over the ranking queries of ``loader``."""
+    metric = RankingMetrics((k,))
+    for batch in loader:
+        batch = batch.to(module.device)
+        metric.update(module.rank(batch), batch.relevant)
+    return float(metric.compute()[f"hr@{k}"])
+
+
+def time_to_quality(
+    clock: Path, start: float, key: str = "test/hr@10", target: float = TARGET_HR
+) -> float | None:
     """Seconds from ``start`` (a `time.time`) to the first validation in the ``clock`` file
-    whose ``val/hr@10`` is at least ``target``; None when none is."""
+    whose ``key`` is at least ``target``; None when none is."""
     for line in clock.read_text().splitlines():
         entry = json.loads(line)
-        if entry["val/hr@10"] is not None and entry["val/hr@10"] >= target:
+        if entry[key] is not None and entry[key] >= target:
             return entry["time"] - start
     return None
 
@@ -110,7 +134,7 @@ def main() -> None:
         f"+callbacks.validation_clock.path={clock}",
     ]
     runs["neumf"] = _train("neumf", root / "neumf", [*overrides, *timed])
-    ttq = time_to_quality(clock, start)
+    ttq = {key: time_to_quality(clock, start, key) for key in ("test/hr@10", "val/hr@10")}
     for name in ("mf", "gmf", "mlp"):
         runs[name] = _train(name, root / name, overrides)
     gmf, mlp = (runs[v][0]["best_model_path"] for v in ("gmf", "mlp"))
@@ -147,8 +171,12 @@ def main() -> None:
     print("| model | HR@10 | NDCG@10 | best epoch | wall s |")
     print("| --- | --- | --- | --- | --- |")
     print("\n".join(rows))
-    reached = "never" if ttq is None else f"{ttq:.0f} s"
-    print(f"\nNeuMF time to val/hr@10 >= {TARGET_HR}: {reached} from the command's start")
+    reached = {k: "never" if t is None else f"{t:.0f} s" for k, t in ttq.items()}
+    print(
+        f"\nNeuMF time to HR@10 >= {TARGET_HR} on the test items (the weights after each "
+        f"validation): {reached['test/hr@10']} from the command's start; to val/hr@10 >= "
+        f"{TARGET_HR}: {reached['val/hr@10']}"
+    )
     print(f"whole command: {total:.0f} s")
 
 

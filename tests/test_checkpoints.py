@@ -68,7 +68,7 @@ def test_checkpoint_carries_data_hyperparameters_and_processed_folder(run_withou
     dm = MovieLensDataModule.load_from_checkpoint(
         run_without_raw["metrics"]["best_model_path"], weights_only=True
     )
-    assert dm.hparams.split == {"kind": "random", "val": 0.1, "test": 0.1}
+    assert dm.hparams.split == {"kind": "random", "val": 0.1, "test": 0.1, "val_row": "previous"}
 
 
 def test_evaluate_without_raw_files_reproduces_training(run_without_raw, tmp_path, monkeypatch):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import zipfile
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -119,6 +120,43 @@ def test_splits_partition_rows(make_cfg, kind):
     assert (inter.timestamps[test_rows] >= latest_train[inter.users[test_rows]]).all()
     if kind == "leave_one_out":
         assert len(test_rows) == len(inter.users[test_rows].unique()) == dm.spec.num_users
+
+
+def test_leave_one_out_random_validation_rows(make_cfg):
+    """val_row=random (He et al. 2017): the test row is each user's latest, the validation row
+    one of the others, uniformly, the same one for the same seed."""
+    dm = _datamodule(
+        make_cfg, "data.variant=100k", "data.split.kind=leave_one_out", "data.split.val_row=random"
+    )
+    inter, rows = dm.data.interactions, dm.rows
+    previous = _datamodule(make_cfg, "data.variant=100k", "data.split.kind=leave_one_out").rows
+    assert torch.equal(rows["test"], previous["test"])
+    assert len(rows["val"]) == len(inter.users[rows["val"]].unique()) == dm.spec.num_users
+    # the validation row's rank in its user's rows from the latest (ties by row order, as the
+    # split breaks them): 1 is the row before the test row
+    order = np.lexsort((inter.timestamps.numpy(), inter.users.numpy()))
+    users = inter.users.numpy()[order]
+    counts = np.bincount(users)
+    from_end = counts[users] - 1 - (np.arange(len(order)) - (np.cumsum(counts) - counts)[users])
+    rank = np.empty(len(order), dtype=np.int64)
+    rank[order] = from_end
+    val_users = inter.users[rows["val"]].numpy()
+    position = (rank[rows["val"].numpy()] - 1) / (counts[val_users] - 2)  # uniform on [0, 1]
+    assert (rank[rows["val"].numpy()] >= 1).all() and len(np.unique(rank[rows["val"]])) > 100
+    assert abs(position.mean() - 0.5) < 0.05 and abs((position < 0.25).mean() - 0.25) < 0.05
+    again = _datamodule(
+        make_cfg, "data.variant=100k", "data.split.kind=leave_one_out", "data.split.val_row=random"
+    )
+    assert torch.equal(again.rows["val"], rows["val"])
+
+
+def test_checkpoints_from_before_val_row_name_the_same_data(make_cfg):
+    dm = _datamodule(make_cfg, "data.variant=100k", "data.split.kind=leave_one_out")
+    state = dm.state_dict()
+    del state["settings"]["split"]["val_row"]  # as checkpoints written before it have it
+    assert dm.settings_changes(state) == {}
+    state["settings"]["split"]["val_row"] = "random"
+    assert dm.settings_changes(state) == {"split.val_row": ("random", "previous")}
 
 
 def test_temporal_split_needs_timestamps(make_cfg, cache_dir):

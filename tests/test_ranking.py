@@ -33,12 +33,12 @@ def _ranking_batches(dm, split="test"):
 def test_loo_candidates_saved_and_identical_across_runs(make_cfg, tmp_path):
     dm = _dm(make_cfg, "data.ranking=sampled")
     first = torch.cat([b.items for b in _ranking_batches(dm)])
-    saved = list(dm.processed_dir.glob("ranking-test-*.parquet"))
-    assert len(saved) == 1
+    saved = dm.protocol.candidates_path(dm.processed_dir, "test")
+    assert saved.is_file()
     assert first.shape == (dm.spec.num_users, 100)  # one held-out item + 99 negatives each
     again = torch.cat([b.items for b in _ranking_batches(_dm(make_cfg, "data.ranking=sampled"))])
     assert torch.equal(first, again)
-    saved[0].unlink()  # regenerated from the seed: the same candidates
+    saved.unlink()  # regenerated from the seed: the same candidates
     regenerated = torch.cat(
         [b.items for b in _ranking_batches(_dm(make_cfg, "data.ranking=sampled"))]
     )

@@ -70,7 +70,9 @@ class RecDataModule(L.LightningDataModule):
         cache_dir: root folder of processed datasets.
         batch_size: training batch size.
         eval_batch_size: validation/test batch size (default: 4 x batch_size).
-        split: ``{kind: random|temporal|leave_one_out, val: fraction, test: fraction}``.
+        split: ``{kind: random|temporal|leave_one_out, val: fraction, test: fraction,
+            val_row: previous|random}`` (`recsys.data.split.split_indices`; ``val_row`` is
+            leave_one_out's validation row).
         seed: seed of the split and of the per-epoch shuffles.
         rating_threshold, threshold_op: label = rating `op` threshold (op ``>`` or ``>=``).
         feedback: ``explicit`` (labels from ratings) or ``implicit`` (every interaction is a
@@ -128,7 +130,13 @@ class RecDataModule(L.LightningDataModule):
         self.cache_dir = Path(cache_dir).expanduser()
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or 4 * batch_size
-        self.split = {"kind": "random", "val": 0.1, "test": 0.1, **(split or {})}
+        self.split = {
+            "kind": "random",
+            "val": 0.1,
+            "test": 0.1,
+            "val_row": "previous",
+            **(split or {}),
+        }
         self.seed = seed
         self.rating_threshold = rating_threshold
         self.threshold_op = threshold_op
@@ -249,8 +257,10 @@ class RecDataModule(L.LightningDataModule):
     def settings_changes(self, state: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
         """``{dotted key: (checkpoint's value, this module's value)}`` of the data settings
         (hyperparameters but `FREE_KEYS`) that differ from those saved in ``state``."""
-        old = _flatten(state.get("settings", {}))
-        new = _flatten(self.data_settings())
+        saved = state.get("settings", {})
+        if "split" in saved:  # checkpoints from before split.val_row held out the previous row
+            saved = {**saved, "split": {"val_row": "previous", **saved["split"]}}
+        old, new = _flatten(saved), _flatten(self.data_settings())
         return {
             k: (old.get(k, _UNSET), new.get(k, _UNSET))
             for k in sorted(old.keys() | new.keys())

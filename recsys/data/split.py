@@ -10,18 +10,27 @@ from recsys.data.preprocess import index_dtype
 from recsys.data.store import Interactions
 
 SPLITS = ("random", "temporal", "leave_one_out")
+VAL_ROWS = ("previous", "random")
 
 
 def split_indices(
-    inter: Interactions, kind: str, val: float, test: float, seed: int
+    inter: Interactions,
+    kind: str,
+    val: float,
+    test: float,
+    seed: int,
+    val_row: str = "previous",
 ) -> dict[str, torch.Tensor]:
     """Row indices of each split.
 
     - ``random``: a seeded permutation; ``val`` and ``test`` are fractions of all rows.
     - ``temporal``: for each user, the latest ``test`` fraction of their rows (by timestamp)
       are test rows and the ``val`` fraction before them validation rows.
-    - ``leave_one_out``: each user's latest row is the test row and the one before it the
-      validation row (users with fewer than 3 rows keep all of them for training).
+    - ``leave_one_out``: each user's latest row is the test row; the validation row is the
+      one before it (``val_row="previous"``) or one of the user's other rows drawn uniformly
+      with ``seed`` (``val_row="random"``, as He et al. 2017 tune NCF: the rows right before
+      the test row stay in training). Users with fewer than 3 rows keep all of them for
+      training.
 
     Ties in time are broken by row order, so every split is deterministic.
     """
@@ -29,6 +38,8 @@ def split_indices(
         raise ValueError(f"data.split.kind={kind!r} is not one of {SPLITS}")
     if not (0 <= val < 1 and 0 <= test < 1 and val + test < 1):
         raise ValueError(f"split fractions val={val}, test={test} must be in [0, 1) and sum < 1")
+    if val_row not in VAL_ROWS:
+        raise ValueError(f"data.split.val_row={val_row!r} is not one of {VAL_ROWS}")
     n = len(inter)
     split = np.zeros(n, dtype=np.int8)  # 0 train, 1 val, 2 test, in original row order
     if kind == "random":
@@ -54,7 +65,15 @@ def split_indices(
     from_end = n_u - 1 - (np.arange(n) - starts[sorted_users])
     if kind == "leave_one_out":
         eligible = n_u >= 3
-        is_test, is_val = eligible & (from_end == 0), eligible & (from_end == 1)
+        is_test = eligible & (from_end == 0)
+        if val_row == "previous":
+            is_val = eligible & (from_end == 1)
+        else:  # per user, uniform over its rows but the last: 1 .. count - 1 from the end
+            draws = np.random.default_rng(seed).random(len(counts))
+            users = np.flatnonzero(counts >= 3)
+            from_end_val = 1 + np.floor(draws[users] * (counts[users] - 1)).astype(np.int64)
+            is_val = np.zeros(n, dtype=bool)
+            is_val[starts[users] + counts[users] - 1 - from_end_val] = True
     else:
         n_test = np.floor(n_u * test + 0.5)
         n_val = np.floor(n_u * (test + val) + 0.5)
