@@ -18,7 +18,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf, open_dict
 
 from recsys.data.loader import BatchIndexSampler
-from recsys.train import run
+from recsys.train import build, run
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -149,6 +149,53 @@ def test_two_process_ddp_matches_one_process(make_cfg, tmp_path):
     )
     assert two["best_epoch"] == best["epoch"] and two["best_step"] == best["global_step"]
     assert two["val/auroc"] == pytest.approx(float(state["best_model_score"]))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sparse_grad", [False, True])
+def test_two_process_ddp_steps_equal_one_process_steps(make_cfg, tmp_path, sparse_grad):
+    """Explicit feedback (no sampled negatives): each DDP step's two shares of 512 rows are
+    the one-process step's 1,024 (`BatchIndexSampler`), and DDP all-reduces the gradients of
+    the two halves' mean losses, so both runs take the same steps, row-sparse table gradients
+    (all-reduced by gloo) and RowSparseAdam included: the weights agree to float rounding
+    (1e-7 when written). Adam's steps do not change with the gradients' scale, so this does
+    not tell an average from a sum."""
+    common = [
+        "data=movielens",
+        "data.variant=100k",
+        "model.variant=neumf",
+        "trainer.max_epochs=1",
+        "+trainer.limit_train_batches=30",
+        "callbacks.early_stopping=null",
+        "logger=none",
+    ]
+    if sparse_grad:
+        common += [
+            "model.sparse_grad=true",
+            "model.sparse_optimizer={_target_: recsys.lit.optim.RowSparseAdam, _partial_: true, "
+            "lr: 0.001}",
+        ]
+    one = run(make_cfg(*common, "data.batch_size=1024", output_dir=tmp_path / "one"))
+    two = run(
+        make_cfg(
+            *common,
+            "trainer=ddp_spawn",
+            "trainer.accelerator=cpu",
+            "data.batch_size=512",
+            output_dir=tmp_path / "two",
+        )
+    )
+    weights = [
+        torch.load(tmp_path / r / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+        for r in ("one", "two")
+    ]
+    for name, value in weights[0].items():
+        torch.testing.assert_close(weights[1][name], value, rtol=0, atol=1e-6, msg=name)
+    cfg = make_cfg(*common, "data.batch_size=1024", output_dir=tmp_path / "start")
+    L.seed_everything(cfg.seed)  # as run() does: the weights both runs started from
+    start = build(cfg)[1].state_dict()
+    assert all(not torch.equal(weights[0][n], start[n]) for n in start if n.startswith("net."))
+    assert one["test/auroc"] == pytest.approx(two["test/auroc"], abs=1e-4)
 
 
 @pytest.mark.slow
