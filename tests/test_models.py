@@ -6,6 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+import torch.nn.functional as F
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 
@@ -132,6 +133,12 @@ ROW_SPARSE_ADAGRAD = (
             "dlrm.sparse_arch.embedding_bag_collection.embedding_bags.t_item_id",
             "item_id",
         ),
+        (["model=hybrid", ROW_SPARSE_ADAM], "item", "item_id"),
+        (
+            ["model=hybrid", "model.use_side_features=true", ROW_SPARSE_ADAM],
+            "side.embedding_bags.t_genres",
+            "genres",
+        ),
     ],
 )
 def test_sparse_grad_updates_only_the_rows_of_the_batch(make_cfg, model, table, ids):
@@ -147,6 +154,25 @@ def test_sparse_grad_updates_only_the_rows_of_the_batch(make_cfg, model, table, 
     optimizer.step()
     moved = (weight.detach() != before).any(1)
     assert torch.equal(moved.nonzero()[:, 0], batch.ids(ids).unique())
+
+
+def test_hybrid_sparse_gradients_are_its_dense_gradients(make_cfg):
+    """Hybrid with model.sparse_grad=true: the same function, and each table's row-sparse
+    gradient, summed per row, is the dense one."""
+    side = ["model=hybrid", "model.use_side_features=true"]
+    dense, batch, _ = _net_and_batch(make_cfg, *side)
+    sparse, _, _ = _net_and_batch(make_cfg, *side, "model.sparse_grad=true")
+    sparse.load_state_dict(dense.state_dict())
+    torch.testing.assert_close(sparse(batch), dense(batch))
+    for module in (dense, sparse):
+        F.binary_cross_entropy_with_logits(module(batch), batch.labels).backward()
+    tables = {id(p) for p in embedding_parameters(dense.net)}
+    assert len(tables) == 2 + len(dense.net.user_side) + len(dense.net.item_side)
+    for (name, d), s in zip(dense.net.named_parameters(), sparse.net.parameters(), strict=True):
+        assert s.grad.is_sparse == (id(d) in tables), name
+        got = s.grad.to_dense() if s.grad.is_sparse else s.grad
+        torch.testing.assert_close(got, d.grad, msg=name)
+    assert dense.net.user.weight.grad.abs().sum() > 0
 
 
 def test_sparse_grad_needs_a_sparse_optimizer(make_cfg):

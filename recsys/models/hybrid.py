@@ -22,6 +22,12 @@ class Hybrid(nn.Module):
     embeddings of the user's side features (e.g. age, gender) are added to u, the item's (e.g.
     genres) to i, and the dense features join the MLP input.
 
+    ``sparse_grad``: every table's gradient is row-sparse (``nn.Embedding`` and the side
+    features' ``nn.EmbeddingBag`` with ``sparse=True``), one row per lookup, for an optimizer
+    that takes such gradients (``model.sparse_optimizer``, e.g.
+    `recsys.lit.optim.RowSparseAdam`): a step's cost then depends on the batch, not on the
+    tables' sizes.
+
     Example::
 
             >>> import torch
@@ -43,12 +49,14 @@ class Hybrid(nn.Module):
         dropout: float = 0.0,
         use_side_features: bool = False,
         pooling: str = "mean",
+        sparse_grad: bool = False,
     ):
         super().__init__()
         if not mlp_layers:
             raise ValueError("model.mlp_layers must name at least one layer")
-        self.user = nn.Embedding(spec.num_users, embedding_dim)
-        self.item = nn.Embedding(spec.num_items, embedding_dim)
+        self.sparse_grad = sparse_grad
+        self.user = nn.Embedding(spec.num_users, embedding_dim, sparse=sparse_grad)
+        self.item = nn.Embedding(spec.num_items, embedding_dim, sparse=sparse_grad)
         nn.init.normal_(self.user.weight, std=0.01)
         nn.init.normal_(self.item.weight, std=0.01)
         side = spec.side_features() if use_side_features else ()
@@ -57,6 +65,8 @@ class Hybrid(nn.Module):
             if side
             else None
         )
+        for table in self.side.embedding_bags.values() if self.side is not None else ():
+            table.sparse = sparse_grad
         self.user_side = [f.name for f in side if f.entity == "user"]
         self.item_side = [f.name for f in side if f.entity == "item"]
         self.num_dense = spec.num_dense if use_side_features else 0
