@@ -51,10 +51,7 @@ class CombinedOptimizer(Optimizer):
         return {p: s for part in self.parts.values() for p, s in part.state.items()}
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = _closure_loss(closure)
         for part in self.parts.values():
             part.step()
         return loss
@@ -105,10 +102,7 @@ class RowSparseAdam(torch.optim.SparseAdam):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = _closure_loss(closure)
         for group, p, rows, values in _row_gradients(self):
             beta1, beta2 = group["betas"]
             state = self.state[p]
@@ -131,6 +125,15 @@ class RowSparseAdam(torch.optim.SparseAdam):
             step_size = group["lr"] * math.sqrt(1 - beta2**step) / (1 - beta1**step)
             p.index_add_(0, rows, -step_size * avg.div_(sq.sqrt_().add_(group["eps"])))
         return loss
+
+
+def _closure_loss(closure: Callable[[], Any] | None) -> Any:
+    """What an optimizer's ``step(closure)`` returns: the closure's loss, run with gradients
+    enabled (a step may run under ``no_grad``), or None without one."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
 
 
 def _row_sparse(grad: torch.Tensor, optimizer: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -183,10 +186,7 @@ class RowSparseAdagrad(torch.optim.Adagrad):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = _closure_loss(closure)
         if any(group["weight_decay"] != 0 for group in self.param_groups):
             raise RuntimeError("weight_decay option is not compatible with sparse gradients")
         for group, p, rows, values in _row_gradients(self):
