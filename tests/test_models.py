@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import lightning as L
 import numpy as np
 import pandas as pd
 import pytest
@@ -311,6 +312,77 @@ def test_mlp_tower_equals_the_mlp_on_concatenated_embeddings(variant, sparse_gra
             assert got.is_sparse and bool((rows[1:] > rows[:-1]).all()), name  # distinct
             got, grad = got.to_dense(), grad.coalesce().to_dense()
         torch.testing.assert_close(got, grad, msg=name)
+
+
+@pytest.mark.parametrize("sparse_grad", [False, True])
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_embedding_l2_is_the_mean_squared_norm_of_each_pairs_rows(variant, sparse_grad):
+    """`NeuMF.embedding_l2` (once per distinct id, weighted by its count) against the sum
+    over pairs of the squared norms of every row each pair looks up, divided by the pairs:
+    the same value and the same gradients, with repeated users and items."""
+    torch.manual_seed(0)
+    net = NeuMF(
+        SPEC_IDS, variant=variant, gmf_dim=4, mlp_dim=6, mlp_layers=[8, 4], sparse_grad=sparse_grad
+    )
+    with torch.no_grad():
+        for name in ("user_bias", "item_bias"):
+            if hasattr(net, name):  # zeros at the start: give them values to penalise
+                getattr(net, name).weight.normal_()
+    users = torch.randint(SPEC_IDS.num_users, (30,)).repeat_interleave(3)
+    items = torch.randint(SPEC_IDS.num_items, (90,))
+    batch = FeatureStore(SPEC_IDS, None, None).make_batch(users, items)
+
+    def per_pair() -> torch.Tensor:
+        total = 0.0
+        for name, table in net.named_children():
+            if isinstance(table, torch.nn.Embedding):
+                ids = users if "user" in name else items
+                total = total + table.weight[ids].square().sum()
+        return total / len(users)
+
+    values, grads = [], []
+    for penalty in (lambda: net.embedding_l2(batch), per_pair):
+        net.zero_grad()
+        value = penalty()
+        value.backward()
+        values.append(value.detach())
+        grads.append({n: p.grad for n, p in net.named_parameters() if p.grad is not None})
+    torch.testing.assert_close(values[0], values[1])
+    tables = {n for n, m in net.named_modules() if isinstance(m, torch.nn.Embedding)}
+    assert set(grads[0]) == set(grads[1]) == {f"{t}.weight" for t in tables}
+    for name, expected in grads[1].items():
+        got = grads[0][name]
+        if sparse_grad:  # the per-pair sum indexes the weights: a dense gradient
+            assert got.is_sparse, name
+            got = got.to_dense()
+        torch.testing.assert_close(got, expected, msg=name)
+
+
+def test_model_l2_adds_the_penalty_to_the_training_loss(make_cfg):
+    """model.l2: the training step returns the loss plus l2 times the mean squared norm of
+    the rows each pair looks up (counted here per pair), and 0 adds nothing."""
+    for l2 in (0.0, 0.5):
+        module, batch, _ = _net_and_batch(
+            make_cfg, "model=ncf", "model.variant=mf", f"model.l2={l2}"
+        )
+        module.trainer = L.Trainer(logger=False, enable_checkpointing=False, max_epochs=1)
+        objective = module.training_step(batch, 0)
+        net, users, items = module.net, batch.ids("user_id"), batch.ids("item_id")
+        rows = [net.gmf_user.weight[users], net.gmf_item.weight[items]]
+        rows += [net.user_bias.weight[users], net.item_bias.weight[items]]
+        penalty = sum(r.square().sum() for r in rows) / len(batch)
+        assert penalty > 1e-4  # the two cases differ by more than the tolerance
+        bce = F.binary_cross_entropy_with_logits(module(batch), batch.labels)
+        torch.testing.assert_close(objective, bce + l2 * penalty)
+
+
+def test_model_l2_needs_a_network_with_the_penalty(make_cfg):
+    with pytest.raises(
+        InstantiationException, match=r"model.l2=0.1: recsys.models.DLRM has no embedding_l2"
+    ):
+        _net_and_batch(make_cfg, "model=dlrm", "+model.l2=0.1")
+    with pytest.raises(InstantiationException, match=r"model.l2=-1: .* must be >= 0"):
+        _net_and_batch(make_cfg, "model=ncf", "model.l2=-1")
 
 
 def test_row_sparse_adam_is_sparse_adam():

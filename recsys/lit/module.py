@@ -59,6 +59,10 @@ class RecommenderModule(L.LightningModule):
         loss: ``bce`` (binary cross-entropy on logits) or ``bpr`` (Bayesian personalised
             ranking: -log sigmoid(s_pos - s_neg) over each positive and its sampled
             negatives; needs ``data.feedback=implicit``).
+        l2: weight of the network's ``embedding_l2(batch)`` penalty (NeuMF's: the mean squared
+            norm of the embedding rows each training pair looks up, Rendle et al. 2020),
+            added to the training loss; 0 adds nothing. ``train/loss`` stays the ``loss``
+            alone, comparable with ``val/loss``.
         ranking_ks: cut-offs of the ranking metrics (``hr@K``, ``ndcg@K``, ``recall@K``) when
             the data module adds a ranking loader (``data.ranking``).
         list_k: length of the recommendation lists whose coverage, novelty, diversity and
@@ -75,6 +79,7 @@ class RecommenderModule(L.LightningModule):
         sparse_optimizer: dict | None = None,
         lr_scheduler: dict | None = None,
         loss: str = "bce",
+        l2: float = 0.0,
         ranking_ks: tuple[int, ...] = (5, 10, 20),
         list_k: int = 10,
         **net_kwargs: Any,
@@ -93,6 +98,13 @@ class RecommenderModule(L.LightningModule):
         self.save_hyperparameters()
         self.spec = FeatureSpec.from_dict(spec)
         self.net = get_class(net)(spec=self.spec, **net_kwargs)
+        if l2 < 0:
+            raise ValueError(f"model.l2={l2}: the penalty's weight must be >= 0")
+        if l2 > 0 and not hasattr(self.net, "embedding_l2"):
+            raise ValueError(
+                f"model.l2={l2}: {net} has no embedding_l2 penalty (recsys.models.NeuMF has): "
+                "set model.l2=0 and regularise with model.optimizer.weight_decay"
+            )
         self.val_metrics = self._metrics("val/")
         self.test_metrics = self._metrics("test/")
         self.val_loss, self.test_logloss = MeanMetric(), MeanMetric()
@@ -140,6 +152,9 @@ class RecommenderModule(L.LightningModule):
             loss = bpr_loss(logits, batch.labels)
         else:
             loss = F.binary_cross_entropy_with_logits(logits, batch.labels)
+        objective = loss
+        if self.hparams.l2:
+            objective = loss + self.hparams.l2 * self.net.embedding_l2(batch)
         # self.log costs about a millisecond a call on the CPU, a tenth of a small batch's step:
         # the step figures are logged at the steps the loggers write (every
         # trainer.log_every_n_steps), the epoch's mean loss once, on its last step
@@ -156,7 +171,7 @@ class RecommenderModule(L.LightningModule):
             epoch_loss = self.train_loss_sum.compute() / self.train_samples.compute()
             self.log("train/loss", epoch_loss, on_step=False, on_epoch=True, batch_size=len(batch))
             self._reset_train_loss()
-        return loss
+        return objective
 
     def _last_step_of_epoch(self) -> bool:
         """The epoch's last batch, or the last step of a fit that ends mid-epoch

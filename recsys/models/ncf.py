@@ -175,6 +175,28 @@ class NeuMF(nn.Module):
             towers.append(self._mlp_tower(users, items))
         return self.head(torch.cat(towers, dim=1)).squeeze(1)
 
+    def embedding_l2(self, batch: Batch) -> torch.Tensor:
+        """The L2 penalty of the rows the batch looks up [scalar]: the mean over its pairs of
+        the squared norms of each pair's user and item vectors in every tower (and, for
+        ``mf``, its user and item biases). `RecommenderModule` adds ``model.l2`` times it to
+        the loss, so a row is pulled towards zero in proportion to how often the batch uses
+        it, as in the per-example update of Rendle et al. 2020 (their ``reg`` is twice
+        ``model.l2``). Computed once per distinct id, weighted by its count."""
+        penalty = []
+        for key, side in (("user_id", "user"), ("item_id", "item")):
+            names = (f"gmf_{side}", f"mlp_{side}", f"{side}_bias")
+            tables = [getattr(self, n) for n in names if hasattr(self, n)]
+            ids = batch.ids(key)
+            if ids.is_cuda:  # the embedding op, as `_rows` takes there
+                penalty += [table(ids).square().sum() for table in tables]
+                continue
+            distinct, counts = torch.unique(ids, return_counts=True)
+            rows = _Ids(ids, distinct)
+            for table in tables:
+                norms = _distinct_rows(table, rows).square().sum(1)
+                penalty.append(counts.to(norms.dtype) @ norms)
+        return torch.stack(penalty).sum() / len(batch)
+
     def _mlp_tower(self, users: _Ids, items: _Ids) -> torch.Tensor:
         """MLP([p'_u; q'_i]) [B, L], its first layer W [p'_u; q'_i] + b split into the user half
         W_u p'_u and the item half W_i q'_i + b, each computed once per distinct user and item
