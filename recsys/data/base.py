@@ -27,6 +27,9 @@ from recsys.data.store import ProcessedDataset, read_meta
 
 log = logging.getLogger(__name__)
 
+# data.split's keys left out; checkpoints written before a key was added read as its default
+SPLIT_DEFAULTS = {"kind": "random", "val": 0.1, "test": 0.1, "val_row": "previous"}
+
 # Hyperparameters that leave the data itself alone (which rows train, validate and test, and
 # their labels): machine paths, loader settings and the evaluation-only protocol. Any other
 # change, or other processed data, makes another dataset: a checkpoint refuses it.
@@ -130,13 +133,7 @@ class RecDataModule(L.LightningDataModule):
         self.cache_dir = Path(cache_dir).expanduser()
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or 4 * batch_size
-        self.split = {
-            "kind": "random",
-            "val": 0.1,
-            "test": 0.1,
-            "val_row": "previous",
-            **(split or {}),
-        }
+        self.split = {**SPLIT_DEFAULTS, **(split or {})}
         self.seed = seed
         self.rating_threshold = rating_threshold
         self.threshold_op = threshold_op
@@ -258,8 +255,8 @@ class RecDataModule(L.LightningDataModule):
         """``{dotted key: (checkpoint's value, this module's value)}`` of the data settings
         (hyperparameters but `FREE_KEYS`) that differ from those saved in ``state``."""
         saved = state.get("settings", {})
-        if "split" in saved:  # checkpoints from before split.val_row held out the previous row
-            saved = {**saved, "split": {"val_row": "previous", **saved["split"]}}
+        if "split" in saved:  # split.val_row came later: before it, the previous row
+            saved = {**saved, "split": {**SPLIT_DEFAULTS, **saved["split"]}}
         old, new = _flatten(saved), _flatten(self.data_settings())
         return {
             k: (old.get(k, _UNSET), new.get(k, _UNSET))
