@@ -20,6 +20,7 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
 
 from bare_neumf import BareNeuMF, sample_negatives  # noqa: E402
+from step_cost import WARMUP, phases  # noqa: E402
 
 
 def test_the_bare_loop_trains_the_platforms_neumf():
@@ -48,6 +49,24 @@ def test_the_bare_loops_negatives_are_never_positives():
     assert not PositiveSet(users, items, 25).contains(users.repeat_interleave(4), draws).any()
 
 
+def test_step_phases_cut_each_step_at_its_hooks():
+    """`step_cost.phases`: each phase from its hooks' timestamps, the batch phase from the
+    previous step's end, in ms, the warm-up steps left out."""
+    # seconds: loading 2 ms, training_step 3, zero_grad 1, backward 4, clipping and update 2
+    gaps = {"training_step": 3, "zero_grad": 1, "backward": 4, "clipping": 0.5, "optimizer": 1.5}
+    steps, t = [], 0.0
+    for i in range(WARMUP + 5):
+        t += 2 if i >= WARMUP else 50  # the warm-up steps load slowly
+        step = {"start": t}
+        for mark, gap in gaps.items():
+            t += gap
+            step[mark] = t
+        steps.append({k: v / 1e3 for k, v in step.items()})
+    got = phases(steps)
+    expected = {"batch": 2, "training_step": 3, "zero_grad": 1, "backward": 4, "optimizer": 2}
+    assert got == pytest.approx({**expected, "step": 12})
+
+
 @pytest.mark.slow
 def test_the_suite_runs_quick(data_dir, cache_dir, tmp_path):
     """``python benchmarks/suite.py quick=true``: every script, small data, its tables printed."""
@@ -62,10 +81,11 @@ def test_the_suite_runs_quick(data_dir, cache_dir, tmp_path):
     )
     assert done.returncode == 0, done.stderr[-5000:]
     out = done.stdout
-    for name in ("training", "ncf_table", "ranking", "scale", "table_rows", "serve"):
+    for name in ("training", "step_cost", "ncf_table", "ranking", "scale", "table_rows", "serve"):
         assert f"## {name}:" in out
     assert "| effective batch | bare loop | RecBole 1.2.1 | recsys |" in out
     assert "| 1,280 |" in out and "| 4,096 |" in out
+    assert "| platform, no progress bar |" in out  # step_cost
     assert "| NeuMF pretrained" in out  # the NCF table
     assert "users/s" in out  # ranking
     assert "| tables of (users x items) | ids drawn from |" in out  # table_rows
