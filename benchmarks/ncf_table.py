@@ -1,6 +1,7 @@
 """The comparison of the NCF paper (He et al. 2017), reproduced on this platform, quickly.
 
-    python benchmarks/ncf_table.py [quick=true] [out=logs/benchmarks/ncf_table] [hydra overrides]
+    python benchmarks/ncf_table.py [quick=true] [seeds=[42,1,2]] [out=logs/benchmarks/ncf_table]
+        [hydra overrides]
 
 Protocol (``experiment=ncf_protocol``, He et al. 2017, Section 4.1): implicit feedback; each
 user's latest interaction is the test item and one of the others, drawn at random, the
@@ -31,12 +32,18 @@ validation. The time to ``val/hr@10`` is printed beside it; under the paper's va
 test, so that figure says little by itself.
 
 Options: ``quick=true`` (ml-100k, one epoch per run: a smoke test), ``out`` (the folder of the
-run folders); anything else is a Hydra override given to every run, e.g. ``trainer.max_epochs=3``.
+run folders), ``seeds`` (two or more: the whole table once per ``seed``, each in
+``<out>/seed_<seed>``, then each model's test HR@10 and NDCG@10 over them: mean, sample standard
+deviation and each seed's; a seed draws the validation rows, the sampled candidates, the
+negatives and the initial weights, so the spread is that of the protocol and the training
+together, and NeuMF's time to quality counts from the start of its seed's runs); anything else
+is a Hydra override given to every run, e.g. ``trainer.max_epochs=3``.
 """
 
 from __future__ import annotations
 
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -50,7 +57,7 @@ from recsys.metrics import RankingMetrics
 from recsys.train import run
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
-DEFAULTS = {"quick": False, "out": "logs/benchmarks/ncf_table"}
+DEFAULTS = {"quick": False, "out": "logs/benchmarks/ncf_table", "seeds": None}
 QUICK = ["data.variant=100k", "trainer.max_epochs=1"]
 TARGET_HR = 0.70
 CLOCK_FILE = "validation_clock.jsonl"
@@ -118,13 +125,20 @@ def time_to_quality(
     return None
 
 
-def main() -> None:
+LABELS = {
+    "mf": "MF (Rendle et al. 2020)",
+    "gmf": "GMF",
+    "mlp": "MLP",
+    "neumf": "NeuMF",
+    "neumf_pretrained": "NeuMF pretrained",
+}
+
+
+def one_table(root: Path, overrides: list[str]) -> tuple[dict[str, tuple[dict, float]], dict]:
+    """Every row's run under ``root`` (NeuMF first, its `ValidationClock` on): the runs'
+    (metrics, wall seconds) by name, and NeuMF's seconds from this call's start to test and
+    validation HR@10 >= `TARGET_HR` (None: never)."""
     start = time.time()
-    ours = [a for a in sys.argv[1:] if a.partition("=")[0] in DEFAULTS]
-    args = OmegaConf.merge(DEFAULTS, OmegaConf.from_cli(ours))
-    # the Hydra overrides as they were typed (from_cli would nest dotted keys)
-    overrides = [*(QUICK if args.quick else []), *(a for a in sys.argv[1:] if a not in ours)]
-    root = Path(args.out).resolve()
     clock = root / "neumf" / CLOCK_FILE
     clock.unlink(missing_ok=True)
     runs: dict[str, tuple[dict, float]] = {}
@@ -142,22 +156,16 @@ def main() -> None:
     runs["neumf_pretrained"] = _train(
         "neumf_pretrained", root / "neumf_pretrained", [*overrides, f"model.pretrained={sources}"]
     )
-    total = time.time() - start
+    return runs, ttq
 
-    data = "ml-100k" if args.quick else f"ml-1m ({SUBSET})"
+
+def print_table(runs: dict[str, tuple[dict, float]], ttq: dict, since: str) -> None:
     neumf = runs["neumf"][0]
     rows = [
         f"| popularity | {neumf['popularity/test/hr@10']:.4f} | "
         f"{neumf['popularity/test/ndcg@10']:.4f} | - | - |"
     ]
-    labels = {
-        "mf": "MF (Rendle et al. 2020)",
-        "gmf": "GMF",
-        "mlp": "MLP",
-        "neumf": "NeuMF",
-        "neumf_pretrained": "NeuMF pretrained",
-    }
-    for name, label in labels.items():
+    for name, label in LABELS.items():
         m, wall = runs[name]
         seconds = f"{wall:.0f}"
         if name == "neumf_pretrained":
@@ -166,18 +174,59 @@ def main() -> None:
             f"| {label} | {m['test/hr@10']:.4f} | {m['test/ndcg@10']:.4f} | "
             f"{m['best_epoch']} | {seconds} |"
         )
-    print(f"\nNCF protocol on {data}: leave-one-out, 99 sampled negatives, test of the best")
-    print(f"checkpoint by val/ndcg@10; run folders under {root}\n")
     print("| model | HR@10 | NDCG@10 | best epoch | wall s |")
     print("| --- | --- | --- | --- | --- |")
     print("\n".join(rows))
     reached = {k: "never" if t is None else f"{t:.0f} s" for k, t in ttq.items()}
     print(
         f"\nNeuMF time to HR@10 >= {TARGET_HR} on the test items (the weights after each "
-        f"validation): {reached['test/hr@10']} from the command's start; to val/hr@10 >= "
+        f"validation): {reached['test/hr@10']} from {since}; to val/hr@10 >= "
         f"{TARGET_HR}: {reached['val/hr@10']}"
     )
-    print(f"whole command: {total:.0f} s")
+
+
+def print_summary(tables: dict[int, tuple[dict, dict]]) -> None:
+    """Each model's test figures over the seeds: mean, sample standard deviation, and each."""
+    print(f"\nOver seeds {', '.join(map(str, tables))}: mean ± standard deviation (each seed)\n")
+    print("| model | HR@10 | NDCG@10 | HR@10 by seed |")
+    print("| --- | --- | --- | --- |")
+    names = {"popularity": "popularity", **LABELS}
+    for name, label in names.items():
+        prefix, run = ("popularity/", "neumf") if name == "popularity" else ("", name)
+        figures = {
+            key: [runs[run][0][f"{prefix}test/{key}"] for runs, _ in tables.values()]
+            for key in ("hr@10", "ndcg@10")
+        }
+        cells = [f"{statistics.mean(v):.4f} ± {statistics.stdev(v):.4f}" for v in figures.values()]
+        each = " / ".join(f"{x:.4f}" for x in figures["hr@10"])
+        print(f"| {label} | {' | '.join(cells)} | {each} |")
+
+
+def main() -> None:
+    start = time.time()
+    ours = [a for a in sys.argv[1:] if a.partition("=")[0] in DEFAULTS]
+    args = OmegaConf.merge(DEFAULTS, OmegaConf.from_cli(ours))
+    # the Hydra overrides as they were typed (from_cli would nest dotted keys)
+    overrides = [*(QUICK if args.quick else []), *(a for a in sys.argv[1:] if a not in ours)]
+    root = Path(args.out).resolve()
+    data = "ml-100k" if args.quick else f"ml-1m ({SUBSET})"
+    if args.seeds is None:  # the config's seed, folders directly under root
+        runs, ttq = one_table(root, overrides)
+        print(f"\nNCF protocol on {data}: leave-one-out, 99 sampled negatives, test of the best")
+        print(f"checkpoint by val/ndcg@10; run folders under {root}\n")
+        print_table(runs, ttq, "the command's start")
+    else:
+        if len(args.seeds) < 2:
+            sys.exit(f"seeds={list(args.seeds)}: give two seeds or more, or leave seeds out")
+        tables = {}
+        for seed in args.seeds:
+            folder = root / f"seed_{seed}"
+            tables[seed] = one_table(folder, [*overrides, f"seed={seed}"])
+            print(f"\nNCF protocol on {data}, seed={seed}: leave-one-out, 99 sampled negatives,")
+            print(f"test of the best checkpoint by val/ndcg@10; run folders under {folder}\n")
+            print_table(*tables[seed], "the start of this seed's runs")
+        print_summary(tables)
+    print(f"whole command: {time.time() - start:.0f} s")
 
 
 if __name__ == "__main__":

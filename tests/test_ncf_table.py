@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from hydra.utils import instantiate
@@ -128,3 +129,26 @@ def test_the_table_command_runs(data_dir, cache_dir, tmp_path):
     (entry,) = [json.loads(x) for x in (tmp_path / "neumf" / "validation_clock.jsonl").open()]
     metrics = json.loads((tmp_path / "neumf" / "metrics.json").read_text())
     assert entry["test/hr@10"] == pytest.approx(metrics["test/hr@10"], abs=1e-6)
+
+
+def test_the_summary_over_seeds_gives_mean_and_spread(capsys):
+    """``ncf_table.py seeds=[...]``: each model's mean and sample standard deviation over the
+    seeds' test figures, and each seed's HR@10 (numpy computes them independently)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from ncf_table import LABELS, print_summary
+
+    hr = {42: 0.70, 1: 0.71, 2: 0.73}
+    tables = {}
+    for seed, h in hr.items():
+        runs = {
+            name: ({"test/hr@10": h + i / 100, "test/ndcg@10": h / 2}, 1.0)
+            for i, name in enumerate(LABELS)
+        }
+        runs["neumf"][0].update({"popularity/test/hr@10": 0.46, "popularity/test/ndcg@10": 0.25})
+        tables[seed] = (runs, {})
+    print_summary(tables)
+    lines = {line.split(" | ")[0]: line for line in capsys.readouterr().out.splitlines()}
+    gmf = np.array(list(hr.values())) + list(LABELS).index("gmf") / 100
+    assert f"| GMF | {gmf.mean():.4f} ± {gmf.std(ddof=1):.4f} |" in lines["| GMF"]
+    assert lines["| GMF"].endswith(" | " + " / ".join(f"{x:.4f}" for x in gmf) + " |")
+    assert "| popularity | 0.4600 ± 0.0000 | 0.2500 ± 0.0000 |" in lines["| popularity"]
