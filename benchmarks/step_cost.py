@@ -129,12 +129,12 @@ def phases(steps: list[dict[str, float]]) -> dict[str, float]:
     return dict(zip(PHASES, np.median(np.array(rows), axis=0) * 1e3, strict=True))
 
 
-def run_loop(cfg, steps: int) -> dict[str, float]:
+def run_loop(cfg) -> dict[str, float]:
     dm, model, _ = build(cfg)
     optimizer = model.configure_optimizers()
     batches = iter(dm.train_dataloader())
     clock = []
-    for _ in range(steps):
+    for _ in range(cfg.trainer.limit_train_batches):
         batch = next(batches)
         t = {"start": time.perf_counter()}  # the batch phase: from the previous step's end
         loss = F.binary_cross_entropy_with_logits(model(batch), batch.labels)
@@ -149,7 +149,7 @@ def run_loop(cfg, steps: int) -> dict[str, float]:
     return phases(clock)
 
 
-def run_trainer(cfg, steps: int) -> dict[str, float]:
+def run_trainer(cfg) -> dict[str, float]:
     dm, model, trainer = build(cfg)
     clock = StepClock()
     trainer.callbacks.append(clock)
@@ -185,7 +185,7 @@ def main(opts) -> None:
                 ]
                 cfg = compose_train(data, overrides)
                 run = run_loop if MODES[mode] is None else run_trainer
-                runs[mode].append(run(cfg, opts.steps))
+                runs[mode].append(run(cfg))
         print(f"effective batch {batch:,} ({batch // (1 + NEGATIVES):,} positives)\n")
         print(f"| mode | {' | '.join(PHASES)} | samples/s | step against {modes[0]} |")
         print(f"| --- | {' | '.join('---:' for _ in PHASES)} | ---: | ---: |")

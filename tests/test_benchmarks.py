@@ -52,7 +52,7 @@ def test_the_bare_loops_negatives_are_never_positives():
 def test_step_phases_cut_each_step_at_its_hooks():
     """`step_cost.phases`: each phase from its hooks' timestamps, the batch phase from the
     previous step's end, in ms, the warm-up steps left out."""
-    # seconds: loading 2 ms, training_step 3, zero_grad 1, backward 4, clipping and update 2
+    # ms: loading 2, training_step 3, zero_grad 1, backward 4, clipping and update 2
     gaps = {"training_step": 3, "zero_grad": 1, "backward": 4, "clipping": 0.5, "optimizer": 1.5}
     steps, t = [], 0.0
     for i in range(WARMUP + 5):
