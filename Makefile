@@ -1,5 +1,8 @@
-PYTHON ?= python
+# Everything runs in a virtual environment, created by `make install` where only `python3` exists.
+VENV ?= .venv
+PYTHON = $(VENV)/bin/python
 PIP = $(PYTHON) -m pip
+BASE_PYTHON ?= python3
 
 TORCH_VERSION = 2.13.0
 TORCHREC_VERSION = 1.8.0
@@ -7,16 +10,20 @@ FBGEMM_VERSION = 1.8.0
 # CUDA wheels index for `make install-cuda`, e.g. CUDA_INDEX=https://download.pytorch.org/whl/cu128
 CUDA_INDEX ?= https://download.pytorch.org/whl/cu128
 
-.PHONY: install install-cuda test test-fast lint train
+.PHONY: install install-cuda venv test test-fast lint train
+
+## venv: the virtual environment in $(VENV) (Debian: `apt-get install python3-venv` first)
+venv:
+	test -x $(PYTHON) || $(BASE_PYTHON) -m venv $(VENV)
 
 ## install: CPU machine. torch, fbgemm-gpu-cpu, torchrec (no-deps), then the package with dev tools
-install:
+install: venv
 	$(PIP) install torch==$(TORCH_VERSION) fbgemm-gpu-cpu==$(FBGEMM_VERSION)
 	$(PIP) install --no-deps torchrec==$(TORCHREC_VERSION)
 	$(PIP) install -e ".[dev]"
 
 ## install-cuda: CUDA machine. CUDA torch and fbgemm-gpu from the PyTorch index
-install-cuda:
+install-cuda: venv
 	$(PIP) install torch==$(TORCH_VERSION) fbgemm-gpu==$(FBGEMM_VERSION) --index-url $(CUDA_INDEX)
 	$(PIP) install --no-deps torchrec==$(TORCHREC_VERSION)
 	$(PIP) install -e ".[dev]"
@@ -30,7 +37,7 @@ test-fast:
 	$(PYTHON) -m pytest -m "not slow"
 
 lint:
-	ruff check . && ruff format --check .
+	$(PYTHON) -m ruff check . && $(PYTHON) -m ruff format --check .
 
 train:
 	$(PYTHON) train.py

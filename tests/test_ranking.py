@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pyarrow.parquet as pq
 import pytest
 import torch
 from hydra.utils import instantiate
@@ -118,3 +119,26 @@ def test_item_statistics_travel_in_the_state_dict():
         fresh._list_metrics(torch.tensor([0, 2]))
     with pytest.raises(ValueError, match="item vectors of shape None"):
         fresh.set_item_statistics(torch.ones(3))
+
+
+def test_validation_and_test_candidates_are_drawn_independently(make_cfg, tmp_path):
+    """Both splits' queries in the same user order (as ml-1m's rows come, sorted by user) must
+    not give validation the test's negatives: each split draws with a seed of its own."""
+    dm = _dm(make_cfg, "data.ranking=sampled")
+    inter = dm.data.interactions
+    rows = dict(dm.rows)
+    for split in ("val", "test"):
+        rows[split] = rows[split][torch.argsort(inter.users[rows[split]], stable=True)]
+    dm.protocol.prepare(tmp_path, lambda: (dm.data, rows))
+    negatives = {}
+    for split in ("val", "test"):
+        table = pq.read_table(dm.protocol.candidates_path(tmp_path, split))
+        assert torch.equal(
+            torch.from_numpy(table.column("user").to_numpy().copy()), inter.users[rows[split]]
+        )
+        negatives[split] = table.column("negatives").to_pylist()
+    shared = [
+        len(set(v) & set(t)) for v, t in zip(negatives["val"], negatives["test"], strict=True)
+    ]
+    # two independent draws of 99 among ~1,600 items share about 99 * 99 / 1,600 = 6 items
+    assert sum(shared) / len(shared) < 10

@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import torch
 from torch.utils.data import DataLoader
 
-from recsys.data.loader import BatchLoader, InteractionBatches, batch_sampler
+from recsys.data.loader import BatchLoader, InteractionBatches, batch_sampler, derived_seed
 from recsys.data.negatives import PositiveSet
 from recsys.data.preprocess import cache_key
 from recsys.data.ranking import RANKING_MODES, FullRanking, SampledRanking
@@ -39,10 +39,10 @@ class EvaluationProtocol:
     - Pointwise: the split's interactions (explicit feedback), or its positives with
       ``num_negatives`` negatives each, sampled once with ``seed`` (implicit feedback).
     - Ranking (``ranking``): ``sampled`` ranks each held-out positive among
-      ``ranking_negatives`` distinct negatives, sampled once with ``seed`` by `prepare` and
-      saved beside the processed data (the NCF protocol), so every model and run ranks the
-      same ones; ``full`` ranks every item not among the user's training (and, when testing,
-      validation) interactions.
+      ``ranking_negatives`` distinct negatives, sampled once by `prepare` with a seed of its
+      own per split (`candidates_seed`) and saved beside the processed data (the NCF
+      protocol), so every model and run ranks the same ones; ``full`` ranks every item not
+      among the user's training (and, when testing, validation) interactions.
     - Item statistics: training interactions per item (novelty, the popularity baseline) and
       multi-hot item vectors (intra-list diversity), `item_statistics`.
 
@@ -85,11 +85,16 @@ class EvaluationProtocol:
         self._eval_pairs: dict[str, Interactions] = {}
 
     # --- sampled candidates, built once ----------------------------------------------------
+    def candidates_seed(self, split: str) -> int:
+        """The seed of ``split``'s candidate draw: derived from (seed, split), so validation and
+        test draw independently even where their queries come in the same order."""
+        return derived_seed(self.seed, "ranking", split)
+
     def candidates_path(self, folder: Path, split: str) -> Path:
         """The Parquet file of the sampled ranking candidates of ``split`` in ``folder``."""
         settings = {
             "split": self.split,
-            "seed": self.seed,
+            "seed": self.candidates_seed(split),
             "negatives": self.ranking_negatives,
             "feedback": self.feedback,
             "sampling": "distinct",  # each query's negatives are different items
@@ -116,7 +121,7 @@ class EvaluationProtocol:
         positives = PositiveSet(inter.users, inter.items, data.spec.num_items)
         for split in missing:
             users, _ = self._held_out(inter, rows[split])
-            g = torch.Generator().manual_seed(self.seed)
+            g = torch.Generator().manual_seed(self.candidates_seed(split))
             negatives = positives.sample(users, self.ranking_negatives, generator=g, distinct=True)
             path = self.candidates_path(folder, split)
             flat = pa.array(negatives.flatten().numpy())
