@@ -54,12 +54,12 @@ def evaluate_with_baseline(
 ) -> dict[str, float]:
     """Test ``model`` (from ``ckpt_path`` when given), then the popularity baseline on the same
     pairs and candidates; returns both sets of metrics and the test split's cold-start counts."""
-    trainer.test(model, datamodule=dm, ckpt_path=ckpt_path)
+    trainer.test(model, datamodule=dm, ckpt_path=ckpt_path, verbose=False)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
-    trainer.test(popularity_module(dm, model), datamodule=dm)
+    trainer.test(popularity_module(dm, model), datamodule=dm, verbose=False)
     metrics.update(
         {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("popularity/")}
     )
     # the test rows whose user or item has no training row (and those left out, if any)
-    metrics.update({f"test/{k}": float(v) for k, v in dm.cold_rows["test"].items()})
+    metrics.update({f"test/{k}": int(v) for k, v in dm.cold_rows["test"].items()})
     return metrics

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 import random
 import time
 
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, ModelSummary
+from lightning.pytorch.utilities.model_summary import get_human_readable_count
+
+log = logging.getLogger(__name__)
 
 
 class SamplesPerSecond(Callback):
@@ -127,3 +131,40 @@ class RandomState(Callback):
         kind, keys, pos, has_gauss, gauss = state["numpy"]
         np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
         random.setstate(state["python"])
+
+
+class ParameterSummary(ModelSummary):
+    """Lightning's model summary cut to what the model has: the modules that hold parameters
+    (down to ``max_depth``), their type and parameter count, and the totals. The metric modules
+    (no parameters), the train/eval mode and the FLOPs (not counted for these layers) are left
+    out."""
+
+    @staticmethod
+    def summarize(
+        summary_data: list[tuple[str, list[str]]],
+        total_parameters: int,
+        trainable_parameters: int,
+        model_size: float,
+        total_training_modes: dict[str, int],
+        total_flops: int,
+        **summarize_kwargs,
+    ) -> None:
+        columns = dict(summary_data)
+        rows = [
+            (name, kind, params)
+            for name, kind, params in zip(
+                columns["Name"], columns["Type"], columns["Params"], strict=True
+            )
+            if params.strip() != "0"
+        ]
+        width = max((len(name) for name, _, _ in rows), default=0)
+        kinds = max((len(kind) for _, kind, _ in rows), default=0)
+        lines = [
+            f"  {name:<{width}}  {kind:<{kinds}}  {params.strip():>7}"
+            for name, kind, params in rows
+        ]
+        total = (
+            f"Model: {get_human_readable_count(total_parameters)} parameters "
+            f"({get_human_readable_count(trainable_parameters)} trainable, {model_size:.1f} MB)"
+        )
+        log.info("%s\n%s", total, "\n".join(lines))

@@ -12,6 +12,7 @@ from omegaconf import DictConfig
 
 from recsys.baselines import evaluate_with_baseline
 from recsys.checkpoint import load_checkpoint
+from recsys.console import describe, quiet_libraries
 from recsys.data.base import RecDataModule
 from recsys.distributed.torchrec_strategy import TorchRecStrategy
 from recsys.lit.module import RecommenderModule
@@ -40,6 +41,7 @@ def run(cfg: DictConfig) -> dict[str, float | str]:
     """Test the checkpoint (pointwise and, with ``data.ranking``, ranking metrics) beside the
     popularity baseline, time single requests, and report peak memory; print the table and
     write ``metrics.json`` in the run folder."""
+    quiet_libraries()
     trainer = instantiate(cfg.trainer, logger=False, callbacks=[])
     # a sharded checkpoint under trainer=torchrec: the strategy loads each shard at test; under
     # another trainer its tables are gathered whole into one model
@@ -51,5 +53,5 @@ def run(cfg: DictConfig) -> dict[str, float | str]:
         metrics.update(request_latency(model, dm, repeats=cfg.latency_repeats))
     metrics["test/peak_memory_mb"] = peak_memory_mb()
     metrics["ckpt_path"] = str(cfg.ckpt_path)
-    report(metrics, Path(cfg.paths.output_dir))
+    report(metrics, Path(cfg.paths.output_dir), [describe(dm, model), f"tested: {cfg.ckpt_path}"])
     return metrics

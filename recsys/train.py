@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from recsys.allocator import set_malloc_thresholds
 from recsys.baselines import evaluate_with_baseline
 from recsys.callbacks import SamplesPerSecond, ValidationHistory
+from recsys.console import describe, format_value, quiet_libraries, results_table, stop_reason
 from recsys.data.base import RecDataModule
 from recsys.distributed import TorchRecStrategy  # also registers trainer.strategy=torchrec
 from recsys.distributed.torchrec_strategy import load_meta, load_weights_only
@@ -67,11 +68,15 @@ def run(cfg: DictConfig) -> dict[str, float | int | str]:
     the training throughput over the whole fit and ``best_model_path``. A sweeper optimises
     ``cfg.optimized_metric`` from it.
     """
+    quiet_libraries()
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
     dm, model, trainer = build(cfg)
+    if cfg.get("ckpt_path"):
+        log.info("resuming from %s", cfg.ckpt_path)
     trainer.fit(model, datamodule=dm, ckpt_path=cfg.get("ckpt_path"))
 
+    reason = stop_reason(trainer)  # before testing, which restores the callbacks' states
     ckpt = trainer.checkpoint_callback
     best = ckpt.best_model_path if ckpt is not None else ""
     if not best:
@@ -85,7 +90,14 @@ def run(cfg: DictConfig) -> dict[str, float | int | str]:
     if speed is not None and speed.overall is not None:
         metrics["train/samples_per_sec"] = speed.overall
     metrics["best_model_path"] = best
-    report(metrics, Path(cfg.paths.output_dir))
+    title = [describe(dm, model)]
+    if "best_epoch" in metrics:
+        title.append(f"tested: the best checkpoint by {cfg.monitor}, epoch {metrics['best_epoch']}")
+    else:
+        title.append("tested: the last weights (no best checkpoint)")
+    if reason:
+        title[-1] += f"; training stopped: {reason}"
+    report(metrics, Path(cfg.paths.output_dir), title)
     return metrics
 
 
@@ -124,10 +136,19 @@ def _figures(entry: dict, train_epochs: dict, source: str) -> dict[str, float | 
 
 
 @rank_zero_only
-def report(metrics: dict, output_dir: Path) -> None:
-    """Write ``metrics.json`` into the run folder and print the numbers."""
+def report(metrics: dict, output_dir: Path, title: list[str]) -> None:
+    """Write ``metrics.json`` into the run folder and print the results: ``title`` (what was
+    run), the test figures against the popularity baseline (`results_table`), the validation
+    and training figures, and where the files are."""
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
-    lines = [f"  {k:<32} {v:.4f}" for k, v in sorted(metrics.items()) if isinstance(v, float)]
-    extra = [f"  {k}: {v}" for k, v in sorted(metrics.items()) if not isinstance(v, float)]
-    log.info("Results (also in %s):\n%s", output_dir / "metrics.json", "\n".join(lines + extra))
+    fit = [
+        f"{k} {format_value(k, v)}"
+        for k, v in sorted(metrics.items())
+        if k.startswith(("val/", "train/")) and isinstance(v, int | float)
+    ]
+    lines = [*title, "", results_table(metrics)]
+    if fit:
+        lines += ["", "  ".join(fit)]
+    lines.append(f"run folder: {output_dir} (metrics.json, checkpoints/, .hydra/config.yaml)")
+    log.info("Results\n%s", "\n".join(lines))

@@ -160,6 +160,7 @@ class RecDataModule(L.LightningDataModule):
         self._digests: dict[str, str] | None = None
         # the processed folder named by a checkpoint (`from_checkpoint`): used as it is
         self._pinned: str | None = None
+        self._announced: set[Path] = set()
         # refuse checkpoints of other data (`load_state_dict`); off under allow_new_data
         self.check_data = True
 
@@ -327,7 +328,9 @@ class RecDataModule(L.LightningDataModule):
                 )
         folder = self.processed_dir
         if (folder / META_FILE).exists() and not self.rebuild:
-            log.info("%s: using processed data in %s", self.source, folder)
+            if folder not in self._announced:  # prepare_data runs again for every stage
+                log.info("%s: using processed data in %s", self.source, folder)
+                self._announced.add(folder)
             return
         processed = self.preprocess()
         if self.feedback == "implicit":
