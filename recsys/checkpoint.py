@@ -63,6 +63,16 @@ def load_checkpoint(
     return dm, model
 
 
+def checkpoint_from_config(cfg) -> str:
+    """The checkpoint a command works on: ``ckpt_path`` when given, else the best checkpoint
+    of ``run_dir`` (`best_checkpoint`: the one its test metrics were measured on)."""
+    if cfg.get("ckpt_path"):
+        return str(cfg.ckpt_path)
+    if cfg.get("run_dir"):
+        return str(best_checkpoint(Path(cfg.run_dir)))
+    raise ValueError("pass run_dir=<training run folder> or ckpt_path=<checkpoint>")
+
+
 def best_checkpoint(run_dir: Path) -> Path:
     """The best checkpoint named in the run's ``metrics.json``; looked up in the run's own
     ``checkpoints/`` when the run folder has been moved since training."""

@@ -11,7 +11,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from recsys.baselines import evaluate_with_baseline
-from recsys.checkpoint import load_checkpoint
+from recsys.checkpoint import checkpoint_from_config, load_checkpoint
 from recsys.console import describe, quiet_libraries
 from recsys.data.base import RecDataModule
 from recsys.distributed.torchrec_strategy import TorchRecStrategy
@@ -42,12 +42,19 @@ def run(cfg: DictConfig) -> dict[str, float | str]:
     popularity baseline, time single requests, and report peak memory; print the table and
     write ``metrics.json`` in the run folder."""
     quiet_libraries()
+    cfg.ckpt_path = checkpoint_from_config(cfg)
     trainer = instantiate(cfg.trainer, logger=False, callbacks=[])
     # a sharded checkpoint under trainer=torchrec: the strategy loads each shard at test; under
     # another trainer its tables are gathered whole into one model
     sharded = Path(cfg.ckpt_path).is_dir() and isinstance(trainer.strategy, TorchRecStrategy)
     with model_context(trainer) if sharded else nullcontext():  # tables on meta until sharded
         dm, model = load_checkpoint(cfg, unshard=not sharded)
+    if dm.feedback == "explicit" and dm.protocol.ranking == "full":
+        log.warning(
+            "full ranking of a model trained on explicit feedback: it learned which rated items "
+            "a user rates highly, not which items a user rates at all, so it may rank the whole "
+            "catalogue below popularity; train with data.feedback=implicit to rank"
+        )
     metrics = evaluate_with_baseline(trainer, model, dm, str(cfg.ckpt_path) if sharded else None)
     if not sharded:  # a sharded model scores collectively: no single-request timing
         metrics.update(request_latency(model, dm, repeats=cfg.latency_repeats))

@@ -42,13 +42,13 @@ def run_without_raw(tmp_path_factory, data_dir):
     return {"raw": raw, "cache": cache, "out": out, "metrics": metrics}
 
 
-def _evaluate(run, tmp_path, *overrides, data_dir=None):
+def _evaluate(run, tmp_path, *overrides, data_dir=None, checkpoint=None):
     cfg = compose_cfg(
         "evaluate",
         data_dir or run["raw"],
         run["cache"],
         tmp_path,
-        f"ckpt_path={run['metrics']['best_model_path']}",
+        checkpoint or f"ckpt_path={run['metrics']['best_model_path']}",
         "trainer.accelerator=cpu",
         "+trainer.enable_progress_bar=false",
         *overrides,
@@ -78,6 +78,14 @@ def test_evaluate_without_raw_files_reproduces_training(run_without_raw, tmp_pat
     monkeypatch.setattr(torch, "load", lambda *a, **k: reads.append(a) or load(*a, **k))
     metrics = _evaluate(run_without_raw, tmp_path)
     assert len(reads) == 1  # the checkpoint file is read once
+    for name in COMPARED:
+        assert metrics[name] == run_without_raw["metrics"][name], name
+
+
+def test_evaluate_run_dir_tests_the_runs_best_checkpoint(run_without_raw, tmp_path):
+    """``run_dir=`` evaluates the checkpoint the run's metrics.json was measured on."""
+    metrics = _evaluate(run_without_raw, tmp_path, checkpoint=f"run_dir={run_without_raw['out']}")
+    assert metrics["ckpt_path"] == run_without_raw["metrics"]["best_model_path"]
     for name in COMPARED:
         assert metrics[name] == run_without_raw["metrics"][name], name
 
