@@ -157,7 +157,7 @@ class RecommenderModule(L.LightningModule):
             objective = loss + self.hparams.l2 * self.net.embedding_l2(batch)
         # self.log costs about a millisecond a call on the CPU, a tenth of a small batch's step:
         # the step figures are logged at the steps the loggers write (every
-        # trainer.log_every_n_steps), the epoch's mean loss once, on its last step
+        # trainer.log_every_n_steps), the epoch's mean loss once (`on_train_batch_end`)
         step_loss = loss.detach() * len(batch)
         self._epoch_loss = step_loss if self._epoch_loss is None else self._epoch_loss + step_loss
         self._epoch_samples += len(batch)
@@ -165,19 +165,20 @@ class RecommenderModule(L.LightningModule):
             self.log("train/loss_step", loss.detach(), prog_bar=True, batch_size=len(batch))
             if self.hparams.lr_scheduler is not None:
                 self.log_dict(self._learning_rates(), on_step=True, on_epoch=False)
-        if self._last_step_of_epoch():
-            self.train_loss_sum.update(self._epoch_loss)
-            self.train_samples.update(float(self._epoch_samples))
-            epoch_loss = self.train_loss_sum.compute() / self.train_samples.compute()
-            self.log("train/loss", epoch_loss, on_step=False, on_epoch=True, batch_size=len(batch))
-            self._reset_train_loss()
         return objective
 
-    def _last_step_of_epoch(self) -> bool:
-        """The epoch's last batch, or the last step of a fit that ends mid-epoch
-        (``trainer.max_steps``)."""
-        max_steps = self.trainer.max_steps
-        return self.trainer.is_last_batch or 0 < max_steps <= self.global_step + 1
+    def on_train_batch_end(self, outputs: Any, batch: Batch, batch_idx: int) -> None:
+        """Logs the epoch's mean loss (``train/loss``) once, after its last batch: the last of
+        the epoch, or the one whose optimizer step ends the fit (``trainer.max_steps``). Here,
+        after the step, rather than in ``training_step``, where every batch of the last
+        accumulation window (``trainer.accumulate_grad_batches``) sees the same global step."""
+        if not (self.trainer.is_last_batch or 0 < self.trainer.max_steps <= self.global_step):
+            return
+        self.train_loss_sum.update(self._epoch_loss)
+        self.train_samples.update(float(self._epoch_samples))
+        epoch_loss = self.train_loss_sum.compute() / self.train_samples.compute()
+        self.log("train/loss", epoch_loss, on_step=False, on_epoch=True, batch_size=len(batch))
+        self._reset_train_loss()
 
     def _learning_rates(self) -> dict[str, float]:
         """The lr of the dense parameters' first group, and of the tables' when they have
