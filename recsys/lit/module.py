@@ -58,11 +58,14 @@ class RecommenderModule(L.LightningModule):
             (``train/lr``, and ``train/lr_sparse`` for the tables).
         loss: ``bce`` (binary cross-entropy on logits) or ``bpr`` (Bayesian personalised
             ranking: -log sigmoid(s_pos - s_neg) over each positive and its sampled
-            negatives; needs ``data.feedback=implicit``).
+            negatives; needs ``data.feedback=implicit``). It decides the pointwise figures:
+            ``auroc`` under both; ``accuracy``, ``val/loss`` and ``test/logloss`` (binary
+            cross-entropy) under ``bce`` alone, since BPR leaves the logits' offset free and
+            ``sigmoid(logit)`` is then no probability. ``train/loss`` is the loss itself.
         l2: weight of the network's ``embedding_l2(batch)`` penalty (NeuMF's: the mean squared
             norm of the embedding rows each training pair looks up, Rendle et al. 2020),
             added to the training loss; 0 adds nothing. ``train/loss`` stays the ``loss``
-            alone, comparable with ``val/loss``.
+            alone, comparable with ``val/loss`` (``bce``).
         ranking_ks: cut-offs of the ranking metrics (``hr@K``, ``ndcg@K``, ``recall@K``) when
             the data module adds a ranking loader (``data.ranking``).
         list_k: length of the recommendation lists whose coverage, novelty, diversity and
@@ -105,9 +108,11 @@ class RecommenderModule(L.LightningModule):
                 f"model.l2={l2}: {net} has no embedding_l2 penalty (recsys.models.NeuMF has): "
                 "set model.l2=0 and regularise with model.optimizer.weight_decay"
             )
+        # the pointwise figures that the loss gives a meaning (`calibrated`)
         self.val_metrics = self._metrics("val/")
         self.test_metrics = self._metrics("test/")
-        self.val_loss, self.test_logloss = MeanMetric(), MeanMetric()
+        self.val_loss = MeanMetric() if self.calibrated else None
+        self.test_logloss = MeanMetric() if self.calibrated else None
         # the epoch's loss summed over samples, and its samples: their ratio is the epoch's mean
         # (MeanMetric(nan_strategy="disable") ignores weights in torchmetrics 1.9, and its other
         # strategies test for NaN at every update, a device sync per step on a GPU). Each step
@@ -136,11 +141,19 @@ class RecommenderModule(L.LightningModule):
         # prepended to the names of test metrics, e.g. "popularity/" for the baseline
         self.metric_prefix = ""
 
-    @staticmethod
-    def _metrics(prefix: str) -> MetricCollection:
-        return MetricCollection(
-            {"auroc": BinaryAUROC(), "accuracy": BinaryAccuracy()}, prefix=prefix
-        )
+    @property
+    def calibrated(self) -> bool:
+        """Whether the loss makes ``sigmoid(logit)`` a probability: ``bce`` does; ``bpr`` fixes
+        the differences between a user's logits, not their offset. AUROC and the ranking
+        metrics depend on the logits' order alone; accuracy and the binary cross-entropy
+        (``val/loss``, ``test/logloss``) are reported only for calibrated logits."""
+        return self.hparams.loss == "bce"
+
+    def _metrics(self, prefix: str) -> MetricCollection:
+        metrics = {"auroc": BinaryAUROC()}
+        if self.calibrated:
+            metrics["accuracy"] = BinaryAccuracy()
+        return MetricCollection(metrics, prefix=prefix)
 
     def forward(self, batch: Batch) -> torch.Tensor:
         """Logits [B] for the pairs of the batch."""
@@ -192,10 +205,11 @@ class RecommenderModule(L.LightningModule):
             "train/lr_sparse": parts["sparse"].param_groups[0]["lr"],
         }
 
-    def _eval_step(self, batch: Batch, metrics: MetricCollection, loss: MeanMetric) -> None:
+    def _eval_step(self, batch: Batch, metrics: MetricCollection, loss: MeanMetric | None) -> None:
         logits = self(batch)
         labels = batch.labels
-        loss.update(F.binary_cross_entropy_with_logits(logits, labels, reduction="none"))
+        if loss is not None:
+            loss.update(F.binary_cross_entropy_with_logits(logits, labels, reduction="none"))
         metrics.update(torch.sigmoid(logits), labels.long())
 
     def rank(self, batch: RankingBatch) -> torch.Tensor:
@@ -235,10 +249,12 @@ class RecommenderModule(L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         self.log_dict(self.val_metrics.compute(), prog_bar=True)
-        self.log("val/loss", self.val_loss.compute(), prog_bar=True)
+        if self.val_loss is not None:
+            self.log("val/loss", self.val_loss.compute(), prog_bar=True)
+            self.val_loss.reset()
         if self.val_ranking.update_called:
             self.log_dict({f"val/{k}": v for k, v in self.val_ranking.compute().items()})
-        for m in (self.val_metrics, self.val_loss, self.val_ranking):
+        for m in (self.val_metrics, self.val_ranking):
             m.reset()
 
     def test_step(self, batch: Batch | RankingBatch, batch_idx: int, dataloader_idx=0):
@@ -255,7 +271,10 @@ class RecommenderModule(L.LightningModule):
             self.test_lists.update(batch.items.gather(1, top).flatten())
 
     def on_test_epoch_end(self) -> None:
-        out = {**self.test_metrics.compute(), "test/logloss": self.test_logloss.compute()}
+        out = dict(self.test_metrics.compute())
+        if self.test_logloss is not None:
+            out["test/logloss"] = self.test_logloss.compute()
+            self.test_logloss.reset()
         if self.test_ranking.update_called:
             out.update({f"test/{k}": v for k, v in self.test_ranking.compute().items()})
             seconds = max(self.scoring["seconds"], 1e-9)
@@ -263,7 +282,7 @@ class RecommenderModule(L.LightningModule):
         if self.test_lists.update_called:
             out.update(self._list_metrics(self.test_lists.compute()))
         self.log_dict({self.metric_prefix + k: v for k, v in out.items()})
-        for m in (self.test_metrics, self.test_logloss, self.test_ranking, self.test_lists):
+        for m in (self.test_metrics, self.test_ranking, self.test_lists):
             m.reset()
         self.scoring = {"users": 0, "seconds": 0.0}
 
