@@ -70,7 +70,9 @@ class RecommenderModule(L.LightningModule):
             the data module adds a ranking loader (``data.ranking``).
         list_k: length of the recommendation lists whose coverage, novelty, diversity and
             personalization are reported after full-ranking tests. Novelty and diversity
-            need the training data's item statistics: `set_item_statistics`.
+            need the training data's item statistics: `set_item_statistics`. Diversity is
+            measured on the items' multi-hot feature (`diversity_feature`: genres, tags), the
+            same vectors for every model, and is not reported for data without one.
         **net_kwargs: passed to the network (e.g. ``variant``, ``mlp_layers``).
     """
 
@@ -129,7 +131,8 @@ class RecommenderModule(L.LightningModule):
         self._catalogue: CatalogueScorer | None = None  # full ranking, per evaluation
         # item statistics of the training data (`set_item_statistics`), saved in checkpoints:
         # training interactions per item [num_items], and the multi-hot vectors [num_items, V]
-        # of the item feature that measures diversity (bool; None: the model's item vectors)
+        # of the item feature that measures diversity (bool; None: no such feature, and no
+        # diversity figure)
         feature = diversity_feature(self.spec)
         self.register_buffer("item_popularity", torch.zeros(self.spec.num_items))
         self.register_buffer(
@@ -317,7 +320,8 @@ class RecommenderModule(L.LightningModule):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _list_metrics(self, flat_lists: torch.Tensor) -> dict[str, float]:
-        """Coverage, novelty, diversity and personalization of the test top-K lists."""
+        """Coverage, novelty, diversity (items with a multi-hot feature only) and
+        personalization of the test top-K lists."""
         if not bool(self.item_popularity.any()):
             raise RuntimeError(
                 "the module holds no item statistics of the training data (a checkpoint from "
@@ -326,15 +330,15 @@ class RecommenderModule(L.LightningModule):
             )
         k = min(self.hparams.list_k, self.spec.num_items)
         lists = flat_lists.long().view(-1, k).cpu()
-        if self.item_vectors is not None:
-            vectors = self.item_vectors.float().cpu()
-        else:  # no multi-hot item feature: diversity by the model's item vectors
-            vectors = self.net.item_embeddings().detach().float().cpu()
         out = {
             f"test/coverage@{k}": catalogue_coverage(lists, self.spec.num_items),
             f"test/novelty@{k}": novelty(lists, self.item_popularity.cpu()),
-            f"test/diversity@{k}": intra_list_diversity(lists, vectors),
         }
+        # on the item feature's vectors, shared by every model; a model's own embeddings
+        # would make each model's figure a distance in a space of its own
+        if self.item_vectors is not None:
+            vectors = self.item_vectors.float().cpu()
+            out[f"test/diversity@{k}"] = intra_list_diversity(lists, vectors)
         if len(lists) > 1:
             out[f"test/personalization@{k}"] = personalization(lists, self.spec.num_items)
         return out
