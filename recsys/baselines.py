@@ -34,11 +34,13 @@ def item_label_counts(dm: RecDataModule) -> tuple[torch.Tensor, torch.Tensor]:
 def popularity_module(dm: RecDataModule, like: RecommenderModule) -> RecommenderModule:
     """The popularity baseline (items ranked by training interactions, Platt-scaled into
     probabilities on the training examples: `item_label_counts`), evaluated with the ranking
-    settings of ``like``; its test metrics are named ``popularity/test/...``."""
+    settings of ``like`` and reporting its figures (beside a BPR model, no logloss or
+    accuracy); its test metrics are named ``popularity/test/...``."""
     dm.setup("test")  # a no-op unless the data was only set up in spawned processes
     module = RecommenderModule(
         net="recsys.models.Popularity",
         spec=dm.spec.to_dict(),
+        loss=like.hparams.loss,
         ranking_ks=like.hparams.ranking_ks,
         list_k=like.hparams.list_k,
     )

@@ -58,16 +58,21 @@ class RecommenderModule(L.LightningModule):
             (``train/lr``, and ``train/lr_sparse`` for the tables).
         loss: ``bce`` (binary cross-entropy on logits) or ``bpr`` (Bayesian personalised
             ranking: -log sigmoid(s_pos - s_neg) over each positive and its sampled
-            negatives; needs ``data.feedback=implicit``).
+            negatives; needs ``data.feedback=implicit``). It decides the pointwise figures:
+            ``auroc`` under both; ``accuracy``, ``val/loss`` and ``test/logloss`` (binary
+            cross-entropy) under ``bce`` alone, since BPR leaves the logits' offset free and
+            ``sigmoid(logit)`` is then no probability. ``train/loss`` is the loss itself.
         l2: weight of the network's ``embedding_l2(batch)`` penalty (NeuMF's: the mean squared
             norm of the embedding rows each training pair looks up, Rendle et al. 2020),
             added to the training loss; 0 adds nothing. ``train/loss`` stays the ``loss``
-            alone, comparable with ``val/loss``.
+            alone, comparable with ``val/loss`` (``bce``).
         ranking_ks: cut-offs of the ranking metrics (``hr@K``, ``ndcg@K``, ``recall@K``) when
             the data module adds a ranking loader (``data.ranking``).
         list_k: length of the recommendation lists whose coverage, novelty, diversity and
             personalization are reported after full-ranking tests. Novelty and diversity
-            need the training data's item statistics: `set_item_statistics`.
+            need the training data's item statistics: `set_item_statistics`. Diversity is
+            measured on the items' multi-hot feature (`diversity_feature`: genres, tags), the
+            same vectors for every model, and is not reported for data without one.
         **net_kwargs: passed to the network (e.g. ``variant``, ``mlp_layers``).
     """
 
@@ -105,9 +110,11 @@ class RecommenderModule(L.LightningModule):
                 f"model.l2={l2}: {net} has no embedding_l2 penalty (recsys.models.NeuMF has): "
                 "set model.l2=0 and regularise with model.optimizer.weight_decay"
             )
+        # the pointwise figures that the loss gives a meaning (`calibrated`)
         self.val_metrics = self._metrics("val/")
         self.test_metrics = self._metrics("test/")
-        self.val_loss, self.test_logloss = MeanMetric(), MeanMetric()
+        self.val_loss = MeanMetric() if self.calibrated else None
+        self.test_logloss = MeanMetric() if self.calibrated else None
         # the epoch's loss summed over samples, and its samples: their ratio is the epoch's mean
         # (MeanMetric(nan_strategy="disable") ignores weights in torchmetrics 1.9, and its other
         # strategies test for NaN at every update, a device sync per step on a GPU). Each step
@@ -124,7 +131,8 @@ class RecommenderModule(L.LightningModule):
         self._catalogue: CatalogueScorer | None = None  # full ranking, per evaluation
         # item statistics of the training data (`set_item_statistics`), saved in checkpoints:
         # training interactions per item [num_items], and the multi-hot vectors [num_items, V]
-        # of the item feature that measures diversity (bool; None: the model's item vectors)
+        # of the item feature that measures diversity (bool; None: no such feature, and no
+        # diversity figure)
         feature = diversity_feature(self.spec)
         self.register_buffer("item_popularity", torch.zeros(self.spec.num_items))
         self.register_buffer(
@@ -136,11 +144,19 @@ class RecommenderModule(L.LightningModule):
         # prepended to the names of test metrics, e.g. "popularity/" for the baseline
         self.metric_prefix = ""
 
-    @staticmethod
-    def _metrics(prefix: str) -> MetricCollection:
-        return MetricCollection(
-            {"auroc": BinaryAUROC(), "accuracy": BinaryAccuracy()}, prefix=prefix
-        )
+    @property
+    def calibrated(self) -> bool:
+        """Whether the loss makes ``sigmoid(logit)`` a probability: ``bce`` does; ``bpr`` fixes
+        the differences between a user's logits, not their offset. AUROC and the ranking
+        metrics depend on the logits' order alone; accuracy and the binary cross-entropy
+        (``val/loss``, ``test/logloss``) are reported only for calibrated logits."""
+        return self.hparams.loss == "bce"
+
+    def _metrics(self, prefix: str) -> MetricCollection:
+        metrics = {"auroc": BinaryAUROC()}
+        if self.calibrated:
+            metrics["accuracy"] = BinaryAccuracy()
+        return MetricCollection(metrics, prefix=prefix)
 
     def forward(self, batch: Batch) -> torch.Tensor:
         """Logits [B] for the pairs of the batch."""
@@ -157,7 +173,7 @@ class RecommenderModule(L.LightningModule):
             objective = loss + self.hparams.l2 * self.net.embedding_l2(batch)
         # self.log costs about a millisecond a call on the CPU, a tenth of a small batch's step:
         # the step figures are logged at the steps the loggers write (every
-        # trainer.log_every_n_steps), the epoch's mean loss once, on its last step
+        # trainer.log_every_n_steps), the epoch's mean loss once (`on_train_batch_end`)
         step_loss = loss.detach() * len(batch)
         self._epoch_loss = step_loss if self._epoch_loss is None else self._epoch_loss + step_loss
         self._epoch_samples += len(batch)
@@ -165,19 +181,20 @@ class RecommenderModule(L.LightningModule):
             self.log("train/loss_step", loss.detach(), prog_bar=True, batch_size=len(batch))
             if self.hparams.lr_scheduler is not None:
                 self.log_dict(self._learning_rates(), on_step=True, on_epoch=False)
-        if self._last_step_of_epoch():
-            self.train_loss_sum.update(self._epoch_loss)
-            self.train_samples.update(float(self._epoch_samples))
-            epoch_loss = self.train_loss_sum.compute() / self.train_samples.compute()
-            self.log("train/loss", epoch_loss, on_step=False, on_epoch=True, batch_size=len(batch))
-            self._reset_train_loss()
         return objective
 
-    def _last_step_of_epoch(self) -> bool:
-        """The epoch's last batch, or the last step of a fit that ends mid-epoch
-        (``trainer.max_steps``)."""
-        max_steps = self.trainer.max_steps
-        return self.trainer.is_last_batch or 0 < max_steps <= self.global_step + 1
+    def on_train_batch_end(self, outputs: Any, batch: Batch, batch_idx: int) -> None:
+        """Logs the epoch's mean loss (``train/loss``) once, after its last batch: the last of
+        the epoch, or the one whose optimizer step ends the fit (``trainer.max_steps``). Here,
+        after the step, rather than in ``training_step``, where every batch of the last
+        accumulation window (``trainer.accumulate_grad_batches``) sees the same global step."""
+        if not (self.trainer.is_last_batch or 0 < self.trainer.max_steps <= self.global_step):
+            return
+        self.train_loss_sum.update(self._epoch_loss)
+        self.train_samples.update(float(self._epoch_samples))
+        epoch_loss = self.train_loss_sum.compute() / self.train_samples.compute()
+        self.log("train/loss", epoch_loss, on_step=False, on_epoch=True, batch_size=len(batch))
+        self._reset_train_loss()
 
     def _learning_rates(self) -> dict[str, float]:
         """The lr of the dense parameters' first group, and of the tables' when they have
@@ -191,10 +208,11 @@ class RecommenderModule(L.LightningModule):
             "train/lr_sparse": parts["sparse"].param_groups[0]["lr"],
         }
 
-    def _eval_step(self, batch: Batch, metrics: MetricCollection, loss: MeanMetric) -> None:
+    def _eval_step(self, batch: Batch, metrics: MetricCollection, loss: MeanMetric | None) -> None:
         logits = self(batch)
         labels = batch.labels
-        loss.update(F.binary_cross_entropy_with_logits(logits, labels, reduction="none"))
+        if loss is not None:
+            loss.update(F.binary_cross_entropy_with_logits(logits, labels, reduction="none"))
         metrics.update(torch.sigmoid(logits), labels.long())
 
     def rank(self, batch: RankingBatch) -> torch.Tensor:
@@ -234,10 +252,12 @@ class RecommenderModule(L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         self.log_dict(self.val_metrics.compute(), prog_bar=True)
-        self.log("val/loss", self.val_loss.compute(), prog_bar=True)
+        if self.val_loss is not None:
+            self.log("val/loss", self.val_loss.compute(), prog_bar=True)
+            self.val_loss.reset()
         if self.val_ranking.update_called:
             self.log_dict({f"val/{k}": v for k, v in self.val_ranking.compute().items()})
-        for m in (self.val_metrics, self.val_loss, self.val_ranking):
+        for m in (self.val_metrics, self.val_ranking):
             m.reset()
 
     def test_step(self, batch: Batch | RankingBatch, batch_idx: int, dataloader_idx=0):
@@ -254,7 +274,10 @@ class RecommenderModule(L.LightningModule):
             self.test_lists.update(batch.items.gather(1, top).flatten())
 
     def on_test_epoch_end(self) -> None:
-        out = {**self.test_metrics.compute(), "test/logloss": self.test_logloss.compute()}
+        out = dict(self.test_metrics.compute())
+        if self.test_logloss is not None:
+            out["test/logloss"] = self.test_logloss.compute()
+            self.test_logloss.reset()
         if self.test_ranking.update_called:
             out.update({f"test/{k}": v for k, v in self.test_ranking.compute().items()})
             seconds = max(self.scoring["seconds"], 1e-9)
@@ -262,7 +285,7 @@ class RecommenderModule(L.LightningModule):
         if self.test_lists.update_called:
             out.update(self._list_metrics(self.test_lists.compute()))
         self.log_dict({self.metric_prefix + k: v for k, v in out.items()})
-        for m in (self.test_metrics, self.test_logloss, self.test_ranking, self.test_lists):
+        for m in (self.test_metrics, self.test_ranking, self.test_lists):
             m.reset()
         self.scoring = {"users": 0, "seconds": 0.0}
 
@@ -297,7 +320,8 @@ class RecommenderModule(L.LightningModule):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _list_metrics(self, flat_lists: torch.Tensor) -> dict[str, float]:
-        """Coverage, novelty, diversity and personalization of the test top-K lists."""
+        """Coverage, novelty, diversity (items with a multi-hot feature only) and
+        personalization of the test top-K lists."""
         if not bool(self.item_popularity.any()):
             raise RuntimeError(
                 "the module holds no item statistics of the training data (a checkpoint from "
@@ -306,15 +330,15 @@ class RecommenderModule(L.LightningModule):
             )
         k = min(self.hparams.list_k, self.spec.num_items)
         lists = flat_lists.long().view(-1, k).cpu()
-        if self.item_vectors is not None:
-            vectors = self.item_vectors.float().cpu()
-        else:  # no multi-hot item feature: diversity by the model's item vectors
-            vectors = self.net.item_embeddings().detach().float().cpu()
         out = {
             f"test/coverage@{k}": catalogue_coverage(lists, self.spec.num_items),
             f"test/novelty@{k}": novelty(lists, self.item_popularity.cpu()),
-            f"test/diversity@{k}": intra_list_diversity(lists, vectors),
         }
+        # on the item feature's vectors, shared by every model; a model's own embeddings
+        # would make each model's figure a distance in a space of its own
+        if self.item_vectors is not None:
+            vectors = self.item_vectors.float().cpu()
+            out[f"test/diversity@{k}"] = intra_list_diversity(lists, vectors)
         if len(lists) > 1:
             out[f"test/personalization@{k}"] = personalization(lists, self.spec.num_items)
         return out

@@ -220,7 +220,8 @@ def intra_list_diversity(
 
     ``item_vectors`` may be multi-hot genre vectors (distances in [0, 1]) or embeddings
     (distances in [0, 2]). An item whose vector is all zeros (no genre) has cosine 0, so
-    distance 1, to every other item.
+    distance 1, to every other item. Figures compare only on the same vectors:
+    `recsys.lit.RecommenderModule` scores every model's lists on the item feature's.
 
     Per list, with unit vectors v_1..v_K, the sum of cos over the K(K - 1) ordered pairs i != j
     is ||sum_i v_i||^2 - sum_i ||v_i||^2, so no [K, K] similarity matrix is built: memory is

@@ -100,10 +100,6 @@ class Popularity(nn.Module):
         self.b.copy_(b)
         return self
 
-    def item_embeddings(self) -> torch.Tensor:
-        """[num_items, 1] log popularity (the model has no other item vector)."""
-        return torch.log1p(self.counts)[:, None]
-
     def forward(self, batch: Batch) -> torch.Tensor:
         """Returns: logits [B], ``a * log(1 + count) + b`` of each pair's item."""
         return self.a * torch.log1p(self.counts[batch.ids("item_id")]) + self.b
