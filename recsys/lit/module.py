@@ -110,11 +110,11 @@ class RecommenderModule(L.LightningModule):
                 f"model.l2={l2}: {net} has no embedding_l2 penalty (recsys.models.NeuMF has): "
                 "set model.l2=0 and regularise with model.optimizer.weight_decay"
             )
-        # the pointwise figures that the loss gives a meaning (`calibrated`)
+        # the pointwise figures that the loss gives a meaning (`pointwise_loss`)
         self.val_metrics = self._metrics("val/")
         self.test_metrics = self._metrics("test/")
-        self.val_loss = MeanMetric() if self.calibrated else None
-        self.test_logloss = MeanMetric() if self.calibrated else None
+        self.val_loss = MeanMetric() if self.pointwise_loss else None
+        self.test_logloss = MeanMetric() if self.pointwise_loss else None
         # the epoch's loss summed over samples, and its samples: their ratio is the epoch's mean
         # (MeanMetric(nan_strategy="disable") ignores weights in torchmetrics 1.9, and its other
         # strategies test for NaN at every update, a device sync per step on a GPU). Each step
@@ -145,16 +145,16 @@ class RecommenderModule(L.LightningModule):
         self.metric_prefix = ""
 
     @property
-    def calibrated(self) -> bool:
-        """Whether the loss makes ``sigmoid(logit)`` a probability: ``bce`` does; ``bpr`` fixes
-        the differences between a user's logits, not their offset. AUROC and the ranking
+    def pointwise_loss(self) -> bool:
+        """Whether the loss fits ``sigmoid(logit)`` to each pair's label: ``bce`` does; ``bpr``
+        fixes the differences between a user's logits, not their offset. AUROC and the ranking
         metrics depend on the logits' order alone; accuracy and the binary cross-entropy
-        (``val/loss``, ``test/logloss``) are reported only for calibrated logits."""
+        (``val/loss``, ``test/logloss``) are reported only under a pointwise loss."""
         return self.hparams.loss == "bce"
 
     def _metrics(self, prefix: str) -> MetricCollection:
         metrics = {"auroc": BinaryAUROC()}
-        if self.calibrated:
+        if self.pointwise_loss:
             metrics["accuracy"] = BinaryAccuracy()
         return MetricCollection(metrics, prefix=prefix)
 
