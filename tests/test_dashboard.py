@@ -103,7 +103,9 @@ def test_settings_refuse_what_cannot_be_shown(data_dir, cache_dir, tmp_path):
 
 
 def test_settings_from_run_dir_and_command(trained, data_dir, cache_dir, tmp_path):
-    cfg = compose_cfg("dashboard", data_dir, cache_dir, tmp_path, f"run_dir={trained}", "port=8765")
+    cfg = compose_cfg(
+        "dashboard", data_dir, cache_dir, tmp_path, f"run_dir={trained}", "serve.port=8765"
+    )
     best = json.loads((trained / "metrics.json").read_text())["best_model_path"]
     argv, env = dashboard.streamlit_command(cfg)
     assert argv[1:5] == ["-m", "streamlit", "run", str(dashboard.APP)]
@@ -363,7 +365,7 @@ def test_dashboard_in_browser(trained, second_run, data_dir, cache_dir, tmp_path
         "recsys.dashboard",
         f"run_dir={trained}",
         f"runs=[{trained},{second_run}]",
-        f"port={port}",
+        f"serve.port={port}",
         f"paths.data_dir={data_dir}",
         f"paths.cache_dir={cache_dir}",
         f"hydra.run.dir={tmp_path / 'hydra'}",
