@@ -144,14 +144,27 @@ def load_runs(paths: tuple[str, ...]) -> pd.DataFrame:
 
 # --- what the pages show ------------------------------------------------------------------
 def score_column(rec: Recommender) -> str:
-    """The name of the shown score: a probability for models trained with BCE, else the
-    logit (BPR logits only order items)."""
+    """The name of the shown score: ``probability`` for calibrated models (binary
+    cross-entropy on explicit feedback), else ``logit``."""
     return "probability" if rec.calibrated else "logit"
 
 
 def shown_scores(rec: Recommender, logits: np.ndarray) -> np.ndarray:
     """Probabilities for calibrated models, else the logits."""
     return rec.probabilities(logits) if rec.calibrated else logits
+
+
+def score_meaning(rec: Recommender) -> str:
+    """What the shown score is, in a sentence."""
+    if rec.calibrated:
+        return "Probabilities: the sigmoid of the logit, the chance of a positive label."
+    if rec.model.hparams.loss == "bpr":
+        return "Logits, not probabilities: BPR logits only order items."
+    return (
+        "Logits, not probabilities: under implicit feedback the sigmoid of a logit is the "
+        f"chance that a pair is the positive among 1 positive and {rec.dm.num_negatives} "
+        "sampled negatives."
+    )
 
 
 def user_activity(rec: Recommender) -> pd.Series:

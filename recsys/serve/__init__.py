@@ -6,15 +6,19 @@
 Routes (raw dataset ids in and out; every answer is JSON):
 
 - ``GET /health``: ``{"status": "ok"}``; never needs the API key.
-- ``GET /metadata``: the model, its data (sizes, item fields) and the run's test metrics.
+- ``GET /metadata``: the model (``calibrated``: whether its scores have probabilities), its
+  data (sizes, item fields) and the checkpoint's test metrics (``null``, with
+  ``metrics_note`` saying why, for a checkpoint its run did not test, such as a ``last.ckpt``
+  written after the best epoch).
 - ``GET /recommend?user_id=..&k=10[&exclude_seen=true][&fallback=popular]``: the user's top-k
   items with their display fields and logits, never an item the user has an interaction with
   unless ``exclude_seen=false``.
 - ``POST /recommend`` ``{"user_ids": [..], "k": 10, "exclude_seen": true, "fallback": null}``.
 - ``GET /similar?item_id=..&k=10``: nearest items by cosine of the model's item vectors.
 - ``POST /score`` ``{"pairs": [{"user_id": .., "item_id": ..}, ..]}``: logits, and
-  probabilities for models trained with binary cross-entropy (``null`` under BPR, whose
-  logits are no probabilities).
+  probabilities for calibrated models: binary cross-entropy on explicit feedback. Every
+  other model gets ``null``: under implicit feedback sigmoid(logit) is the chance that a pair
+  is the positive in a 1 : ``num_negatives`` sampled mix, and BPR logits only order items.
 
 An unknown id answers 404 naming it (or, with ``fallback=popular``, the most popular items,
 marked ``"source": "popular"``); a bad parameter answers 422. When ``serve.api_key`` (or
