@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -272,27 +273,56 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def test_ready_is_called_once_connections_are_accepted(client):
+    """`ReadyServer` calls back once the app has started and its socket listens: the kernel
+    accepts a connection made inside the callback, and a request from another thread is
+    answered."""
+    import uvicorn
+
+    from recsys.serve import ReadyServer, listening_socket
+
+    port, answers = _free_port(), []
+
+    def ask() -> None:
+        try:
+            answers.append(httpx.get(f"http://127.0.0.1:{port}/health").status_code)
+        finally:
+            server.should_exit = True
+
+    def on_ready() -> None:
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()  # refused: raises
+        threading.Thread(target=ask).start()  # the event loop answers it
+
+    server = ReadyServer(uvicorn.Config(client.app, log_level="warning"), on_ready)
+    server.run(sockets=[listening_socket("127.0.0.1", port)])
+    assert answers == [200]
+
+
 @pytest.mark.slow
-def test_a_real_server_process(ckpt, data_dir, cache_dir, tmp_path):
-    """`python -m recsys.serve run_dir=<run>` (its best checkpoint) with two worker processes
-    on loopback, the API key from the environment."""
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_real_server_process(workers, ckpt, data_dir, cache_dir, tmp_path):
+    """`python -m recsys.serve run_dir=<run>` (its best checkpoint) with one or two worker
+    processes on loopback, the API key from the environment: once its log says ``ready:``,
+    every request is answered at the first try."""
     port = _free_port()
     env = {**os.environ, "RECSYS_API_KEY": "k1", "RECSYS_CACHE_DIR": str(cache_dir)}
     run_dir = Path(ckpt).parents[1]
     cmd = [sys.executable, "-m", "recsys.serve", f"run_dir={run_dir}", f"serve.port={port}"]
-    cmd += ["serve.workers=2", f"hydra.run.dir={tmp_path}"]
-    server = subprocess.Popen(cmd, cwd=ROOT, env=env, start_new_session=True)
+    cmd += [f"serve.workers={workers}", f"hydra.run.dir={tmp_path}"]
+    log_path = tmp_path / "server.out"
+    with log_path.open("w") as log:
+        server = subprocess.Popen(
+            cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120
-        while True:
-            assert server.poll() is None, "the server exited"
-            try:
-                if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                assert time.monotonic() < deadline, "no answer on /health within 120 s"
-                time.sleep(0.5)
+        while "ready: serving" not in log_path.read_text():
+            assert server.poll() is None, f"the server exited:\n{log_path.read_text()}"
+            assert time.monotonic() < deadline, f"no ready line in 120 s:\n{log_path.read_text()}"
+            time.sleep(0.1)
+        ready = next(line for line in log_path.read_text().splitlines() if "ready:" in line)
+        assert f"ready: serving NeuMF (neumf, ml-100k) on {base} ({ckpt}, {workers} worker" in ready
         key = {"X-API-Key": "k1"}
         assert httpx.get(f"{base}/recommend?user_id=1").status_code == 401
         for _ in range(4):  # new connections, spread over the workers
