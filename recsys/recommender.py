@@ -19,6 +19,7 @@ from omegaconf import DictConfig
 
 from recsys.checkpoint import load_checkpoint, run_folder
 from recsys.data.base import RecDataModule
+from recsys.distributed.torchrec_strategy import load_meta, load_weights_only
 from recsys.lit.module import RecommenderModule
 from recsys.scoring import CatalogueScorer
 
@@ -34,12 +35,40 @@ class UnknownIdError(KeyError):
         return f"unknown {self.kind} {', '.join(map(repr, self.ids))}: not in {self.source}"
 
 
-def run_metrics(ckpt_path: Path) -> dict | None:
-    """The ``metrics.json`` of the run that wrote ``ckpt_path``, or None when there is none."""
+def checkpoint_state(ckpt_path: Path) -> dict:
+    """The Lightning checkpoint of ``ckpt_path`` (``epoch``, ``global_step``, the data module's
+    hyperparameters, ...), memory-mapped; a sharded folder's ``meta.pt``."""
+    return load_meta(ckpt_path) if ckpt_path.is_dir() else load_weights_only(ckpt_path, mmap=True)
+
+
+def checkpoint_metrics(ckpt_path: Path, state: dict) -> tuple[dict | None, str | None]:
+    """The figures of the run's ``metrics.json`` when they were measured on this checkpoint,
+    else None and the reason.
+
+    A training run tests one checkpoint, its best, and ``metrics.json`` holds that one's
+    figures with its ``best_epoch`` and ``best_step``. They are this checkpoint's when it holds
+    the same training state (``state``, its `checkpoint_state`: ``epoch``, ``global_step``):
+    the best file, a copy of it, or a ``last.ckpt`` written at that step. Any other checkpoint
+    of the run (``last.ckpt`` epochs after the best, ...) gets none: ``evaluate.py`` measures it.
+    """
     folder = run_folder(ckpt_path)
-    if folder is None or not (folder / "metrics.json").is_file():
-        return None
-    return json.loads((folder / "metrics.json").read_text())
+    if folder is None:
+        return None, f"{ckpt_path} is not in a training run folder (one with metrics.json)"
+    path = folder / "metrics.json"
+    if not path.is_file():
+        return None, f"the run {folder} has no metrics.json (it did not finish)"
+    metrics = json.loads(path.read_text())
+    measured = metrics.get("best_epoch"), metrics.get("best_step")
+    if not metrics.get("best_model_path") or None in measured:
+        return None, f"{path} holds the figures of the run's last weights, not of a checkpoint"
+    here = state.get("epoch"), state.get("global_step")
+    if here != measured:
+        return None, (
+            f"{path} holds the figures of {metrics['best_model_path']} (epoch {measured[0]}, "
+            f"step {measured[1]}), not of this checkpoint (epoch {here[0]}, step {here[1]}): "
+            f"python evaluate.py ckpt_path={ckpt_path} measures it"
+        )
+    return metrics, None
 
 
 class Recommender:
@@ -48,7 +77,13 @@ class Recommender:
     Attributes:
         item_info: per item code: ``item_id``, ``title`` and the dataset's display fields.
         popular: item codes by training interactions, most first.
-        metrics: the training run's ``metrics.json`` (None if not found).
+        metrics: the test (and validation) figures of this checkpoint from its run's
+            ``metrics.json``; None when the run measured another checkpoint or has none
+            (`checkpoint_metrics`), with the reason in ``metrics_note``.
+        calibrated: whether sigmoid(logit) is a probability: only for binary cross-entropy on
+            explicit feedback. Under implicit feedback it is the chance that a pair is the
+            positive in a mix of 1 positive to ``num_negatives`` sampled negatives; BPR logits
+            only order items.
     """
 
     def __init__(self, dm: RecDataModule, model: RecommenderModule, ckpt_path: str | Path):
@@ -68,8 +103,11 @@ class Recommender:
         self.popular = dm.protocol.item_popularity().argsort(descending=True, stable=True)
         with torch.inference_mode():
             self.item_vectors = F.normalize(model.net.item_embeddings().detach().float(), dim=1)
-        self.metrics = run_metrics(self.ckpt_path)
-        self.calibrated = model.hparams.loss == "bce"  # BPR logits are no probabilities
+        state = checkpoint_state(self.ckpt_path)
+        self.metrics, self.metrics_note = checkpoint_metrics(self.ckpt_path, state)
+        # the feedback the model was trained on (allow_new_data may load other data)
+        feedback = state["datamodule_hyper_parameters"].get("feedback", dm.feedback)
+        self.calibrated = model.hparams.loss == "bce" and feedback == "explicit"
 
     @classmethod
     def from_config(cls, cfg: DictConfig) -> Recommender:
@@ -137,8 +175,7 @@ class Recommender:
         return self.model(batch).numpy()
 
     def probabilities(self, logits: np.ndarray) -> np.ndarray | None:
-        """sigmoid(logits) as float64 for models trained with binary cross-entropy; None
-        under BPR, whose logits only order items."""
+        """sigmoid(logits) as float64 for calibrated models (`calibrated`), else None."""
         if not self.calibrated:
             return None
         return 1 / (1 + np.exp(-np.asarray(logits, dtype=np.float64)))
@@ -159,7 +196,9 @@ class Recommender:
         return frame.sort_values("timestamp", ascending=False, kind="stable")
 
     def metadata(self) -> dict:
-        """The model, its data and the run's test metrics."""
+        """The model (``calibrated``: whether its scores have probabilities), its data and
+        the checkpoint's test metrics (None, and ``metrics_note`` saying why, when its run
+        measured another checkpoint)."""
         hp = self.model.hparams
         return {
             "ckpt_path": str(self.ckpt_path),
@@ -168,6 +207,7 @@ class Recommender:
                 **{k: v for k, v in hp.items() if k in ("variant", "interaction", "loss")},
                 "parameters": sum(p.numel() for p in self.model.net.parameters()),
                 "factorised_scoring": self.scorer.factorised,
+                "calibrated": self.calibrated,
             },
             "data": {
                 "source": self.source,
@@ -178,4 +218,5 @@ class Recommender:
                 "item_fields": list(self.item_info.columns),
             },
             "metrics": self.metrics,
+            "metrics_note": self.metrics_note,
         }

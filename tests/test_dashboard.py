@@ -103,7 +103,9 @@ def test_settings_refuse_what_cannot_be_shown(data_dir, cache_dir, tmp_path):
 
 
 def test_settings_from_run_dir_and_command(trained, data_dir, cache_dir, tmp_path):
-    cfg = compose_cfg("dashboard", data_dir, cache_dir, tmp_path, f"run_dir={trained}", "port=8765")
+    cfg = compose_cfg(
+        "dashboard", data_dir, cache_dir, tmp_path, f"run_dir={trained}", "serve.port=8765"
+    )
     best = json.loads((trained / "metrics.json").read_text())["best_model_path"]
     argv, env = dashboard.streamlit_command(cfg)
     assert argv[1:5] == ["-m", "streamlit", "run", str(dashboard.APP)]
@@ -206,7 +208,7 @@ def test_similar_page(page, model_settings):
 def test_testing_page(page, model_settings, rec):
     at = page(model_settings, "testing")
     tiles = {m.label: m.value for m in at.metric}
-    assert tiles["Run's test AUROC"] == f"{rec.metrics['test/auroc']:.4f}"
+    assert tiles["Checkpoint's test AUROC"] == f"{rec.metrics['test/auroc']:.4f}"
     assert int(tiles["Held-out rows"]) == len(at.dataframe[0].value) > 0
     assert len(at.get("vega_lite_chart")) == 1
     next(r for r in at.radio if r.label == "Rows").set_value("A random sample of users").run()
@@ -250,9 +252,74 @@ def test_pages_without_their_input(page, trained, data_dir, cache_dir, tmp_path)
     shutil.copy(json.loads((trained / "metrics.json").read_text())["best_model_path"], alone)
     at = page(make_settings(data_dir, cache_dir, tmp_path, f"ckpt_path={alone}"), "performance")
     assert [i.value.split(":")[0].split(" in ")[0] for i in at.info] == [
-        "No metrics.json",
+        "No test metrics for this checkpoint",
         "No csv/metrics.csv",
     ]
+    assert "is not in a training run folder" in at.info[0].value
+
+
+@pytest.fixture(scope="module")
+def implicit_run(tmp_path_factory, data_dir, cache_dir) -> Path:
+    """The run folder of an implicit-feedback NeuMF (BCE, 4 sampled negatives per positive),
+    20 steps, whose last.ckpt (written every 7 steps: step 14) is not the best checkpoint it
+    tested (step 20)."""
+    out = tmp_path_factory.mktemp("implicit")
+    overrides = [
+        "data.feedback=implicit",
+        "trainer.max_epochs=1",
+        "+trainer.limit_train_batches=20",
+        "callbacks.last_checkpoint.every_n_train_steps=7",
+    ]
+    train(compose_train(data_dir, cache_dir, out, *overrides))
+    return out
+
+
+def chart_encodings(at: AppTest, channel: str) -> list[dict]:
+    """The ``channel`` (x, y) encoding of every chart on the page."""
+    specs = [json.loads(chart.proto.spec) for chart in at.get("vega_lite_chart")]
+    return [spec["encoding"][channel] for spec in specs if channel in spec.get("encoding", {})]
+
+
+def test_implicit_feedback_scores_are_logits(page, implicit_run, data_dir, cache_dir, tmp_path):
+    """sigmoid(logit) of a model trained against sampled negatives is no probability of an
+    interaction: the pages show logits, on axes of their own range."""
+    settings = make_settings(data_dir, cache_dir, tmp_path, f"run_dir={implicit_run}")
+    rec = dashboard.load_recommender(OmegaConf.to_yaml(settings))
+    assert not rec.calibrated and dashboard.score_column(rec) == "logit"
+    frame = dashboard.predictions(rec, ("test",))
+    rows = rec.dm.rows["test"].numpy()
+    inter = rec.dm.data.interactions
+    logits = rec.score(inter.users[rows].numpy(), inter.items[rows].numpy())
+    np.testing.assert_allclose(frame["logit"], logits)
+    assert "probability" not in frame
+    assert "probability" not in dashboard.recommendations(rec, "1", 5)
+    at = page(settings, "testing")
+    (y,) = chart_encodings(at, "y")
+    assert y["title"] == "predicted logit" and "domain" not in y.get("scale", {})
+    assert "Logits, not probabilities" in at.caption[0].value
+    assert "among 1 positive and 4 sampled negatives" in at.caption[0].value
+    at = page(settings, "performance")
+    assert "predicted logit" in [x.get("title") for x in chart_encodings(at, "x")]
+
+
+def test_a_checkpoint_its_run_did_not_test_shows_no_test_metrics(
+    page, implicit_run, data_dir, cache_dir, tmp_path
+):
+    measured = json.loads((implicit_run / "metrics.json").read_text())
+    best = make_settings(data_dir, cache_dir, tmp_path, f"run_dir={implicit_run}")
+    tiles = {m.label: m.value for m in page(best, "testing").metric}
+    assert tiles["Checkpoint's test AUROC"] == f"{measured['test/auroc']:.4f}"
+    last = implicit_run / "checkpoints" / "last.ckpt"
+    settings = make_settings(data_dir, cache_dir, tmp_path, f"ckpt_path={last}")
+    at = page(settings, "performance")
+    assert not at.metric  # no headline figures of another checkpoint
+    info = at.info[0].value
+    assert info.startswith("No test metrics for this checkpoint: ")
+    assert "(epoch 0, step 20), not of this checkpoint (epoch 0, step 14)" in info
+    assert f"python evaluate.py ckpt_path={last}" in info
+    assert "no test metrics" in at.sidebar.markdown[0].value
+    tiles = {m.label: m.value for m in page(settings, "testing").metric}
+    assert tiles["Checkpoint's test AUROC"] == "n/a"
 
 
 # --- the launched dashboard in a browser ---------------------------------------------------
@@ -363,7 +430,7 @@ def test_dashboard_in_browser(trained, second_run, data_dir, cache_dir, tmp_path
         "recsys.dashboard",
         f"run_dir={trained}",
         f"runs=[{trained},{second_run}]",
-        f"port={port}",
+        f"serve.port={port}",
         f"paths.data_dir={data_dir}",
         f"paths.cache_dir={cache_dir}",
         f"hydra.run.dir={tmp_path / 'hydra'}",

@@ -3,11 +3,13 @@ raw ratings file, errors for bad input, the API key, and one real uvicorn proces
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -162,7 +164,53 @@ def test_metadata_has_the_run_test_metrics(client, ckpt):
     assert meta["data"]["source"] == "ml-100k"
     assert (meta["data"]["users"], meta["data"]["items"]) == (943, 1682)
     assert meta["metrics"]["test/auroc"] == pytest.approx(run_metrics["test/auroc"])
+    assert meta["metrics_note"] is None
     assert meta["model"]["factorised_scoring"] is True
+    assert meta["model"]["calibrated"] is True  # BCE on explicit feedback
+
+
+@pytest.fixture(scope="module")
+def run_past_best(tmp_path_factory, data_dir, cache_dir) -> Path:
+    """A run folder whose last.ckpt (written every 7 steps: step 14) is not the best
+    checkpoint that the run tested (the epoch's end, step 20)."""
+    out = tmp_path_factory.mktemp("train")
+    overrides = [
+        "trainer.max_epochs=1",
+        "+trainer.limit_train_batches=20",
+        "callbacks.last_checkpoint.every_n_train_steps=7",
+    ]
+    train(compose_train(data_dir, cache_dir, out, *overrides))
+    return out
+
+
+def test_test_metrics_only_for_the_checkpoint_they_were_measured_on(
+    run_past_best, ckpt, data_dir, cache_dir, tmp_path
+):
+    measured = json.loads((run_past_best / "metrics.json").read_text())
+    best = Path(measured["best_model_path"])
+    assert (measured["best_epoch"], measured["best_step"]) == (0, 20)
+
+    def metadata(path: Path) -> dict:
+        rec = _recommender(path, data_dir, cache_dir, tmp_path)
+        return TestClient(create_app(rec)).get("/metadata").json()
+
+    assert metadata(best)["metrics"] == measured
+    last = run_past_best / "checkpoints" / "last.ckpt"
+    meta = metadata(last)
+    assert meta["metrics"] is None
+    note = meta["metrics_note"]
+    assert f"holds the figures of {best} (epoch 0, step 20)" in note
+    assert "not of this checkpoint (epoch 0, step 14)" in note
+    assert f"python evaluate.py ckpt_path={last}" in note
+    # a last.ckpt written with the best (the default: every epoch's end) holds its weights
+    same = metadata(Path(ckpt).parent / "last.ckpt")
+    assert same["metrics"]["test/auroc"] == metadata(Path(ckpt))["metrics"]["test/auroc"]
+    # a copy of the best checkpoint outside any run: no run, no metrics
+    alone = tmp_path / "copy" / "model.ckpt"
+    alone.parent.mkdir()
+    alone.write_bytes(best.read_bytes())
+    meta = metadata(alone)
+    assert meta["metrics"] is None and "not in a training run folder" in meta["metrics_note"]
 
 
 def test_api_key_is_required_on_every_route_but_health(rec):
@@ -190,6 +238,7 @@ def test_api_key_is_required_on_every_route_but_health(rec):
         ("hybrid+side", ["model=hybrid", "model.use_side_features=true"]),
         ("dlrm", ["model=dlrm"]),
         ("gmf bpr", ["model.variant=gmf", "model.loss=bpr", "data.feedback=implicit"]),
+        ("neumf implicit", ["data.feedback=implicit"]),
     ],
 )
 def test_every_model_serves(name, overrides, tmp_path_factory, data_dir, cache_dir, tmp_path):
@@ -207,11 +256,15 @@ def test_every_model_serves(name, overrides, tmp_path_factory, data_dir, cache_d
     scores = pd.Series(forward_scores(rec, int(rec.user_codes(["5"])[0])), rec.item_index)
     seen = rec.history(int(rec.user_codes(["5"])[0])).item_id
     assert [i["item_id"] for i in answer["items"]] == list(scores.drop(seen).nlargest(10).index)
-    assert rec.scorer.factorised == (name in ("hybrid", "gmf bpr"))
+    assert rec.scorer.factorised == (name in ("hybrid", "gmf bpr", "neumf implicit"))
     assert client.get("/similar?item_id=1&k=3").status_code == 200
     scored = client.post("/score", json={"pairs": [{"user_id": 5, "item_id": 1}]}).json()
-    probability = scored["scores"][0]["probability"]
-    assert (probability is None) == (name == "gmf bpr")  # BPR logits are no probabilities
+    # probabilities only from BCE on explicit feedback: under implicit feedback sigmoid(logit)
+    # is the chance of the positive in a 1 : num_negatives mix, BPR logits only order items
+    calibrated = name not in ("gmf bpr", "neumf implicit")
+    assert (scored["scores"][0]["probability"] is not None) == calibrated
+    assert scored["scores"][0]["score"] == pytest.approx(float(scores["1"]), abs=1e-4)
+    assert client.get("/metadata").json()["model"]["calibrated"] is calibrated
 
 
 def _free_port() -> int:
@@ -220,27 +273,56 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def test_ready_is_called_once_connections_are_accepted(client):
+    """`ReadyServer` calls back once the app has started and its socket listens: the kernel
+    accepts a connection made inside the callback, and a request from another thread is
+    answered."""
+    import uvicorn
+
+    from recsys.serve import ReadyServer, listening_socket
+
+    port, answers = _free_port(), []
+
+    def ask() -> None:
+        try:
+            answers.append(httpx.get(f"http://127.0.0.1:{port}/health").status_code)
+        finally:
+            server.should_exit = True
+
+    def on_ready() -> None:
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()  # refused: raises
+        threading.Thread(target=ask).start()  # the event loop answers it
+
+    server = ReadyServer(uvicorn.Config(client.app, log_level="warning"), on_ready)
+    server.run(sockets=[listening_socket("127.0.0.1", port)])
+    assert answers == [200]
+
+
 @pytest.mark.slow
-def test_a_real_server_process(ckpt, data_dir, cache_dir, tmp_path):
-    """`python -m recsys.serve run_dir=<run>` (its best checkpoint) with two worker processes
-    on loopback, the API key from the environment."""
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_real_server_process(workers, ckpt, data_dir, cache_dir, tmp_path):
+    """`python -m recsys.serve run_dir=<run>` (its best checkpoint) with one or two worker
+    processes on loopback, the API key from the environment: once its log says ``ready:``,
+    every request is answered at the first try."""
     port = _free_port()
     env = {**os.environ, "RECSYS_API_KEY": "k1", "RECSYS_CACHE_DIR": str(cache_dir)}
     run_dir = Path(ckpt).parents[1]
     cmd = [sys.executable, "-m", "recsys.serve", f"run_dir={run_dir}", f"serve.port={port}"]
-    cmd += ["serve.workers=2", f"hydra.run.dir={tmp_path}"]
-    server = subprocess.Popen(cmd, cwd=ROOT, env=env, start_new_session=True)
+    cmd += [f"serve.workers={workers}", f"hydra.run.dir={tmp_path}"]
+    log_path = tmp_path / "server.out"
+    with log_path.open("w") as log:
+        server = subprocess.Popen(
+            cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120
-        while True:
-            assert server.poll() is None, "the server exited"
-            try:
-                if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                assert time.monotonic() < deadline, "no answer on /health within 120 s"
-                time.sleep(0.5)
+        while "ready: serving" not in log_path.read_text():
+            assert server.poll() is None, f"the server exited:\n{log_path.read_text()}"
+            assert time.monotonic() < deadline, f"no ready line in 120 s:\n{log_path.read_text()}"
+            time.sleep(0.1)
+        ready = next(line for line in log_path.read_text().splitlines() if "ready:" in line)
+        assert f"ready: serving NeuMF (neumf, ml-100k) on {base} ({ckpt}, {workers} worker" in ready
         key = {"X-API-Key": "k1"}
         assert httpx.get(f"{base}/recommend?user_id=1").status_code == 401
         for _ in range(4):  # new connections, spread over the workers

@@ -1,7 +1,7 @@
 """A Streamlit dashboard over a trained model and its runs (conf/dashboard.yaml).
 
     python -m recsys.dashboard run_dir=<run folder> [runs=[<run or sweep folders>]]
-    python -m recsys.dashboard ckpt_path=<run>/checkpoints/<name>.ckpt [port=8501]
+    python -m recsys.dashboard ckpt_path=<run>/checkpoints/<name>.ckpt [serve.port=8501]
 
 Pages (sidebar, or ``?page=<name>`` in the address): ``recommend`` (a user's history beside
 their top-K), ``similar`` (an item's nearest items), ``testing`` (predicted scores against the
@@ -104,9 +104,9 @@ def streamlit_command(cfg: DictConfig) -> tuple[list[str], dict[str, str]]:
         "run",
         str(APP),
         "--server.address",
-        str(cfg.host),
+        str(cfg.serve.host),
         "--server.port",
-        str(cfg.port),
+        str(cfg.serve.port),
         "--server.headless",
         "true",
         "--browser.gatherUsageStats",
@@ -122,7 +122,7 @@ def run(cfg: DictConfig) -> None:
     """Serve the dashboard until stopped (Ctrl-C): this process becomes ``streamlit run``,
     so stopping it stops the server."""
     argv, env = streamlit_command(cfg)
-    log.info("dashboard on http://%s:%d", cfg.host, cfg.port)
+    log.info("dashboard on http://%s:%d", cfg.serve.host, cfg.serve.port)
     os.execve(sys.executable, argv, env)
 
 
@@ -144,14 +144,27 @@ def load_runs(paths: tuple[str, ...]) -> pd.DataFrame:
 
 # --- what the pages show ------------------------------------------------------------------
 def score_column(rec: Recommender) -> str:
-    """The name of the shown score: a probability for models trained with BCE, else the
-    logit (BPR logits only order items)."""
+    """The name of the shown score: ``probability`` for calibrated models (binary
+    cross-entropy on explicit feedback), else ``logit``."""
     return "probability" if rec.calibrated else "logit"
 
 
 def shown_scores(rec: Recommender, logits: np.ndarray) -> np.ndarray:
     """Probabilities for calibrated models, else the logits."""
     return rec.probabilities(logits) if rec.calibrated else logits
+
+
+def score_meaning(rec: Recommender) -> str:
+    """What the shown score is, in a sentence."""
+    if rec.calibrated:
+        return "Probabilities: the sigmoid of the logit, the chance of a positive label."
+    if rec.model.hparams.loss == "bpr":
+        return "Logits, not probabilities: BPR logits only order items."
+    return (
+        "Logits, not probabilities: under implicit feedback the sigmoid of a logit is the "
+        f"chance that a pair is the positive among 1 positive and {rec.dm.num_negatives} "
+        "sampled negatives."
+    )
 
 
 def user_activity(rec: Recommender) -> pd.Series:

@@ -1,5 +1,5 @@
-"""python -m recsys.dashboard run_dir=<run folder> | ckpt_path=<ckpt> [runs=[...]] [port=8501]:
-the Streamlit dashboard (conf/dashboard.yaml)."""
+"""python -m recsys.dashboard run_dir=<run folder> | ckpt_path=<ckpt> [runs=[...]]
+[serve.port=8501]: the Streamlit dashboard (conf/dashboard.yaml)."""
 
 import hydra
 from omegaconf import DictConfig

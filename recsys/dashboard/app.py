@@ -52,7 +52,8 @@ def model(cfg: DictConfig) -> Recommender | None:
     st.sidebar.markdown(
         f"**{meta['data']['source']}** · {meta['model']['net'].rsplit('.', 1)[-1]}  \n"
         f"{rec.num_users:,} users · {rec.num_items:,} items  \n"
-        + (f"test AUROC {auroc:.4f}" if auroc is not None else "no metrics.json")
+        + (f"test AUROC {auroc:.4f}" if auroc is not None else "no test metrics"),
+        help=rec.metrics_note,
     )
     st.sidebar.caption(str(rec.ckpt_path))
     return rec
@@ -98,7 +99,7 @@ def recommend_page(cfg: DictConfig) -> None:
         item_table(rec, history, ["rating", "split", *(["date"] if "date" in history else [])])
     with right:
         st.subheader(f"Top {k} for user {user}")
-        st.caption(f"{score} of each item from the model")
+        st.caption(dashboard.score_meaning(rec))
         if has_covers(rec):
             st.html(dashboard.cover_cards(recs, score))
             with st.expander("As a table"):
@@ -163,10 +164,14 @@ def testing_page(cfg: DictConfig) -> None:
         users = rng.choice(candidates.index.to_numpy(), n, replace=False).tolist()
     frame = dashboard.predictions(rec, dashboard.HELD_OUT, users)
     score = dashboard.score_column(rec)
-    run_auroc = (rec.metrics or {}).get("test/auroc")
+    test_auroc = (rec.metrics or {}).get("test/auroc")
     tiles = st.columns(3)
     tiles[0].metric("Held-out rows", f"{len(frame):,}")
-    tiles[1].metric("Run's test AUROC", "n/a" if run_auroc is None else f"{run_auroc:.4f}")
+    tiles[1].metric(
+        "Checkpoint's test AUROC",
+        "n/a" if test_auroc is None else f"{test_auroc:.4f}",
+        help=rec.metrics_note,
+    )
     if frame["label"].nunique() == 2:
         shown = binary_auroc(
             torch.tensor(frame[score].to_numpy()), torch.tensor(frame["label"].to_numpy())
@@ -176,7 +181,8 @@ def testing_page(cfg: DictConfig) -> None:
         tiles[2].metric("AUROC on these rows", "n/a", help="needs both labels among the rows")
     st.caption(
         f"{score} of each val/test row against the rating given; colour: the label the "
-        f"model was trained to predict ({rec.dm.hparams.get('feedback')} feedback)"
+        f"model was trained to predict ({rec.dm.feedback} feedback). "
+        + dashboard.score_meaning(rec)
     )
     strip = (
         alt.Chart(frame.assign(label=frame["label"].map(LABEL_NAMES)))
@@ -237,7 +243,7 @@ def performance_page(cfg: DictConfig) -> None:
         return
     st.subheader("Test metrics")
     if rec.metrics is None:
-        st.info(f"No metrics.json in the run folder of {rec.ckpt_path}.")
+        st.info(f"No test metrics for this checkpoint: {rec.metrics_note}.")
     else:
         table = dashboard.metrics_table(rec.metrics).set_index("metric")
         headline = [m for m in HEADLINE if m in table.index]
@@ -290,7 +296,7 @@ def performance_page(cfg: DictConfig) -> None:
         .properties(height=280)
     )
     st.altair_chart(chart, width="stretch")
-    st.caption(f"{len(scores):,} test rows, by their label")
+    st.caption(f"{len(scores):,} test rows, by their label. {dashboard.score_meaning(rec)}")
 
     st.subheader("The data")
     counts = dashboard.interaction_counts(rec)

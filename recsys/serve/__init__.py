@@ -6,34 +6,45 @@
 Routes (raw dataset ids in and out; every answer is JSON):
 
 - ``GET /health``: ``{"status": "ok"}``; never needs the API key.
-- ``GET /metadata``: the model, its data (sizes, item fields) and the run's test metrics.
+- ``GET /metadata``: the model (``calibrated``: whether its scores have probabilities), its
+  data (sizes, item fields) and the checkpoint's test metrics (``null``, with
+  ``metrics_note`` saying why, for a checkpoint its run did not test, such as a ``last.ckpt``
+  written after the best epoch).
 - ``GET /recommend?user_id=..&k=10[&exclude_seen=true][&fallback=popular]``: the user's top-k
   items with their display fields and logits, never an item the user has an interaction with
   unless ``exclude_seen=false``.
 - ``POST /recommend`` ``{"user_ids": [..], "k": 10, "exclude_seen": true, "fallback": null}``.
 - ``GET /similar?item_id=..&k=10``: nearest items by cosine of the model's item vectors.
 - ``POST /score`` ``{"pairs": [{"user_id": .., "item_id": ..}, ..]}``: logits, and
-  probabilities for models trained with binary cross-entropy (``null`` under BPR, whose
-  logits are no probabilities).
+  probabilities for calibrated models: binary cross-entropy on explicit feedback. Every
+  other model gets ``null``: under implicit feedback sigmoid(logit) is the chance that a pair
+  is the positive in a 1 : ``num_negatives`` sampled mix, and BPR logits only order items.
 
 An unknown id answers 404 naming it (or, with ``fallback=popular``, the most popular items,
 marked ``"source": "popular"``); a bad parameter answers 422. When ``serve.api_key`` (or
 ``RECSYS_API_KEY``) is set, every route but ``/health`` needs it in the ``X-API-Key`` header.
+
+Once every worker has loaded its model and accepts connections, the log says
+``ready: serving <model> on http://<host>:<port>``; before, connections are refused.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing
 import os
+import queue
 import secrets
 import signal
 import socket
+from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import torch
+import uvicorn
 from fastapi import Depends, FastAPI, Header, HTTPException, Query
 from fastapi.responses import JSONResponse
 from omegaconf import DictConfig, OmegaConf
@@ -66,7 +77,10 @@ def create_app(
 ) -> FastAPI:
     """The HTTP app over ``rec``: everything request-independent is already built in it."""
     metadata = rec.metadata()
-    app = FastAPI(title=f"recsys: {metadata['model']['net']} on {rec.source}")
+    model = metadata["model"]
+    about = ", ".join(filter(None, [model.get("variant"), rec.source]))
+    app = FastAPI(title=f"recsys: {model['net'].rsplit('.', 1)[-1]} ({about})")
+    app.state.summary = app.title.removeprefix("recsys: ")  # for the log
     max_k = min(max_k, rec.num_items)
 
     async def check_key(x_api_key: str | None = Header(None)) -> None:
@@ -177,6 +191,20 @@ def app_from_config(cfg: DictConfig) -> FastAPI:
     return create_app(rec, cfg.serve.api_key, cfg.serve.max_k, cfg.serve.max_batch)
 
 
+class ReadyServer(uvicorn.Server):
+    """A uvicorn server that calls ``on_ready()`` once it accepts connections (its app
+    started, its sockets listening)."""
+
+    def __init__(self, config: uvicorn.Config, on_ready: Callable[[], None]):
+        super().__init__(config)
+        self.on_ready = on_ready
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets=sockets)
+        if self.started:
+            self.on_ready()
+
+
 def listening_socket(host: str, port: int) -> socket.socket:
     """A socket bound with SO_REUSEPORT: each worker process binds its own, and the kernel
     spreads the connections over them. (With one shared socket, as uvicorn's own workers
@@ -190,21 +218,21 @@ def listening_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def serve_worker(config_yaml: str) -> None:
-    """One serving process: its own model, its own socket on the shared port."""
-    import uvicorn
-
+def serve_worker(config_yaml: str, ready: Callable[[str], None]) -> None:
+    """One serving process: its own model, its own socket on the shared port (bound once the
+    model is loaded); calls ``ready(<what it serves>)`` when it accepts connections."""
     cfg = OmegaConf.create(config_yaml)
     s = cfg.serve
-    server = uvicorn.Server(
-        uvicorn.Config(app_from_config(cfg), log_level=s.log_level, access_log=False)
-    )
+    app = app_from_config(cfg)
+    config = uvicorn.Config(app, log_level=s.log_level, access_log=False)
+    server = ReadyServer(config, lambda: ready(app.state.summary))
     server.run(sockets=[listening_socket(s.host, s.port)])
 
 
 def run(cfg: DictConfig) -> None:
     """Serve until stopped (Ctrl-C or SIGTERM): ``serve.workers`` processes, each with its
-    own copy of the model, on one port."""
+    own copy of the model, on one port. Logs ``ready: serving ...`` once every worker
+    accepts connections."""
     s = cfg.serve
     if cfg.ckpt_path is None:
         if cfg.run_dir is None:
@@ -212,21 +240,29 @@ def run(cfg: DictConfig) -> None:
         cfg.ckpt_path = str(best_checkpoint(Path(cfg.run_dir)))
     if s.workers < 1:
         raise ValueError(f"serve.workers={s.workers} must be at least 1")
-    log.info(
-        "serving %s on http://%s:%d (%d worker%s, API key %s)",
-        cfg.ckpt_path,
-        s.host,
-        s.port,
-        s.workers,
-        "s" if s.workers > 1 else "",
-        "required" if s.api_key else "off",
-    )
+    workers_text = f"{s.workers} worker{'s' if s.workers > 1 else ''}"
+    log.info("loading %s (%s)", cfg.ckpt_path, workers_text)
+
+    def announce(model: str) -> None:
+        log.info(
+            "ready: serving %s on http://%s:%d (%s, %s, API key %s)",
+            model,
+            f"[{s.host}]" if ":" in s.host else s.host,
+            s.port,
+            cfg.ckpt_path,
+            workers_text,
+            "required" if s.api_key else "off",
+        )
+
     config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
     if s.workers == 1:
-        serve_worker(config_yaml)
+        serve_worker(config_yaml, announce)
         return
     spawn = multiprocessing.get_context("spawn")
-    workers = [spawn.Process(target=serve_worker, args=(config_yaml,)) for _ in range(s.workers)]
+    ready = spawn.Queue()
+    workers = [
+        spawn.Process(target=serve_worker, args=(config_yaml, ready.put)) for _ in range(s.workers)
+    ]
     for w in workers:
         w.start()
 
@@ -237,6 +273,14 @@ def run(cfg: DictConfig) -> None:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    started: list[str] = []
+    while len(started) < len(workers) and all(w.is_alive() for w in workers):
+        with contextlib.suppress(queue.Empty):
+            started.append(ready.get(timeout=0.5))
+    if len(started) == len(workers):
+        announce(started[0])
+    else:  # a worker stopped before it served: stop the others too
+        stop(signal.SIGTERM, None)
     for w in workers:
         w.join()
     # uvicorn re-raises the signal it stopped on: -SIGTERM / -SIGINT are clean stops
