@@ -65,12 +65,37 @@ def load_checkpoint(
 
 def checkpoint_from_config(cfg) -> str:
     """The checkpoint a command works on: ``ckpt_path`` when given, else the best checkpoint
-    of ``run_dir`` (`best_checkpoint`: the one its test metrics were measured on)."""
+    of ``run_dir`` (`best_checkpoint`: the one its test metrics were measured on; ``latest``:
+    `latest_run`)."""
     if cfg.get("ckpt_path"):
         return str(cfg.ckpt_path)
     if cfg.get("run_dir"):
-        return str(best_checkpoint(Path(cfg.run_dir)))
-    raise ValueError("pass run_dir=<training run folder> or ckpt_path=<checkpoint>")
+        return str(best_checkpoint(run_dir_from_config(cfg)))
+    raise ValueError("pass run_dir=<training run folder> (or latest) or ckpt_path=<checkpoint>")
+
+
+def run_dir_from_config(cfg) -> Path:
+    """``cfg.run_dir`` as a folder: ``latest`` is `latest_run` under ``paths.log_dir``."""
+    if cfg.run_dir == "latest":
+        return latest_run(Path(cfg.paths.log_dir) / "train" / "runs")
+    return Path(cfg.run_dir)
+
+
+def latest_run(runs: Path) -> Path:
+    """The newest run folder in ``runs`` whose ``metrics.json`` names a best checkpoint: runs
+    that crashed or are still training (no metrics.json) and fast_dev_run runs are passed
+    over."""
+    finished = [
+        m.parent
+        for m in sorted(runs.glob("*/metrics.json"))
+        if json.loads(m.read_text()).get("best_model_path")
+    ]
+    if not finished:
+        raise ValueError(
+            f"run_dir=latest: no finished training run in {runs} (a folder with a metrics.json "
+            "that names a best checkpoint): train one, or pass run_dir=<folder>"
+        )
+    return finished[-1]
 
 
 def best_checkpoint(run_dir: Path) -> Path:

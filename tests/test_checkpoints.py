@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from recsys import evaluate, predict
+from recsys.checkpoint import latest_run
 from recsys.data import MovieLensDataModule
 from recsys.data.movielens import FILES
 from recsys.train import run as train
@@ -179,3 +180,17 @@ def test_sharded_checkpoint_predicts_and_evaluates_without_raw_files(data_dir, t
         "predict", raw, cache, tmp_path, f"ckpt_path={trained['best_model_path']}", "k=3"
     )
     assert predict.run(cfg)["rows"] == 3 * 943
+
+
+def test_latest_run_passes_over_crashed_and_fast_dev_runs(tmp_path):
+    runs = tmp_path / "train" / "runs"
+    finished = runs / "2026-01-01_10-00-00"
+    crashed = runs / "2026-01-01_11-00-00"  # no metrics.json
+    debug = runs / "2026-01-01_12-00-00"  # fast_dev_run: no best checkpoint
+    for folder in (finished, crashed, debug):
+        folder.mkdir(parents=True)
+    (finished / "metrics.json").write_text(json.dumps({"best_model_path": "x.ckpt"}))
+    (debug / "metrics.json").write_text(json.dumps({"best_model_path": ""}))
+    assert latest_run(runs) == finished
+    with pytest.raises(ValueError, match="no finished training run"):
+        latest_run(tmp_path / "elsewhere")

@@ -30,7 +30,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from recsys import compare
-from recsys.checkpoint import best_checkpoint, run_folder
+from recsys.checkpoint import best_checkpoint, run_dir_from_config, run_folder
 from recsys.recommender import Recommender
 
 log = logging.getLogger(__name__)
@@ -55,7 +55,7 @@ def settings(cfg: DictConfig) -> DictConfig:
             "ckpt_path=<run>/checkpoints/<name>.ckpt or runs=[<run or sweep folders>]"
         )
     if run_dir is not None:
-        run_dir = Path(run_dir).resolve()
+        run_dir = run_dir_from_config(cfg).resolve()
         if not run_dir.is_dir():
             raise ValueError(f"run_dir={run_dir} is not a folder; pass a training run's folder")
     if ckpt is not None:

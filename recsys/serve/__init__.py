@@ -1,6 +1,6 @@
 """Real-time serving of a checkpoint over HTTP (FastAPI + uvicorn).
 
-    python -m recsys.serve run_dir=<training run folder> [serve.port=8000]
+    python -m recsys.serve run_dir=<training run folder>|latest [serve.port=8000]
     python -m recsys.serve ckpt_path=<run>/checkpoints/<name>.ckpt
 
 Routes (raw dataset ids in and out; every answer is JSON):
@@ -39,7 +39,6 @@ import secrets
 import signal
 import socket
 from collections.abc import Callable
-from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -50,7 +49,7 @@ from fastapi.responses import JSONResponse
 from omegaconf import DictConfig, OmegaConf
 from pydantic import BaseModel, Field
 
-from recsys.checkpoint import best_checkpoint
+from recsys.checkpoint import checkpoint_from_config
 from recsys.recommender import Recommender, UnknownIdError
 
 log = logging.getLogger(__name__)
@@ -234,10 +233,7 @@ def run(cfg: DictConfig) -> None:
     own copy of the model, on one port. Logs ``ready: serving ...`` once every worker
     accepts connections."""
     s = cfg.serve
-    if cfg.ckpt_path is None:
-        if cfg.run_dir is None:
-            raise ValueError("pass run_dir=<training run folder> or ckpt_path=<checkpoint>")
-        cfg.ckpt_path = str(best_checkpoint(Path(cfg.run_dir)))
+    cfg.ckpt_path = checkpoint_from_config(cfg)
     if s.workers < 1:
         raise ValueError(f"serve.workers={s.workers} must be at least 1")
     workers_text = f"{s.workers} worker{'s' if s.workers > 1 else ''}"
