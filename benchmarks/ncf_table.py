@@ -39,8 +39,8 @@ start, its runs in ``<out>/seed_<seed>``; then each model's test HR@10 and NDCG@
 mean, sample standard deviation and each seed's; a seed draws the validation rows, the sampled
 candidates, the negatives and the initial weights, so the spread is that of the protocol and
 the training together); anything else is a Hydra override given to every run, e.g.
-``trainer.max_epochs=3``. Results: ``<results>/ncf_table.json`` (`recsys.bench`), each seed's
-rows and, with ``seeds``, the means over them.
+``trainer.max_epochs=3``. Results (`recsys.bench`): ``<results>/ncf_table.json``, with
+``seeds`` ``ncf_table_seeds.json``: each seed's rows and the means over the seeds.
 """
 
 from __future__ import annotations
@@ -284,6 +284,7 @@ def main(bench_run: bench.Benchmark) -> None:
     else:
         if len(opts.seeds) < 2:
             raise ValueError(f"seeds={opts.seeds}: give two seeds or more, or leave seeds out")
+        bench_run.name = "ncf_table_seeds"  # beside the one seed's table
         for seed in opts.seeds:
             folder = root / f"seed_{seed}"
             print(f"seed={seed}: its table in a fresh process, runs under {folder}", flush=True)

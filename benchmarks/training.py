@@ -45,7 +45,8 @@ layer's shape on this machine, measured in the same run.
 ``trainer=gpu``), the matmul figure of the GPU; RecBole is not run.
 
 ``quick=true``: ml-100k, effective batches 1,280 and 4,096, one run each, no RecBole (a smoke
-test). Results: ``<results>/training.json`` (`recsys.bench`).
+test). Results: ``<results>/training.json``, with ``device=cuda`` ``training_cuda.json``
+(`recsys.bench`).
 """
 
 from __future__ import annotations
@@ -262,6 +263,8 @@ def executed_share(dm, cfg: DictConfig, batches: int = 20) -> float:
 
 def main(run: bench.Benchmark) -> None:
     opts = run.settings
+    if opts.device != "cpu":
+        run.name = f"training_{opts.device}"  # beside the CPU table
     torch.set_num_threads(opts.threads)
     out = Path(opts.out).resolve()
     out.mkdir(parents=True, exist_ok=True)

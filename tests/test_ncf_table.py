@@ -216,3 +216,39 @@ def test_the_summary_over_seeds_gives_mean_and_spread(capsys):
     assert "| popularity | 0.4600 ± 0.0000 | 0.2500 ± 0.0000 |" in lines["| popularity"]
     mean = bench.find(run.rows, model="GMF", metric="test/hr@10", seeds=list(hr))
     assert mean["statistic"] == "mean" and mean["runs"] == pytest.approx(list(gmf))
+
+
+def test_each_seed_runs_in_a_fresh_process(tmp_path, monkeypatch, capsys):
+    """``seeds=[...]``: one child process of the script per seed (its own clock), with the
+    seed as a Hydra override and its own run folder; their rows and the means over them go
+    to ``ncf_table_seeds.json``."""
+    ncf_table = _load_ncf_table()
+    calls = []
+
+    def run_child(script, args, quiet=True):
+        calls.append((Path(script).name, list(args), quiet))
+        seed = int(args[-1].removeprefix("seed="))
+        child = bench.Benchmark("ncf_table", ncf_table.Options())
+        figures = {"test/hr@10": 0.7, "test/ndcg@10": 0.4, "best_epoch": 1}
+        runs = {name: (dict(figures), 1.0) for name in ncf_table.LABELS}
+        runs["neumf"][0].update({"popularity/test/hr@10": 0.46, "popularity/test/ndcg@10": 0.25})
+        ncf_table.add_rows(child, runs, {"test/hr@10": 9.0, "val/hr@10": 3.0}, {"seed": seed})
+        return {"rows": child.rows}
+
+    monkeypatch.setattr(ncf_table.bench, "run_child", run_child)
+    argv = ["seeds=[7,8]", f"out={tmp_path}", f"results={tmp_path}", "trainer.max_epochs=2"]
+    ncf_table.main(bench.start("ncf_table", ncf_table.Options, None, argv=argv))
+    assert [c[0] for c in calls] == ["ncf_table.py"] * 2 and not calls[0][2]
+    args = calls[1][1]
+    assert args[-2:] == ["trainer.max_epochs=2", "seed=8"]
+    assert bench.parse(ncf_table.Options, args[:2]) == (
+        ncf_table.Options(out=str(tmp_path / "seed_8")),
+        [],
+    )
+    rows = bench.read_results(tmp_path / "ncf_table_seeds.json")["rows"]
+    assert bench.find(rows, model="NeuMF", metric="seconds_to_test/hr@10", seed=8)["value"] == 9.0
+    mean = bench.find(rows, model="NeuMF", metric="test/hr@10", seeds=[7, 8])
+    assert (mean["statistic"], mean["runs"]) == ("mean", [0.7, 0.7])
+    assert (
+        "| NeuMF | 0.7000 ± 0.0000 | 0.4000 ± 0.0000 | 0.7000 / 0.7000 |" in capsys.readouterr().out
+    )
