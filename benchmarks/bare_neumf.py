@@ -1,11 +1,12 @@
 """The reference: NeuMF trained by a bare, vectorised PyTorch loop, as one would write it by hand.
 
 No Lightning, no Hydra, no TorchRec: four ``nn.Embedding`` tables, an ``nn.Sequential`` MLP,
-a linear head, Adam and binary cross-entropy. Batches are built by indexing tensors: each
-epoch shuffles the positives once and draws every negative of the epoch in one call (uniform
-over the items, redrawn where a draw hits one of the user's training items), the same
-sampling as the platform's. `benchmarks/training.py` times it beside the platform and RecBole
-on the same training pairs.
+a linear head and binary cross-entropy, stepped by the optimizer it is given (in
+`benchmarks/training.py` the platform's: `recsys.bench.reference_optimizer`). Batches are built
+by indexing tensors: each epoch shuffles the positives once and draws every negative of the
+epoch in one call (uniform over the items, redrawn where a draw hits one of the user's training
+items), the same sampling as the platform's. `benchmarks/training.py` times it beside the
+platform and RecBole on the same training pairs.
 """
 
 from __future__ import annotations

@@ -1,33 +1,46 @@
 """Train every model on every dataset and print the tables of the closing notes.
 
-    python benchmarks/models.py pointwise [hydra overrides]   # test AUROC, throughput
-    python benchmarks/models.py ranking [hydra overrides]     # leave-one-out HR/NDCG, ...
+    python benchmarks/models.py table=pointwise [hydra overrides]   # test AUROC, throughput
+    python benchmarks/models.py table=ranking [hydra overrides]     # leave-one-out HR/NDCG, ...
+        [out=logs/benchmarks] [quick=true] [results=benchmarks/results]
 
 Each cell is a full `recsys.train.run` (early stopping, test on the best checkpoint) composed
 from the real config; ``ranking`` also evaluates the best checkpoint with full ranking for the
-list metrics (coverage, novelty). Run folders go under ``logs/benchmarks/``.
+list metrics (coverage, novelty). Run folders go under ``<out>/<table>/``. ``quick=true``:
+ml-100k only, one epoch a run (a smoke test). Results: ``<results>/models_<table>.json``
+(`recsys.bench`).
 """
 
 from __future__ import annotations
 
-import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 
-from recsys import evaluate
+from recsys import bench, evaluate
+from recsys.bench import Settings
 from recsys.train import run
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 MODELS = ["ncf", "hybrid", "dlrm"]
 POINTWISE_DATA = ["movielens:100k", "movielens:1m", "books"]  # data option[:variant]
 RANKING_DATA = ["movielens:100k", "movielens:1m"]
+QUICK_DATA = ["movielens:100k"]
+QUICK_OVERRIDES = ["trainer.max_epochs=1"]
 LOO = [
     "data.feedback=implicit",
     "data.split.kind=leave_one_out",
     "data.ranking=sampled",  # the checkpoints are then selected by val/ndcg@10
 ]
+TABLES = ("pointwise", "ranking")
+
+
+@dataclass
+class Options(Settings):
+    table: str | None = None  # pointwise | ranking
+    out: str = "logs/benchmarks"  # the run folders go under <out>/<table>/
 
 
 def _compose(name: str, overrides: list[str]):
@@ -54,28 +67,50 @@ def _train(data: str, model: str, out: Path, overrides: list[str]) -> tuple[dict
     return metrics, time.perf_counter() - start
 
 
-def pointwise(overrides: list[str]) -> None:
+def _add(bench_run: bench.Benchmark, model: str, where: dict, figures: dict) -> None:
+    system = "popularity" if model == "popularity" else "recsys"
+    for metric, (value, unit) in figures.items():
+        bench_run.add(
+            system=system, model=model, metric=metric, unit=unit, value=value, settings=where
+        )
+
+
+def pointwise(bench_run: bench.Benchmark, datasets: list[str], overrides: list[str]) -> None:
     rows = []
-    for data in POINTWISE_DATA:
+    for data in datasets:
         for model in MODELS:
-            out = Path("logs/benchmarks/pointwise") / f"{data.replace(':', '-')}_{model}"
+            out = Path(bench_run.settings.out) / "pointwise" / f"{data.replace(':', '-')}_{model}"
             m, wall = _train(data, model, out, overrides)
+            rate = m.get("train/samples_per_sec")
+            _add(
+                bench_run,
+                model,
+                {"data": data},
+                {
+                    "test/auroc": (m["test/auroc"], ""),
+                    "train/samples_per_sec": (rate, "samples/s"),
+                    "wall_s": (wall, "s"),
+                },
+            )
+            popularity = {"test/auroc": (m["popularity/test/auroc"], "")}
+            _add(bench_run, "popularity", {"data": data, "beside": model}, popularity)
             rows.append(
                 f"| {data} | {model} | {m['test/auroc']:.4f} | "
                 f"{m['popularity/test/auroc']:.4f} | "
-                f"{m.get('train/samples_per_sec', float('nan')):,.0f} | {wall:.0f} |"
+                f"{rate or float('nan'):,.0f} | {wall:.0f} |"
             )
     print("\n| data | model | test AUROC | popularity AUROC | train samples/s | wall s |")
     print("| --- | --- | --- | --- | --- | --- |")
     print("\n".join(rows))
 
 
-def ranking(overrides: list[str]) -> None:
+def ranking(bench_run: bench.Benchmark, datasets: list[str], overrides: list[str]) -> None:
     rows = []
-    for data in RANKING_DATA:
+    for data in datasets:
         for model in MODELS:
             for loss in ("bce", "bpr"):
-                out = Path("logs/benchmarks/ranking") / f"{data.replace(':', '-')}_{model}_{loss}"
+                name = f"{data.replace(':', '-')}_{model}_{loss}"
+                out = Path(bench_run.settings.out) / "ranking" / name
                 m, wall = _train(data, model, out, [*LOO, f"model.loss={loss}", *overrides])
                 full = evaluate.run(
                     _compose(
@@ -87,11 +122,30 @@ def ranking(overrides: list[str]) -> None:
                         ],
                     )
                 )
+                _add(
+                    bench_run,
+                    model,
+                    {"data": data, "loss": loss},
+                    {
+                        "test/hr@10": (m["test/hr@10"], ""),
+                        "test/ndcg@10": (m["test/ndcg@10"], ""),
+                        "test/coverage@10": (full["test/coverage@10"], ""),
+                        "test/novelty@10": (full["test/novelty@10"], ""),
+                        "wall_s": (wall, "s"),
+                    },
+                )
                 rows.append(
                     f"| {data} | {model} | {loss} | {m['test/hr@10']:.4f} | "
                     f"{m['test/ndcg@10']:.4f} | {full['test/coverage@10']:.4f} | "
                     f"{full['test/novelty@10']:.2f} | {wall:.0f} |"
                 )
+        popularity = {
+            "test/hr@10": (m["popularity/test/hr@10"], ""),
+            "test/ndcg@10": (m["popularity/test/ndcg@10"], ""),
+            "test/coverage@10": (full["popularity/test/coverage@10"], ""),
+            "test/novelty@10": (full["popularity/test/novelty@10"], ""),
+        }
+        _add(bench_run, "popularity", {"data": data}, popularity)
         rows.append(
             f"| {data} | popularity | - | {m['popularity/test/hr@10']:.4f} | "
             f"{m['popularity/test/ndcg@10']:.4f} | "
@@ -103,7 +157,18 @@ def ranking(overrides: list[str]) -> None:
     print("\n".join(rows))
 
 
+def main(bench_run: bench.Benchmark) -> None:
+    opts = bench_run.settings
+    if opts.table not in TABLES:
+        raise ValueError(f"table={opts.table}: choose table=pointwise or table=ranking")
+    bench_run.name = f"models_{opts.table}"
+    datasets = {"pointwise": POINTWISE_DATA, "ranking": RANKING_DATA}[opts.table]
+    overrides = bench_run.overrides
+    if opts.quick:
+        datasets, overrides = QUICK_DATA, [*QUICK_OVERRIDES, *overrides]
+    {"pointwise": pointwise, "ranking": ranking}[opts.table](bench_run, datasets, overrides)
+    bench_run.write()
+
+
 if __name__ == "__main__":
-    if len(sys.argv) < 2 or sys.argv[1] not in ("pointwise", "ranking"):
-        sys.exit("usage: python benchmarks/models.py pointwise|ranking [hydra overrides]")
-    {"pointwise": pointwise, "ranking": ranking}[sys.argv[1]](sys.argv[2:])
+    main(bench.start("models", Options, __doc__))

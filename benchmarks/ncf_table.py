@@ -1,7 +1,7 @@
 """The comparison of the NCF paper (He et al. 2017), reproduced on this platform, quickly.
 
     python benchmarks/ncf_table.py [quick=true] [seeds=[42,1,2]] [out=logs/benchmarks/ncf_table]
-        [hydra overrides]
+        [results=benchmarks/results] [hydra overrides]
 
 Protocol (``experiment=ncf_protocol``, He et al. 2017, Section 4.1): implicit feedback; each
 user's latest interaction is the test item and one of the others, drawn at random, the
@@ -20,48 +20,68 @@ test of the best checkpoint, the popularity baseline beside it):
 - NeuMF pretrained: initialised from the best checkpoints of this table's GMF and MLP runs
   (``model.pretrained``); its wall time is its own run's, and ``+ sources`` adds theirs.
 
-NeuMF runs first, so its time to quality counts from the command's start: the seconds from the
-start until the end of the first validation after which the weights of that moment reach
-``TARGET_HR`` in the table's own figure, HR@10 on the test items (start-up, data loading and
-the evaluations included). `ValidationClock`, a callback added to that run, appends the wall
-clock, ``val/hr@10`` and the current weights' test HR@10 after each validation to
-``validation_clock.jsonl`` in the run folder; the figures are read from there (``never`` when
-none reached it). The test items only time the run: the checkpoint is still chosen by
-validation. The time to ``val/hr@10`` is printed beside it; under the paper's validation rows
-(one random interaction per user, ``data.split.val_row=random``) validation runs well above
-test, so that figure says little by itself.
+NeuMF runs first, so its time to quality counts from the process's start
+(`recsys.bench.process_start`: the interpreter's start-up and the imports of torch, Lightning
+and recsys included): the seconds from the start until the end of the first validation after
+which the weights of that moment reach ``TARGET_HR`` in the table's own figure, HR@10 on the
+test items (data loading and the evaluations included). `ValidationClock`, a callback added to
+that run, appends the wall clock, ``val/hr@10`` and the current weights' test HR@10 after each
+validation to ``validation_clock.jsonl`` in the run folder; the figures are read from there
+(``never`` when none reached it). The test items only time the run: the checkpoint is still
+chosen by validation. The time to ``val/hr@10`` is printed beside it; under the paper's
+validation rows (one random interaction per user, ``data.split.val_row=random``) validation
+runs well above test, so that figure says little by itself.
 
 Options: ``quick=true`` (ml-100k, one epoch per run: a smoke test), ``out`` (the folder of the
-run folders), ``seeds`` (two or more: the whole table once per ``seed``, each in
-``<out>/seed_<seed>``, then each model's test HR@10 and NDCG@10 over them: mean, sample standard
-deviation and each seed's; a seed draws the validation rows, the sampled candidates, the
-negatives and the initial weights, so the spread is that of the protocol and the training
-together, and NeuMF's time to quality counts from the start of its seed's runs); anything else
-is a Hydra override given to every run, e.g. ``trainer.max_epochs=3``.
+run folders), ``seeds`` (two or more: the whole table once per ``seed``, each in a fresh
+process of this script, so that each seed's time to quality counts from its own process's
+start, its runs in ``<out>/seed_<seed>``; then each model's test HR@10 and NDCG@10 over them:
+mean, sample standard deviation and each seed's; a seed draws the validation rows, the sampled
+candidates, the negatives and the initial weights, so the spread is that of the protocol and
+the training together); anything else is a Hydra override given to every run, e.g.
+``trainer.max_epochs=3``. Results (`recsys.bench`): ``<results>/ncf_table.json``, with
+``seeds`` ``ncf_table_seeds.json``: each seed's rows and the means over the seeds.
 """
 
 from __future__ import annotations
 
 import json
 import statistics
-import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from hydra import compose, initialize_config_dir
 from lightning.pytorch.callbacks import Callback
-from omegaconf import OmegaConf
 
+from recsys import bench
+from recsys.bench import Settings
 from recsys.metrics import RankingMetrics
 from recsys.train import run
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
-DEFAULTS = {"quick": False, "out": "logs/benchmarks/ncf_table", "seeds": None}
+
+
+@dataclass
+class Options(Settings):
+    out: str = "logs/benchmarks/ncf_table"  # the run folders
+    seeds: list[int] | None = None
+
+
 QUICK = ["data.variant=100k", "trainer.max_epochs=1"]
 TARGET_HR = 0.70
 CLOCK_FILE = "validation_clock.jsonl"
 SUBSET = "a subset: 487,650 of 1,000,209 ratings, users 1-2,999"
+LABELS = {
+    "mf": "MF (Rendle et al. 2020)",
+    "gmf": "GMF",
+    "mlp": "MLP",
+    "neumf": "NeuMF",
+    "neumf_pretrained": "NeuMF pretrained",
+}
+POPULARITY = "popularity"
+METRICS = ("test/hr@10", "test/ndcg@10")
 
 
 class ValidationClock(Callback):
@@ -86,9 +106,10 @@ class ValidationClock(Callback):
             f.write(json.dumps(entry) + "\n")
 
 
-def _train(name: str, out: Path, overrides: list[str]) -> tuple[dict, float]:
+def compose_row(name: str, out: Path, overrides: list[str]):
+    """The config of one row's run: ``experiment=ncf_<name>`` into ``out``."""
     with initialize_config_dir(str(CONF), version_base="1.3"):
-        cfg = compose(
+        return compose(
             "train",
             [
                 f"experiment=ncf_{name}",
@@ -98,6 +119,10 @@ def _train(name: str, out: Path, overrides: list[str]) -> tuple[dict, float]:
                 *overrides,
             ],
         )
+
+
+def _train(name: str, out: Path, overrides: list[str]) -> tuple[dict, float]:
+    cfg = compose_row(name, out, overrides)
     start = time.perf_counter()
     metrics = run(cfg)
     return metrics, time.perf_counter() - start
@@ -125,20 +150,10 @@ def time_to_quality(
     return None
 
 
-LABELS = {
-    "mf": "MF (Rendle et al. 2020)",
-    "gmf": "GMF",
-    "mlp": "MLP",
-    "neumf": "NeuMF",
-    "neumf_pretrained": "NeuMF pretrained",
-}
-
-
-def one_table(root: Path, overrides: list[str]) -> tuple[dict[str, tuple[dict, float]], dict]:
+def one_table(root: Path, overrides: list[str], start: float) -> tuple[dict, dict]:
     """Every row's run under ``root`` (NeuMF first, its `ValidationClock` on): the runs'
-    (metrics, wall seconds) by name, and NeuMF's seconds from this call's start to test and
-    validation HR@10 >= `TARGET_HR` (None: never)."""
-    start = time.time()
+    (metrics, wall seconds) by name, and NeuMF's seconds from ``start`` (a `time.time`) to
+    test and validation HR@10 >= `TARGET_HR` (None: never)."""
     clock = root / "neumf" / CLOCK_FILE
     clock.unlink(missing_ok=True)
     runs: dict[str, tuple[dict, float]] = {}
@@ -159,77 +174,133 @@ def one_table(root: Path, overrides: list[str]) -> tuple[dict[str, tuple[dict, f
     return runs, ttq
 
 
-def print_table(runs: dict[str, tuple[dict, float]], ttq: dict, since: str) -> None:
+def add_rows(bench_run: bench.Benchmark, runs: dict, ttq: dict, where: dict) -> None:
+    """The table's figures as rows: each model's test HR@10 and NDCG@10, best epoch and wall
+    seconds, the popularity baseline's test figures, NeuMF's time to quality."""
     neumf = runs["neumf"][0]
-    rows = [
-        f"| popularity | {neumf['popularity/test/hr@10']:.4f} | "
-        f"{neumf['popularity/test/ndcg@10']:.4f} | - | - |"
-    ]
+    for metric in METRICS:
+        value = neumf[f"popularity/{metric}"]
+        bench_run.add(
+            system=POPULARITY, model=POPULARITY, metric=metric, unit="", value=value, settings=where
+        )
     for name, label in LABELS.items():
         m, wall = runs[name]
-        seconds = f"{wall:.0f}"
+        figures = [(metric, "", m[metric]) for metric in METRICS]
+        figures += [("best_epoch", "", m["best_epoch"]), ("wall_s", "s", wall)]
         if name == "neumf_pretrained":
-            seconds += f" (+ sources {wall + runs['gmf'][1] + runs['mlp'][1]:.0f})"
-        rows.append(
-            f"| {label} | {m['test/hr@10']:.4f} | {m['test/ndcg@10']:.4f} | "
-            f"{m['best_epoch']} | {seconds} |"
+            sources = wall + runs["gmf"][1] + runs["mlp"][1]
+            figures.append(("wall_s_with_sources", "s", sources))
+        for metric, unit, value in figures:
+            bench_run.add(
+                system="recsys", model=label, metric=metric, unit=unit, value=value, settings=where
+            )
+    for key, seconds in ttq.items():
+        bench_run.add(
+            system="recsys",
+            model=LABELS["neumf"],
+            metric=f"seconds_to_{key}",
+            unit="s",
+            value=seconds,
+            settings={**where, "target": TARGET_HR, "from": "process start"},
+        )
+
+
+def print_table(rows: list[dict], seed: int) -> None:
+    """One seed's table, from its rows."""
+
+    def value(model: str, metric: str) -> float | None:
+        return bench.find(rows, model=model, metric=metric, seed=seed)["value"]
+
+    lines = [
+        f"| {POPULARITY} | {value(POPULARITY, METRICS[0]):.4f} | "
+        f"{value(POPULARITY, METRICS[1]):.4f} | - | - |"
+    ]
+    for label in LABELS.values():
+        seconds = f"{value(label, 'wall_s'):.0f}"
+        if label == LABELS["neumf_pretrained"]:
+            seconds += f" (+ sources {value(label, 'wall_s_with_sources'):.0f})"
+        lines.append(
+            f"| {label} | {value(label, METRICS[0]):.4f} | {value(label, METRICS[1]):.4f} | "
+            f"{value(label, 'best_epoch')} | {seconds} |"
         )
     print("| model | HR@10 | NDCG@10 | best epoch | wall s |")
     print("| --- | --- | --- | --- | --- |")
-    print("\n".join(rows))
-    reached = {k: "never" if t is None else f"{t:.0f} s" for k, t in ttq.items()}
+    print("\n".join(lines))
+    reached = {}
+    for key in ("test/hr@10", "val/hr@10"):
+        t = value(LABELS["neumf"], f"seconds_to_{key}")
+        reached[key] = "never" if t is None else f"{t:.0f} s"
     print(
         f"\nNeuMF time to HR@10 >= {TARGET_HR} on the test items (the weights after each "
-        f"validation): {reached['test/hr@10']} from {since}; to val/hr@10 >= "
+        f"validation): {reached['test/hr@10']} from the process's start; to val/hr@10 >= "
         f"{TARGET_HR}: {reached['val/hr@10']}"
     )
 
 
-def print_summary(tables: dict[int, tuple[dict, dict]]) -> None:
+def add_summary(bench_run: bench.Benchmark, seeds: list[int]) -> None:
+    """Each model's test figures over ``seeds``: their mean, the seeds' values as its runs."""
+    for model in [POPULARITY, *LABELS.values()]:
+        for metric in METRICS:
+            values = [
+                bench.find(bench_run.rows, model=model, metric=metric, seed=seed)["value"]
+                for seed in seeds
+            ]
+            bench_run.add(
+                system=POPULARITY if model == POPULARITY else "recsys",
+                model=model,
+                metric=metric,
+                unit="",
+                value=statistics.mean(values),
+                settings={"seeds": seeds},
+                statistic="mean",
+                runs=values,
+            )
+
+
+def print_summary(rows: list[dict], seeds: list[int]) -> None:
     """Each model's test figures over the seeds: mean, sample standard deviation, and each."""
-    print(f"\nOver seeds {', '.join(map(str, tables))}: mean ± standard deviation (each seed)\n")
+    print(f"\nOver seeds {', '.join(map(str, seeds))}: mean ± standard deviation (each seed)\n")
     print("| model | HR@10 | NDCG@10 | HR@10 by seed |")
     print("| --- | --- | --- | --- |")
-    names = {"popularity": "popularity", **LABELS}
-    for name, label in names.items():
-        prefix, run = ("popularity/", "neumf") if name == "popularity" else ("", name)
-        figures = {
-            key: [runs[run][0][f"{prefix}test/{key}"] for runs, _ in tables.values()]
-            for key in ("hr@10", "ndcg@10")
-        }
-        cells = [f"{statistics.mean(v):.4f} ± {statistics.stdev(v):.4f}" for v in figures.values()]
-        each = " / ".join(f"{x:.4f}" for x in figures["hr@10"])
-        print(f"| {label} | {' | '.join(cells)} | {each} |")
+    for model in [POPULARITY, *LABELS.values()]:
+        found = {m: bench.find(rows, model=model, metric=m, seeds=seeds) for m in METRICS}
+        cells = [f"{r['value']:.4f} ± {statistics.stdev(r['runs']):.4f}" for r in found.values()]
+        each = " / ".join(f"{x:.4f}" for x in found[METRICS[0]]["runs"])
+        print(f"| {model} | {' | '.join(cells)} | {each} |")
 
 
-def main() -> None:
-    start = time.time()
-    ours = [a for a in sys.argv[1:] if a.partition("=")[0] in DEFAULTS]
-    args = OmegaConf.merge(DEFAULTS, OmegaConf.from_cli(ours))
-    # the Hydra overrides as they were typed (from_cli would nest dotted keys)
-    overrides = [*(QUICK if args.quick else []), *(a for a in sys.argv[1:] if a not in ours)]
-    root = Path(args.out).resolve()
-    data = "ml-100k" if args.quick else f"ml-1m ({SUBSET})"
-    if args.seeds is None:  # the config's seed, folders directly under root
-        runs, ttq = one_table(root, overrides)
+def main(bench_run: bench.Benchmark) -> None:
+    opts = bench_run.settings
+    overrides = [*(QUICK if opts.quick else []), *bench_run.overrides]
+    root = Path(opts.out).resolve()
+    data = "ml-100k" if opts.quick else f"ml-1m ({SUBSET})"
+    if opts.seeds is None:  # the config's seed, folders directly under root
+        seed = compose_row("neumf", root, overrides).seed
+        where = {"seed": seed, "data": data}
+        add_rows(bench_run, *one_table(root, overrides, bench.process_start()), where)
         print(f"\nNCF protocol on {data}: leave-one-out, 99 sampled negatives, test of the best")
-        print(f"checkpoint by val/ndcg@10; run folders under {root}\n")
-        print_table(runs, ttq, "the command's start")
+        print(f"checkpoint by val/ndcg@10, seed={seed}; run folders under {root}\n")
+        print_table(bench_run.rows, seed)
     else:
-        if len(args.seeds) < 2:
-            sys.exit(f"seeds={list(args.seeds)}: give two seeds or more, or leave seeds out")
-        tables = {}
-        for seed in args.seeds:
+        if len(opts.seeds) < 2:
+            raise ValueError(f"seeds={opts.seeds}: give two seeds or more, or leave seeds out")
+        bench_run.name = "ncf_table_seeds"  # beside the one seed's table
+        for seed in opts.seeds:
             folder = root / f"seed_{seed}"
-            tables[seed] = one_table(folder, [*overrides, f"seed={seed}"])
+            print(f"seed={seed}: its table in a fresh process, runs under {folder}", flush=True)
+            args = [bench.override("quick", opts.quick), bench.override("out", folder)]
+            doc = bench.run_child(
+                __file__, [*args, *bench_run.overrides, f"seed={seed}"], quiet=False
+            )
+            bench_run.rows.extend(doc["rows"])
             print(f"\nNCF protocol on {data}, seed={seed}: leave-one-out, 99 sampled negatives,")
             print(f"test of the best checkpoint by val/ndcg@10; run folders under {folder}\n")
-            print_table(*tables[seed], "the start of this seed's runs")
-        print_summary(tables)
-    print(f"whole command: {time.time() - start:.0f} s")
+            print_table(bench_run.rows, seed)
+        add_summary(bench_run, list(opts.seeds))
+        print_summary(bench_run.rows, list(opts.seeds))
+    bench_run.write()
+    print(f"whole command: {time.time() - bench.process_start():.0f} s")
 
 
 if __name__ == "__main__":
-    if any(a in ("-h", "--help") for a in sys.argv[1:]):
-        sys.exit(__doc__)
-    main()
+    main(bench.start("ncf_table", Options, __doc__))

@@ -1,40 +1,40 @@
 """Full-catalogue ranking speed: every user's top-10 among every item, per model.
 
     python benchmarks/ranking.py [data=movielens data.variant=1m] [threads=1] [seconds=5]
-        [rounds=5]
+        [rounds=5] [results=benchmarks/results]
     python benchmarks/ranking.py quick=true     # ml-100k, 1 s per model
 
-Other arguments are Hydra overrides of the data (default: ml-1m).
+Other arguments are Hydra overrides of the data, in place of the default ``data=movielens
+data.variant=1m`` (with ``quick=true``: ``data.variant=100k``).
 
 For each model (the repository's configs: MF, GMF, MLP, NeuMF, Hybrid with ids only and with side
 features, DLRM), `recsys.scoring.CatalogueScorer.top_k` ranks users against the whole catalogue,
 their known items excluded, for ``seconds``: users/s, and for the factorised models the FLOPs
 per user (the multiply-adds of the user-dependent layers) against a plain float32 matmul on
 this machine. The speed of a shared machine drifts by 20% and more over minutes, so factorised
-models are timed in ``rounds``, each a 0.5 s matmul followed by ``seconds / rounds`` of
-scoring: ``x of bound``, how far the scorer is from what its FLOP count allows at the matmul's
-speed (1.0 = at the bound), is the median over rounds of the ratio within a round, and users/s
-and the matmul's GFLOP/s are the medians of the rounds. Weights are the initial ones: speed does
-not depend on them.
+models are timed in alternating rounds (`recsys.bench.alternating_rounds`) of a 0.5 s matmul
+and ``seconds / rounds`` of scoring: ``x of bound``, how far the scorer is from what its FLOP
+count allows at the matmul's speed (1.0 = at the bound), is the median over rounds of the ratio
+within a round, and users/s and the matmul's GFLOP/s are the medians of the rounds. Weights are
+the initial ones: speed does not depend on them. Results: ``<results>/ranking.json``
+(`recsys.bench`).
 """
 
 from __future__ import annotations
 
-import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
-from omegaconf import OmegaConf
+from matmul import matmul_gflops
 
+from recsys import bench
+from recsys.bench import Settings
 from recsys.scoring import CatalogueScorer
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from matmul import matmul_gflops  # noqa: E402
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 MODELS = {
@@ -46,7 +46,28 @@ MODELS = {
     "Hybrid (side features)": ["model=hybrid", "model.use_side_features=true"],
     "DLRM": ["model=dlrm"],
 }
-DEFAULTS = {"threads": 1, "seconds": 5.0, "rounds": 5, "quick": False}
+DATA = ["data=movielens", "data.variant=1m"]
+QUICK_DATA = ["data=movielens", "data.variant=100k"]
+
+
+@dataclass
+class Options(Settings):
+    threads: int = 1
+    seconds: float = 5.0  # of scoring per model
+    rounds: int = 5
+
+
+QUICK = {"seconds": 1.0}
+# each figure's metric: its unit and its column in the printed table
+COLUMNS = {
+    "users_per_sec": ("users/s", "users/s"),
+    "ms_per_user": ("ms", "ms per user"),
+    "mflop_per_user": ("MFLOP", "MFLOP per user"),
+    "gflops": ("GFLOP/s", "GFLOP/s"),
+    "matmul_gflops": ("GFLOP/s", "matmul GFLOP/s"),
+    "x_of_bound": ("x", "x of bound"),
+    "setup_s": ("s", "setup s"),
+}
 
 
 def users_per_second(scorer: CatalogueScorer, users: torch.Tensor, dm, seconds: float) -> float:
@@ -78,21 +99,37 @@ def flops_per_user(scorer: CatalogueScorer) -> float | None:
     return per_item * scorer.num_items
 
 
-def main() -> None:
-    given = sys.argv[1:]
-    ours = [a for a in given if a.split("=", 1)[0] in DEFAULTS]
-    args = OmegaConf.merge(DEFAULTS, OmegaConf.from_cli(ours))
-    data = [a for a in given if a not in ours] or ["data=movielens", "data.variant=1m"]
-    if args.quick:
-        data, args.seconds = ["data=movielens", "data.variant=100k"], 1.0
-    torch.set_num_threads(args.threads)
+def time_factorised(scorer, users, dm, flops: float, opts: Options) -> tuple[dict, dict]:
+    """Alternating rounds of a float32 matmul and scoring (the machine's speed drifts): the
+    medians of users/s, the matmul's GFLOP/s and the paired ``x_of_bound``, and the rounds'
+    values of each."""
+
+    def measure(what: str) -> float:
+        if what == "matmul":
+            return matmul_gflops(4096, 512, 512, seconds=0.5)
+        return users_per_second(scorer, users, dm, opts.seconds / opts.rounds)
+
+    rounds = bench.alternating_rounds(["matmul", "scoring"], opts.rounds, measure)
+    bounds = bench.paired(rounds["matmul"], rounds["scoring"], lambda g, r: g / (flops * r / 1e9))
+    runs = {"users_per_sec": rounds["scoring"], "matmul_gflops": rounds["matmul"]}
+    runs["x_of_bound"] = bounds
+    figures = {metric: bench.median(values) for metric, values in runs.items()}
+    figures["mflop_per_user"] = flops / 1e6
+    figures["gflops"] = flops * figures["users_per_sec"] / 1e9
+    return figures, runs
+
+
+def main(run: bench.Benchmark) -> None:
+    opts = run.settings
+    data = run.overrides or (QUICK_DATA if opts.quick else DATA)
+    torch.set_num_threads(opts.threads)
     with initialize_config_dir(str(CONF), version_base="1.3"):
         cfg = compose("train", overrides=data)
         dm = instantiate(cfg.data)
         dm.prepare_data()
         dm.setup()
         users = torch.arange(dm.spec.num_users)
-        rows = []
+        table = []
         for name, overrides in MODELS.items():
             model_cfg = compose("train", overrides=[*data, *overrides]).model
             model = instantiate(model_cfg, spec=dm.spec.to_dict(), _recursive_=False)
@@ -102,35 +139,38 @@ def main() -> None:
             scorer.top_k(users[:8], 10, dm.positives)  # warm-up
             flops = flops_per_user(scorer)
             if flops is None:
-                rate, gflops, bound = users_per_second(scorer, users, dm, args.seconds), None, None
-            else:  # rounds of (matmul, scoring), paired: the machine's speed drifts
-                rounds = []
-                for _ in range(args.rounds):
-                    g = matmul_gflops(4096, 512, 512, seconds=0.5)
-                    r = users_per_second(scorer, users, dm, args.seconds / args.rounds)
-                    rounds.append((r, g, g / (flops * r / 1e9)))
-                rate, gflops, bound = (float(np.median(x)) for x in zip(*rounds, strict=True))
-            rows.append(
-                {
-                    "model": name,
-                    "path": "factorised" if scorer.factorised else "pairs",
-                    "users/s": rate,
-                    "ms per user": 1000 / rate,
-                    "MFLOP per user": flops / 1e6 if flops else None,
-                    "GFLOP/s": flops * rate / 1e9 if flops else None,
-                    "matmul GFLOP/s": gflops,
-                    "x of bound": bound,
-                    "setup s": setup,
-                }
-            )
-            print(f"{name}: {rate:,.0f} users/s", flush=True)
+                rate = users_per_second(scorer, users, dm, opts.seconds)
+                figures, runs = {"users_per_sec": rate}, {}
+            else:
+                figures, runs = time_factorised(scorer, users, dm, flops, opts)
+            figures["setup_s"] = setup
+            figures["ms_per_user"] = 1000 / figures["users_per_sec"]
+            path = "factorised" if scorer.factorised else "pairs"
+            where = {"data": dm.source, "threads": opts.threads, "k": 10, "path": path}
+            for metric, (unit, _) in COLUMNS.items():
+                if metric in figures:
+                    values = runs.get(metric)
+                    run.add(
+                        system="recsys",
+                        model=name,
+                        metric=metric,
+                        unit=unit,
+                        value=figures[metric],
+                        settings=where,
+                        statistic=None if values is None else "median",
+                        runs=values,
+                    )
+            cells = {label: figures.get(k) for k, (_, label) in COLUMNS.items()}
+            table.append({"model": name, "path": path, **cells})
+            print(f"{name}: {figures['users_per_sec']:,.0f} users/s", flush=True)
     print(
         f"{dm.source}: {dm.spec.num_users:,} users x {dm.spec.num_items:,} items, top-10 with "
-        f"known items excluded; {args.threads} thread(s)"
+        f"known items excluded; {opts.threads} thread(s)"
     )
     pd.set_option("display.width", 200)
-    print(pd.DataFrame(rows).to_string(index=False, float_format=lambda v: f"{v:,.2f}"))
+    print(pd.DataFrame(table).to_string(index=False, float_format=lambda v: f"{v:,.2f}"))
+    run.write()
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main(bench.start("ranking", Options, __doc__, quick=QUICK))

@@ -2,7 +2,7 @@
 
     python benchmarks/scale.py [quick=true] [rows=[1000000,10000000,50000000]]
         [models=[ncf,dlrm]] [out=<png>] [batch_size=4096] [cache_dir=<dir>]
-        [hydra overrides ...]
+        [results=benchmarks/results] [hydra overrides ...]
 
 For each number of rows N, on ``data=synthetic`` with ``data.num_rows=N``:
 
@@ -24,7 +24,8 @@ For each number of rows N, on ``data=synthetic`` with ``data.num_rows=N``:
 
 Below the table, the marginal bytes per row between consecutive sizes (the slope of peak RSS
 against rows: constant when memory is linear in rows) and the PNG ``out``: peak RSS and bytes
-per row against rows, and samples/s against rows, log x axis, one line per model.
+per row against rows, and samples/s against rows, log x axis, one line per model. Results:
+``<results>/scale.json`` (`recsys.bench`), the figures of every run.
 
 Settings, chosen to hold what training holds at scale: implicit feedback with 4 negatives per
 positive, the NCF setup (``data.feedback=implicit``: every interaction is a positive, the
@@ -53,26 +54,31 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from omegaconf import OmegaConf
+from recsys import bench
+from recsys.bench import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULTS = {
-    "quick": False,
-    "rows": [1_000_000, 10_000_000, 50_000_000],
-    "models": ["ncf", "dlrm"],
-    # the plot (its figures beside it, .json); relative to the working directory. Default: the
-    # README's docs/images/scale.png, and with quick=true logs/benchmarks/scale_quick.png (a
-    # smoke test, as CI runs it, must not overwrite the README's plot)
-    "out": None,
-    "batch_size": 4096,
-    "cache_dir": None,
+
+
+@dataclass
+class Options(Settings):
+    rows: list[int] = field(default_factory=lambda: [1_000_000, 10_000_000, 50_000_000])
+    models: list[str] = field(default_factory=lambda: ["ncf", "dlrm"])
+    # the plot, relative to the working directory. Default: the README's docs/images/scale.png,
+    # and with quick=true logs/benchmarks/scale_quick.png (a smoke test, as CI runs it, must not
+    # overwrite the README's plot)
+    out: str | None = None
+    batch_size: int = 4096
+    cache_dir: str | None = None
     # internal: what a child process runs (prepare | fit) and where it writes its figures
-    "stage": None,
-    "report": None,
-}
-QUICK_ROWS = [100_000, 1_000_000]
+    stage: str | None = None
+    report: str | None = None
+
+
+QUICK = {"rows": [100_000, 1_000_000]}
 # row-sparse table updates, as a model with millions of rows needs: each step moves the
 # batch's rows only (NeuMF's tables with RowSparseAdam, DLRM's with its own Adagrad)
 MODELS = {
@@ -83,7 +89,7 @@ MODELS = {
     ],
     "dlrm": ["model.sparse_grad=true"],
 }
-QUICK = ["+trainer.limit_train_batches=20"]
+QUICK_OVERRIDES = ["+trainer.limit_train_batches=20"]
 LABELS = {"ncf": "NeuMF", "dlrm": "DLRM", "preprocess": "preprocessing"}
 COLORS = {"preprocess": "tab:gray", "ncf": "tab:blue", "dlrm": "tab:orange"}
 TARGET = 120  # bytes per row at 50M rows (issue 11)
@@ -94,7 +100,7 @@ def sizes(rows: int) -> dict[str, int]:
     return {"num_users": max(2_000, rows // 100), "num_items": max(1_000, rows // 1_000)}
 
 
-def data_overrides(rows: int, args) -> list[str]:
+def data_overrides(rows: int, args: Options) -> list[str]:
     s = sizes(rows)
     return [
         "data=synthetic",
@@ -190,7 +196,8 @@ def measure(stage: str, overrides: list[str], folder: Path) -> dict:
     """Run ``stage`` in a fresh process; its figures, wall time and peak RSS (MB)."""
     report = folder / f"{stage}.json"
     log = folder / f"{stage}.log"
-    cmd = [sys.executable, __file__, f"stage={stage}", f"report={report}", *overrides]
+    cmd = [sys.executable, __file__, f"stage={stage}", bench.override("report", report)]
+    cmd += overrides
     start = time.perf_counter()
     with log.open("w") as out:
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
@@ -205,7 +212,7 @@ def measure(stage: str, overrides: list[str], folder: Path) -> dict:
     return {**json.loads(report.read_text()), "wall_s": wall, "peak_mb": usage.ru_maxrss / 1024}
 
 
-def run_all(args, extra: list[str], tmp: Path) -> list[dict]:
+def run_all(args: Options, extra: list[str], tmp: Path) -> list[dict]:
     cache = Path(args.cache_dir).resolve() if args.cache_dir else tmp / "cache"
     results = []
     for rows in args.rows:
@@ -268,18 +275,16 @@ def measured(results: list[dict], stage: str) -> list[dict]:
     return sorted(runs, key=lambda r: r["rows"])
 
 
-def slopes(results: list[dict]) -> list[str]:
-    """Marginal bytes per kept row between consecutive sizes, per stage."""
-    lines = []
+def slopes(results: list[dict]) -> list[tuple[str, dict, dict, float]]:
+    """Marginal bytes per kept row between consecutive sizes, per stage: (stage, the smaller
+    run, the larger run, bytes per added row)."""
+    out = []
     for stage in dict.fromkeys(r["stage"] for r in results):
         runs = measured(results, stage)
         for a, b in zip(runs, runs[1:], strict=False):
             slope = (b["peak_mb"] - a["peak_mb"]) * 2**20 / (b["kept_rows"] - a["kept_rows"])
-            lines.append(
-                f"{LABELS.get(stage, stage)}: {slope:.0f} B per added row from {a['rows']:,} to "
-                f"{b['rows']:,} rows"
-            )
-    return lines
+            out.append((stage, a, b, slope))
+    return out
 
 
 def plot(results: list[dict], out: Path, title: str) -> None:
@@ -334,23 +339,62 @@ def plot(results: list[dict], out: Path, title: str) -> None:
     plt.close(fig)
 
 
-def main() -> None:
-    ours = [a for a in sys.argv[1:] if a.partition("=")[0] in DEFAULTS]
-    args = OmegaConf.merge(DEFAULTS, OmegaConf.from_cli(ours))
-    # the Hydra overrides as they were typed (from_cli would nest dotted keys)
-    extra = [a for a in sys.argv[1:] if a not in ours]
+FIGURES = {  # a run's figures that become rows, and their units
+    "peak_mb": "MB",
+    "bytes_per_row": "B",
+    "kept_rows": "",
+    "setup_peak_mb": "MB",
+    "users_per_step": "",
+    "items_per_step": "",
+    "batch_ms": "ms",
+    "samples_per_sec": "samples/s",
+    "fit_s": "s",
+    "wall_s": "s",
+}
+
+
+def add_rows(run: bench.Benchmark, results: list[dict]) -> None:
+    """Each run's figures as rows, and the marginal bytes per row between sizes."""
+    for r in results:
+        where = {k: r[k] for k in ("rows", "num_users", "num_items")}
+        where |= {"batch_size": run.settings.batch_size, "cached": not r.get("built", True)}
+        for metric, unit in FIGURES.items():
+            if r.get(metric) is not None:
+                run.add(
+                    system="recsys",
+                    model=LABELS.get(r["stage"], r["stage"]),
+                    metric=metric,
+                    unit=unit,
+                    value=r[metric],
+                    settings=where,
+                )
+    for stage, a, b, slope in slopes(results):
+        run.add(
+            system="recsys",
+            model=LABELS.get(stage, stage),
+            metric="marginal_bytes_per_row",
+            unit="B",
+            value=slope,
+            settings={"from_rows": a["rows"], "to_rows": b["rows"]},
+        )
+
+
+def main(run: bench.Benchmark) -> None:
+    args, extra = run.settings, run.overrides
     if args.stage is not None:
         child(args.stage, extra, Path(args.report))
         return
     if args.quick:
-        args.rows = QUICK_ROWS
-        extra = [*QUICK, *extra]
+        extra = [*QUICK_OVERRIDES, *extra]
     models = {p.stem for p in (ROOT / "conf" / "model").glob("*.yaml")}
     if unknown := set(args.models) - models:
-        sys.exit(f"unknown models {sorted(unknown)}: choose among {sorted(models)}")
+        raise ValueError(
+            f"models={args.models}: unknown {sorted(unknown)}; choose among {sorted(models)}"
+        )
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="scale-bench-") as tmp:
         results = run_all(args, extra, Path(tmp))
+    add_rows(run, results)
     title = (
         f"Synthetic data, users rows/100, items rows/1000; implicit feedback, "
         f"batch {args.batch_size} positives; one process per run"
@@ -358,7 +402,11 @@ def main() -> None:
     print(f"\n{title} (peak RSS: the whole process, imports included)\n")
     print(table(results))
     print()
-    print("\n".join(slopes(results)))
+    for stage, a, b, slope in slopes(results):
+        print(
+            f"{LABELS.get(stage, stage)}: {slope:.0f} B per added row from {a['rows']:,} to "
+            f"{b['rows']:,} rows"
+        )
     if args.out is not None:
         out = Path(args.out)
     elif args.quick:
@@ -366,14 +414,9 @@ def main() -> None:
     else:
         out = ROOT / "docs" / "images" / "scale.png"
     plot(results, out, title)
-    out.with_suffix(".json").write_text(json.dumps({"title": title, "results": results}, indent=1))
-    print(
-        f"\nplot: {out} (figures: {out.with_suffix('.json').name}); whole command: "
-        f"{time.perf_counter() - start:.0f} s"
-    )
+    print(f"\nplot: {out}; whole command: {time.perf_counter() - start:.0f} s")
+    run.write()
 
 
 if __name__ == "__main__":
-    if any(a in ("-h", "--help") for a in sys.argv[1:]):
-        sys.exit(__doc__)
-    main()
+    main(bench.start("scale", Options, __doc__, quick=QUICK))

@@ -3,6 +3,7 @@
     python benchmarks/serve.py                  # ML-1M NeuMF and Book-Crossing DLRM
     python benchmarks/serve.py quick=true       # ML-100K NeuMF, 3 s per endpoint
     python benchmarks/serve.py ckpt=<ckpt> [clients=16] [seconds=20] [workers=2]
+        [results=benchmarks/results] [hydra overrides of the cases' training]
 
 Each case trains its model first (a short run, unless ``ckpt`` is given), starts the server
 as its own process on 127.0.0.1 (a free port), and drives each endpoint with ``clients``
@@ -10,7 +11,7 @@ concurrent keep-alive clients (aiohttp, asyncio) for ``seconds``: every client s
 request when the last one is answered. Requests use random known ids (seeded). Printed per
 endpoint: requests/s, latency p50/p95/p99 (ms, measured by the client), errors; and the
 server's peak resident memory (VmHWM, all its processes). The load is bounded in time and
-sent to loopback only.
+sent to loopback only. Results: ``<results>/serve.json`` (`recsys.bench`).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
@@ -31,8 +33,10 @@ import httpx
 import numpy as np
 import pandas as pd
 import uvloop
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 
+from recsys import bench
+from recsys.bench import Settings
 from recsys.checkpoint import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,7 +44,7 @@ CASES = {  # name: training overrides
     "ml-1m NeuMF": ["experiment=ml1m_neumf", "trainer.max_epochs=3"],
     "Book-Crossing DLRM": ["data=books", "model=dlrm", "trainer.max_epochs=1"],
 }
-QUICK = {"ml-100k NeuMF": ["data=movielens", "data.variant=100k", "trainer.max_epochs=1"]}
+QUICK_CASES = {"ml-100k NeuMF": ["data=movielens", "data.variant=100k", "trainer.max_epochs=1"]}
 
 
 def train(overrides: list[str], folder: Path) -> Path:
@@ -57,7 +61,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(ckpt: Path, port: int, args: DictConfig, folder: Path) -> subprocess.Popen:
+def start_server(ckpt: Path, port: int, args: Options, folder: Path) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "recsys.serve", f"ckpt_path={ckpt}", f"serve.port={port}"]
     cmd += [f"serve.workers={args.workers}", f"hydra.run.dir={folder}"]
     server = subprocess.Popen(cmd, cwd=ROOT, start_new_session=True)
@@ -156,7 +160,7 @@ def endpoints(users: list[str], items: list[str]) -> dict:
     }
 
 
-def bench_case(name: str, ckpt: Path, args: DictConfig, folder: Path) -> pd.DataFrame:
+def bench_case(name: str, ckpt: Path, args: Options, folder: Path) -> pd.DataFrame:
     port = free_port()
     server = start_server(ckpt, port, args, folder / "serve")
     try:
@@ -198,24 +202,54 @@ def sample_ids(ckpt: Path, meta: dict, rng: np.random.Generator) -> tuple[list[s
     return [str(u) for u in users], [str(i) for i in items]
 
 
-DEFAULTS = {
-    "quick": False,
-    "ckpt": None,
-    "clients": 16,
-    "seconds": 20.0,
-    "workers": 2,
+@dataclass
+class Options(Settings):
+    ckpt: str | None = None  # a checkpoint to serve instead of training the cases
+    clients: int = 16
+    seconds: float = 20.0  # per endpoint
+    workers: int = 2
+
+
+QUICK = {"seconds": 3.0}
+FIGURES = {  # the columns of bench_case's frame that become rows, and their units
+    "requests/s": ("requests_per_sec", "requests/s"),
+    "p50 ms": ("p50_ms", "ms"),
+    "p95 ms": ("p95_ms", "ms"),
+    "p99 ms": ("p99_ms", "ms"),
+    "requests": ("requests", ""),
+    "errors": ("errors", ""),
 }
 
 
-def main() -> None:
-    args = OmegaConf.merge(DEFAULTS, OmegaConf.from_cli())
-    if unknown := set(args) - set(DEFAULTS):
-        sys.exit(f"unknown options {sorted(unknown)}; options: {DEFAULTS}")
+def add_rows(run: bench.Benchmark, table: pd.DataFrame) -> None:
+    args = run.settings
+    where = {"clients": args.clients, "seconds": args.seconds, "workers": args.workers}
+    for r in table.to_dict("records"):
+        for column, (metric, unit) in FIGURES.items():
+            run.add(
+                system="recsys.serve",
+                model=r["case"],
+                metric=metric,
+                unit=unit,
+                value=r[column],
+                settings={**where, "endpoint": r["endpoint"]},
+            )
+    for case, memory in table.groupby("case", sort=False)["server peak MB"].first().items():
+        run.add(
+            system="recsys.serve",
+            model=case,
+            metric="server_peak_mb",
+            unit="MB",
+            value=memory,
+            settings=where,
+        )
+
+
+def main(run: bench.Benchmark) -> None:
+    args = run.settings
     if not os.environ.get("RECSYS_DATA_DIR"):
-        sys.exit("set RECSYS_DATA_DIR to the folder that holds the datasets")
-    if args.quick:
-        args.seconds = min(args.seconds, 3.0)
-    cases = QUICK if args.quick else CASES
+        raise ValueError("set RECSYS_DATA_DIR to the folder that holds the datasets")
+    cases = QUICK_CASES if args.quick else CASES
     frames = []
     with tempfile.TemporaryDirectory(prefix="serve-bench-") as tmp:
         if args.ckpt:
@@ -224,12 +258,15 @@ def main() -> None:
         else:
             for name, overrides in cases.items():
                 folder = Path(tmp) / name.replace(" ", "_")
+                overrides = [*overrides, *run.overrides]
                 print(f"{name}: training ({' '.join(overrides)})", flush=True)
                 frames.append(bench_case(name, train(overrides, folder), args, folder))
     table = pd.concat(frames, ignore_index=True)
+    add_rows(run, table)
     pd.set_option("display.width", 200)
     print(table.to_string(index=False, float_format=lambda v: f"{v:,.1f}"))
+    run.write()
 
 
 if __name__ == "__main__":
-    main()
+    main(bench.start("serve", Options, __doc__, quick=QUICK))

@@ -1,7 +1,8 @@
 """Where a training step's time goes: the platform's Trainer against a loop without Lightning,
 over the same module, data and optimizer.
 
-    python benchmarks/step_cost.py [batches=[1280,4096]] [steps=200] [rounds=8] [quick=true]
+    python benchmarks/step_cost.py [batches=[1280,4096]] [steps=200] [rounds=8] [threads=2]
+        [modes=[loop,platform]] [quick=true] [results=benchmarks/results] [hydra overrides]
 
 The work of `benchmarks/training.py` (NeuMF, leave-one-out on the ml-1m subset, 4 negatives
 per positive, Adam at lr 0.001; ``batches`` are effective batches in samples). Each mode
@@ -26,40 +27,42 @@ module's bookkeeping), ``zero_grad``, ``backward``, ``optimizer`` (gradient clip
 optimizer's update), and ``step`` (all of them). The modes run in alternating rounds in one
 process; each figure is the median over rounds of the round's median over its steps (the
 first 10 steps of a round left out), and the differences between modes are paired: the median
-over rounds of the difference within a round (this machine's speed drifts by more over a few
-minutes than most of the differences measured here). ``quick=true``: ml-100k, 1,280
-samples, one round of 30 steps (a smoke test).
+over rounds of the difference within a round (`recsys.bench.alternating_rounds`; this machine's
+speed drifts by more over a few minutes than most of the differences measured here). Hydra
+overrides go to every mode's config. ``quick=true``: ml-100k, 1,280 samples, one round of 30
+steps (a smoke test). Results: ``<results>/step_cost.json`` (`recsys.bench`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import operator
 import os
-import statistics
-import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
-from omegaconf import OmegaConf
+from training import compose_run
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from training import DATA, NEGATIVES, QUICK_DATA, compose_train  # noqa: E402
+from recsys import bench
+from recsys.bench import Settings
+from recsys.train import build
 
-from recsys.train import build  # noqa: E402
 
-DEFAULTS = {
-    "batches": [1280, 4096],
-    "steps": 200,
-    "rounds": 8,
-    "threads": 2,
-    "modes": None,  # a subset of MODES, e.g. [loop,platform]; None: all
-    "quick": False,
-    "out": "logs/benchmarks/step_cost",
-}
+@dataclass
+class Options(Settings):
+    batches: list[int] = field(default_factory=lambda: [1280, 4096])
+    steps: int = 200
+    rounds: int = 8
+    threads: int = 2
+    modes: list[str] | None = None  # a subset of MODES, e.g. [loop,platform]; None: all
+    out: str = "logs/benchmarks/step_cost"
+
+
 QUICK = {"batches": [1280], "steps": 30, "rounds": 1}
 WARMUP = 10  # steps of a round left out of its median
 # the Trainer's hooks that end each phase, in the order they run (automatic optimization: the
@@ -80,6 +83,13 @@ MODES = {
     "platform, no progress bar": ["~callbacks.progress_bar", "+trainer.enable_progress_bar=false"],
     "platform, no logger": ["logger=none"],
 }
+# the paired differences printed below the table when every mode runs: (mode, baseline)
+SHARES = [
+    ("Trainer", "loop"),
+    ("platform", "Trainer"),
+    ("platform", "platform, no progress bar"),
+    ("platform", "platform, no logger"),
+]
 
 
 class StepClock(L.Callback):
@@ -158,61 +168,95 @@ def run_trainer(cfg) -> dict[str, float]:
     return phases(clock.steps)
 
 
-def main(opts) -> None:
+def main(run: bench.Benchmark) -> None:
+    opts = run.settings
     torch.set_num_threads(opts.threads)
-    data = QUICK_DATA if opts.quick else DATA
     out = Path(opts.out).resolve()
-    print(
-        f"NeuMF on {'ml-100k' if opts.quick else 'the ml-1m subset'}, {opts.threads} threads; "
-        f"median ms a step over {opts.rounds} round(s) of {opts.steps} steps per mode\n"
-    )
     modes = list(opts.modes or MODES)
     if unknown := set(modes) - set(MODES):
-        sys.exit(f"unknown modes {sorted(unknown)}; choose among {list(MODES)}")
+        raise ValueError(f"modes={modes}: unknown {sorted(unknown)}; choose among {list(MODES)}")
     for batch in opts.batches:
-        runs: dict[str, list[dict[str, float]]] = {mode: [] for mode in modes}
-        for round_ in range(opts.rounds):
-            order = modes if round_ % 2 == 0 else modes[::-1]
-            for mode in order:
-                overrides = [
-                    f"data.batch_size={batch // (1 + NEGATIVES)}",
-                    "trainer=cpu",
-                    "trainer.max_epochs=1",
-                    f"+trainer.limit_train_batches={opts.steps}",
-                    "+trainer.limit_val_batches=0",
-                    f"paths.output_dir={out}/{batch}",
-                    *(MODES[mode] or []),
-                ]
-                cfg = compose_train(data, overrides)
-                run = run_loop if MODES[mode] is None else run_trainer
-                runs[mode].append(run(cfg))
-        print(f"effective batch {batch:,} ({batch // (1 + NEGATIVES):,} positives)\n")
+
+        def measure(mode: str, batch: int = batch) -> dict[str, float]:
+            overrides = [
+                "trainer=cpu",
+                "trainer.max_epochs=1",
+                f"+trainer.limit_train_batches={opts.steps}",
+                "+trainer.limit_val_batches=0",
+                f"paths.output_dir={out}/{batch}",
+                *(MODES[mode] or []),
+                *run.overrides,
+            ]
+            cfg = compose_run(opts.quick, overrides, batch)
+            return (run_loop if MODES[mode] is None else run_trainer)(cfg)
+
+        runs = bench.alternating_rounds(modes, opts.rounds, measure)
+        where = {"batch": batch, "steps": opts.steps, "threads": opts.threads}
+        for mode, rounds in runs.items():
+            for phase in PHASES:
+                values = [r[phase] for r in rounds]
+                run.add(
+                    system=mode,
+                    model="NeuMF",
+                    metric=f"{phase}_ms",
+                    unit="ms",
+                    value=bench.median(values),
+                    settings=where,
+                    statistic="median",
+                    runs=values,
+                )
+        pairs = [(mode, modes[0]) for mode in modes[1:]]
+        pairs += [p for p in SHARES if p not in pairs and set(p) <= set(modes)]
+        for mode, baseline in pairs:
+            steps = [r["step"] for r in runs[mode]], [r["step"] for r in runs[baseline]]
+            differences = bench.paired(*steps, operator.sub)
+            run.add(
+                system=mode,
+                model="NeuMF",
+                metric="step_ms_difference",
+                unit="ms",
+                value=bench.median(differences),
+                settings={**where, "baseline": baseline},
+                statistic="median",
+                runs=differences,
+            )
+    print_tables(run.rows, opts, modes)
+    run.write()
+
+
+def print_tables(rows: list[dict], opts: Options, modes: list[str]) -> None:
+    """The README's table, from the results' rows."""
+    data = "ml-100k" if opts.quick else "the ml-1m subset"
+    print(
+        f"NeuMF on {data}, {opts.threads} threads; median ms a step over {opts.rounds} "
+        f"round(s) of {opts.steps} steps per mode\n"
+    )
+
+    def ms(mode: str, metric: str, batch: int, **where) -> float:
+        return bench.find(rows, system=mode, metric=metric, batch=batch, **where)["value"]
+
+    for batch in opts.batches:
+        print(f"effective batch {batch:,}\n")
         print(f"| mode | {' | '.join(PHASES)} | samples/s | step against {modes[0]} |")
         print(f"| --- | {' | '.join('---:' for _ in PHASES)} | ---: | ---: |")
-        for mode, rounds in runs.items():
-            cells = " | ".join(f"{statistics.median(r[p] for r in rounds):.2f}" for p in PHASES)
-            rate = batch / statistics.median(r["step"] for r in rounds) * 1e3
-            diff = paired(runs, mode, modes[0])
-            print(f"| {mode} | {cells} | {rate:,.0f} | {diff:+.2f} |")
+        for mode in modes:
+            cells = " | ".join(f"{ms(mode, f'{p}_ms', batch):.2f}" for p in PHASES)
+            rate = batch / ms(mode, "step_ms", batch) * 1e3
+            diff = (
+                ""
+                if mode == modes[0]
+                else f"{ms(mode, 'step_ms_difference', batch, baseline=modes[0]):+.2f}"
+            )
+            print(f"| {mode} | {cells} | {rate:,.0f} | {diff} |")
         if set(modes) == set(MODES):
+            d = {p: ms(p[0], "step_ms_difference", batch, baseline=p[1]) for p in SHARES}
             print(
                 f"\nPaired (the median over rounds of the difference within a round), ms a step: "
-                f"Lightning's Trainer {paired(runs, 'Trainer', 'loop'):+.2f} against the loop; "
-                f"the platform's callbacks and logger {paired(runs, 'platform', 'Trainer'):+.2f} "
-                "against the Trainer, of which the progress bar "
-                f"{paired(runs, 'platform', 'platform, no progress bar'):+.2f} and the CSV logger "
-                f"{paired(runs, 'platform', 'platform, no logger'):+.2f}\n"
+                f"Lightning's Trainer {d[SHARES[0]]:+.2f} against the loop; the platform's "
+                f"callbacks and logger {d[SHARES[1]]:+.2f} against the Trainer, of which the "
+                f"progress bar {d[SHARES[2]]:+.2f} and the CSV logger {d[SHARES[3]]:+.2f}\n"
             )
 
 
-def paired(runs: dict[str, list[dict[str, float]]], mode: str, baseline: str) -> float:
-    """The median over rounds of mode's step time less baseline's in the same round (ms)."""
-    pairs = zip(runs[mode], runs[baseline], strict=True)
-    return statistics.median(a["step"] - b["step"] for a, b in pairs)
-
-
 if __name__ == "__main__":
-    opts = OmegaConf.merge(DEFAULTS, OmegaConf.from_cli())
-    if opts.quick:
-        opts = OmegaConf.merge(opts, QUICK)
-    main(opts)
+    main(bench.start("step_cost", Options, __doc__, quick=QUICK))

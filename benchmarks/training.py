@@ -2,32 +2,36 @@
 
     python benchmarks/training.py [quick=true] [batches=[1280,4096,20480]] [epochs=1]
         [threads=2] [recbole=true] [device=cpu] [repeats=3] [out=logs/benchmarks/training]
-        [overrides=[...]]
+        [results=benchmarks/results] [hydra overrides]
 
 The work: NeuMF (GMF 32, MLP on 2 x 128 embeddings with layers 128-64-32), leave-one-out on the
 shared ml-1m (``experiment=ncf_protocol`` with ``data.split.val_row=previous``: implicit
 feedback, each user's last two interactions held out), 4 uniform negatives per training
-positive (never one of the user's training items), Adam at lr 0.001, binary cross-entropy, one
-epoch = every training positive and its negatives. ``batches`` are effective batches in samples
-(positives and negatives): the platform's ``data.batch_size`` is a fifth of that.
+positive (never one of the user's training items), the platform's optimizer (``model.optimizer``:
+fused Adam at lr 0.001), binary cross-entropy, one epoch = every training positive and its
+negatives. ``batches`` are effective batches in samples (positives and negatives): the
+platform's ``data.batch_size`` is ``batch / (1 + data.num_negatives)``. Hydra overrides go to
+the config that both the platform and the bare loop take their model, data and optimizer from.
 
 Three systems train it, each in a fresh process with ``threads`` torch threads:
 
-- ``bare``: `benchmarks/bare_neumf.py`, a hand-written vectorised loop (nn.Embedding, Adam
-  with torch's defaults, negatives of the whole epoch drawn in one call);
+- ``bare``: `benchmarks/bare_neumf.py`, a hand-written vectorised loop (nn.Embedding, every
+  negative of the epoch drawn in one call) with the platform's optimizer:
+  `recsys.bench.reference_optimizer` copies the class and settings of the optimizer that
+  the platform's ``configure_optimizers`` builds for the same config;
 - ``recsys``: the platform's own path, `recsys.train.build` and ``Trainer.fit`` with the
   default callbacks and logger, validation off; the figure is the `SamplesPerSecond` callback's;
-- ``RecBole``: `benchmarks/recbole_neumf.py` in RecBole 1.2.1's own virtual environment,
+- ``RecBole 1.2.1``: `benchmarks/recbole_neumf.py` in RecBole 1.2.1's own virtual environment,
   made on first use under ``<paths.cache_dir>/recbole-1.2.1`` (RecBole 1.2.1 needs numpy<2,
   pandas<2.2 and setuptools<81; torch is the version installed here), trained on the very
-  training pairs of the platform.
+  training pairs of the platform, with RecBole's own Adam (torch's defaults).
 
 Each figure is samples per second over the epochs' wall time: data loading from memory,
 negative sampling, forward, backward and optimiser step, no start-up, no validation. With
-``repeats=N`` each system runs N times per batch, in rounds: one run of each system per round,
-back to back, the order reversed every other round. The speed of this shared machine drifts by
-10-25% over minutes, so the table gives each system's median run and, as the ratios, the
-median over rounds of the ratio within a round (paired: runs a minute apart, not ten).
+``repeats=N`` each system runs N times per batch in alternating rounds
+(`recsys.bench.alternating_rounds`). The speed of this shared machine drifts by 10-25% over
+minutes, so each system's figure is the median of its runs and each ratio the median over
+rounds of the ratio within a round (paired: runs a minute apart, not ten).
 
 The GFLOP/s table counts the dense part's floating-point work: the MLP, GMF product and head,
 forward and backward (3 x the forward's multiply-adds x 2). ``model`` counts it as the plain
@@ -41,108 +45,164 @@ layer's shape on this machine, measured in the same run.
 ``trainer=gpu``), the matmul figure of the GPU; RecBole is not run.
 
 ``quick=true``: ml-100k, effective batches 1,280 and 4,096, one run each, no RecBole (a smoke
-test).
+test). Results: ``<results>/training.json``, with ``device=cuda`` ``training_cuda.json``
+(`recsys.bench`).
 """
 
 from __future__ import annotations
 
 import json
-import os
+import operator
 import subprocess
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
+from bare_neumf import BareNeuMF, train_epoch
 from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
+from hydra.utils import instantiate
+from matmul import matmul_gflops
+from omegaconf import DictConfig
+
+from recsys import bench
+from recsys.bench import Settings
 
 HERE = Path(__file__).resolve().parent
 CONF = HERE.parent / "conf"
-sys.path.insert(0, str(HERE))  # bare_neumf and matmul, when run as a script
-from matmul import matmul_gflops  # noqa: E402
 
-DEFAULTS = {
-    "quick": False,
-    "batches": [1280, 4096, 20480],
-    "epochs": 1,
-    "threads": 2,
-    "recbole": True,
-    "device": "cpu",  # or cuda
-    "repeats": 3,
-    "out": "logs/benchmarks/training",
-    "overrides": [],  # more Hydra overrides for the platform's runs, e.g. [data.num_workers=1]
-}
+
+@dataclass
+class Options(Settings):
+    batches: list[int] = field(default_factory=lambda: [1280, 4096, 20480])
+    epochs: int = 1
+    threads: int = 2
+    recbole: bool = True
+    device: str = "cpu"  # or cuda
+    repeats: int = 3
+    out: str = "logs/benchmarks/training"  # the runs' folders
+    # internal: what a child process runs (bare | recsys) at which effective batch
+    system: str | None = None
+    batch: int | None = None
+
+
+QUICK = {"batches": [1280, 4096], "repeats": 1, "recbole": False}
 NEGATIVES = 4
-GMF_DIM, MLP_DIM, LAYERS = 32, 128, [128, 64, 32]
 # the held-out rows of the published figures: each user's last two (the NCF experiments hold
 # out a random validation row instead)
 DATA = ["experiment=ncf_protocol", "data.split.val_row=previous", f"data.num_negatives={NEGATIVES}"]
 QUICK_DATA = [*DATA, "data.variant=100k"]
 MODEL = [
     "model.variant=neumf",
-    f"model.gmf_dim={GMF_DIM}",
-    f"model.mlp_dim={MLP_DIM}",
-    f"model.mlp_layers=[{','.join(map(str, LAYERS))}]",
+    "model.gmf_dim=32",
+    "model.mlp_dim=128",
+    "model.mlp_layers=[128,64,32]",
     "model.optimizer.lr=0.001",
 ]
-RECBOLE = ["recbole==1.2.1", "numpy<2", "pandas<2.2", "setuptools<81"]
-CHILD = "RECSYS_TRAINING_BENCHMARK_CHILD"  # a child process's system, data and batch (JSON)
+RECBOLE = "RecBole 1.2.1"
+RECBOLE_PINS = ["recbole==1.2.1", "numpy<2", "pandas<2.2", "setuptools<81"]
+LABELS = {"bare": "bare loop", RECBOLE: RECBOLE, "recsys": "recsys"}
 
 
-def compose_train(data: list[str], overrides: list[str]):
+def compose_run(quick: bool, overrides: list[str], batch: int | None = None) -> DictConfig:
+    """The platform's config of this benchmark (``quick``: ml-100k); ``batch``: effective
+    batch in samples, ``data.batch_size`` positives and their negatives."""
     with initialize_config_dir(str(CONF), version_base="1.3"):
-        return compose("train", overrides=[*data, *MODEL, *overrides])
+        cfg = compose("train", overrides=[*(QUICK_DATA if quick else DATA), *MODEL, *overrides])
+    if batch is not None:
+        cfg.data.batch_size = batch // (1 + cfg.data.num_negatives)
+    return cfg
 
 
-def training_pairs(data: list[str], out: Path):
+def training_pairs(cfg: DictConfig):
     """The platform's data module (prepared, set up) and its training positives (users, items)."""
     from recsys.train import build
 
-    dm, _, _ = build(compose_train(data, ["logger=none", f"paths.output_dir={out}/data"]))
+    dm, _, _ = build(cfg)
     rows = dm.rows["train"]
     return dm, dm.data.interactions.users[rows], dm.data.interactions.items[rows]
 
 
-# --- the three systems, each run in a child process ----------------------------------------
+# --- the systems, each run in a child process ----------------------------------------------
 
 
-def run_bare(data: list[str], batch: int, epochs: int, out: Path, device: str, overrides=()):
-    from bare_neumf import BareNeuMF, train_epoch
-
-    dm, users, items = training_pairs(data, out)
-    users, items = users.to(device), items.to(device)
+def bare_parts(
+    cfg: DictConfig, spec, device: str = "cpu"
+) -> tuple[BareNeuMF, torch.optim.Optimizer]:
+    """The bare loop's NeuMF sized by ``cfg.model``, on ``device``, and its optimizer: the class
+    and settings that the platform's module of the same config builds
+    (`recsys.bench.reference_optimizer`)."""
+    m = cfg.model
+    plain = {"variant": "neumf", "dropout": 0.0, "loss": "bce", "l2": 0.0, "sparse_grad": False}
+    if differ := {k: m.get(k) for k, v in plain.items() if m.get(k, v) != v}:
+        raise ValueError(f"the bare loop trains plain NeuMF ({plain}); the config has {differ}")
     torch.manual_seed(0)
-    model = BareNeuMF(dm.spec.num_users, dm.spec.num_items, GMF_DIM, MLP_DIM, LAYERS).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=0.001)
-    positives, samples, seconds = batch // (1 + NEGATIVES), 0.0, 0.0
-    for epoch in range(epochs):
+    model = BareNeuMF(spec.num_users, spec.num_items, m.gmf_dim, m.mlp_dim, list(m.mlp_layers))
+    model.to(device)
+    platform = instantiate(cfg.model, spec=spec.to_dict(), _recursive_=False)
+    return model, bench.reference_optimizer(platform, model.parameters())
+
+
+def run_bare(cfg: DictConfig, device: str) -> dict:
+    dm, users, items = training_pairs(cfg)
+    users, items = users.to(device), items.to(device)
+    model, optimizer = bare_parts(cfg, dm.spec, device)
+    samples, seconds = 0, 0.0
+    for epoch in range(cfg.trainer.max_epochs):
         n, s, loss = train_epoch(
-            model, optimizer, users, items, dm.spec.num_items, positives, NEGATIVES, seed=epoch
+            model,
+            optimizer,
+            users,
+            items,
+            dm.spec.num_items,
+            cfg.data.batch_size,
+            cfg.data.num_negatives,
+            seed=epoch,
         )
         samples, seconds = samples + n, seconds + s
-    return {"samples_per_sec": samples / seconds, "loss": loss}
+    return {"samples_per_sec": samples / seconds, "train_loss": loss}
 
 
-def run_recsys(data: list[str], batch: int, epochs: int, out: Path, device: str, overrides=()):
+def run_recsys(cfg: DictConfig, device: str) -> dict:
     from recsys.callbacks import SamplesPerSecond
     from recsys.train import build
 
-    cfg = compose_train(
-        data,
-        [
-            f"data.batch_size={batch // (1 + NEGATIVES)}",
-            f"trainer.max_epochs={epochs}",
-            "+trainer.limit_val_batches=0",
-            f"paths.output_dir={out}/recsys_{batch}",
-            "trainer=gpu" if device == "cuda" else "trainer=cpu",
-            *overrides,
-        ],
-    )
     dm, model, trainer = build(cfg)
     trainer.fit(model, datamodule=dm)
     speed = next(c for c in trainer.callbacks if isinstance(c, SamplesPerSecond))
-    return {"samples_per_sec": speed.overall, "loss": float(trainer.callback_metrics["train/loss"])}
+    loss = float(trainer.callback_metrics["train/loss"])
+    return {"samples_per_sec": speed.overall, "train_loss": loss}
+
+
+def child_main(run: bench.Benchmark) -> None:
+    """This process is one run of ``opts.system`` at ``opts.batch``: its figures as rows."""
+    opts = run.settings
+    torch.set_num_threads(opts.threads)
+    out = Path(opts.out).resolve() / f"{opts.system}_{opts.batch}"
+    overrides = [
+        f"trainer.max_epochs={opts.epochs}",
+        "+trainer.limit_val_batches=0",
+        f"paths.output_dir={out}",
+        "trainer=gpu" if opts.device == "cuda" else "trainer=cpu",
+        *(["logger=none"] if opts.system == "bare" else []),
+        *run.overrides,
+    ]
+    cfg = compose_run(opts.quick, overrides, opts.batch)
+    figures = {"bare": run_bare, "recsys": run_recsys}[opts.system](cfg, opts.device)
+    for metric, value in figures.items():
+        unit = "samples/s" if metric == "samples_per_sec" else ""
+        run.add(system=opts.system, model="NeuMF", metric=metric, unit=unit, value=value)
+    run.write()
+
+
+def child(opts: Options, system: str, batch: int, overrides: list[str]) -> dict[str, float]:
+    """One run of ``system`` in a fresh Python process: its figures by metric."""
+    keys = ("quick", "epochs", "threads", "device", "out")
+    args = [bench.override(k, getattr(opts, k)) for k in keys]
+    args += [bench.override("system", system), bench.override("batch", batch), *overrides]
+    doc = bench.run_child(__file__, args)
+    return {row["metric"]: row["value"] for row in doc["rows"]}
 
 
 def recbole_python(cache_dir: Path) -> Path:
@@ -152,70 +212,46 @@ def recbole_python(cache_dir: Path) -> Path:
     if not (venv / "ready").exists():
         print(f"making RecBole's virtual environment in {venv} (once)", flush=True)
         subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True)
-        pins = [f"torch=={torch.__version__.split('+')[0]}", *RECBOLE]
+        pins = [f"torch=={torch.__version__.split('+')[0]}", *RECBOLE_PINS]
         subprocess.run([str(python), "-m", "pip", "install", "-q", *pins], check=True)
         (venv / "ready").touch()
     return python
 
 
-def run_recbole(python: Path, pairs: Path, batch: int, epochs: int, threads: int, out: Path):
-    work = out / f"recbole_{batch}"
+def run_recbole(python: Path, pairs: Path, batch: int, opts: Options) -> dict[str, float]:
+    """RecBole in its own environment; its figures are the JSON of its last line of output."""
+    work = Path(opts.out).resolve() / f"recbole_{batch}"
     work.mkdir(parents=True, exist_ok=True)
     args = [str(HERE / "recbole_neumf.py"), str(pairs), str(work)]
-    command = [str(python), *args, str(batch), str(epochs), str(threads)]
+    command = [str(python), *args, str(batch), str(opts.epochs), str(opts.threads)]
     # in its folder: RecBole writes log/ and log_tensorboard/ there
-    return last_json(command, f"RecBole at batch {batch}", cwd=work)
-
-
-def child(system: str, data, batch: int, epochs: int, threads: int, out: Path, device, overrides):
-    """Runs one system in a fresh Python process; returns its JSON figures."""
-    spec = {"system": system, "data": data, "batch": batch, "epochs": epochs, "device": device}
-    spec = json.dumps({**spec, "overrides": list(overrides)})
-    command = [sys.executable, __file__, f"threads={threads}", f"out={out}"]
-    return last_json(command, f"{system} at batch {batch}", env={**os.environ, CHILD: spec})
-
-
-def last_json(command: list[str], what: str, **kwargs) -> dict:
-    """Runs a command; its figures are the JSON of its last line of output."""
-    done = subprocess.run(command, capture_output=True, text=True, **kwargs)
+    done = subprocess.run(command, capture_output=True, text=True, cwd=work)
     if done.returncode != 0:
-        raise RuntimeError(f"{what} failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+        raise RuntimeError(f"RecBole at batch {batch} failed:\n{done.stderr[-3000:]}")
+    figures = json.loads(done.stdout.strip().splitlines()[-1])
+    return {"samples_per_sec": figures["samples_per_sec"], "train_loss": figures["loss"]}
 
 
 # --- the figures ----------------------------------------------------------------------------
 
 
-def median_run(runs: list[dict]) -> dict:
-    """The run with the median samples/s (the lower middle one of an even number)."""
-    ranked = sorted(runs, key=lambda r: r["samples_per_sec"])
-    return ranked[(len(ranked) - 1) // 2]
-
-
-def paired_ratio(runs: dict[str, list[dict]], system: str, baseline: str) -> float | None:
-    """The median over rounds of system's samples/s over baseline's in the same round."""
-    if system not in runs or baseline not in runs:
-        return None
-    pairs = zip(runs[system], runs[baseline], strict=True)
-    return float(np.median([a["samples_per_sec"] / b["samples_per_sec"] for a, b in pairs]))
-
-
-def dense_macs() -> tuple[float, float]:
-    """Multiply-adds per sample of the dense part's forward: (all of it, the first MLP layer)."""
-    first = 2 * MLP_DIM * LAYERS[0]
-    rest = sum(a * b for a, b in zip(LAYERS, LAYERS[1:], strict=False)) + GMF_DIM + GMF_DIM
-    rest += LAYERS[-1]  # head
+def dense_macs(model: DictConfig) -> tuple[float, float]:
+    """Multiply-adds per sample of NeuMF's dense forward: (all of it, the first MLP layer)."""
+    layers = list(model.mlp_layers)
+    first = 2 * model.mlp_dim * layers[0]
+    rest = sum(a * b for a, b in zip(layers, layers[1:], strict=False))
+    rest += model.gmf_dim + model.gmf_dim + layers[-1]  # GMF product, head
     return first + rest, first
 
 
-def executed_share(dm, batch: int, batches: int = 20) -> float:
+def executed_share(dm, cfg: DictConfig, batches: int = 20) -> float:
     """Executed over model dense FLOPs on the platform's batches: the first layer runs on
     the distinct users and items of a batch (half a row each), the rest on every sample."""
     from recsys.data.loader import BatchIndexSampler
 
-    total, first = dense_macs()
+    total, first = dense_macs(cfg.model)
     loader = dm.train_dataloader()
-    sampler = BatchIndexSampler(dm.rows["train"], batch // (1 + NEGATIVES), shuffle=True)
+    sampler = BatchIndexSampler(dm.rows["train"], cfg.data.batch_size, shuffle=True)
     shares = []
     for index, _ in zip(sampler, range(batches), strict=False):
         b = loader.dataset[index]
@@ -225,88 +261,146 @@ def executed_share(dm, batch: int, batches: int = 20) -> float:
     return float(np.mean(shares))
 
 
-def main(opts) -> None:
+def main(run: bench.Benchmark) -> None:
+    opts = run.settings
+    if opts.device != "cpu":
+        run.name = f"training_{opts.device}"  # beside the CPU table
     torch.set_num_threads(opts.threads)
-    data = QUICK_DATA if opts.quick else DATA
-    batches = [1280, 4096] if opts.quick else list(opts.batches)
-    use_recbole = bool(opts.recbole) and not opts.quick and opts.device == "cpu"
-    repeats = 1 if opts.quick else opts.repeats
     out = Path(opts.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-
-    dm, users, items = training_pairs(data, out)
+    cfg = compose_run(opts.quick, ["logger=none", f"paths.output_dir={out}/data", *run.overrides])
+    dm, users, items = training_pairs(cfg)
     pairs = out / "pairs.npz"
     np.savez(pairs, users=users.numpy(), items=items.numpy(), num_items=dm.spec.num_items)
-    python = recbole_python(Path(compose_train(data, []).paths.cache_dir)) if use_recbole else None
-    dataset = f"{dm.source}: {len(users):,} training positives, {dm.spec.num_users:,} users, "
-    dataset += f"{dm.spec.num_items:,} items"
-    print(f"{dataset}; one epoch = {len(users) * (1 + NEGATIVES):,} samples", flush=True)
+    systems = ["bare", "recsys"]
+    if opts.recbole and opts.device == "cpu":
+        python = recbole_python(Path(cfg.paths.cache_dir))
+        systems.append(RECBOLE)
+    samples = len(users) * (1 + cfg.data.num_negatives)
+    data = f"{dm.source}: {len(users):,} training positives, {dm.spec.num_users:,} users, "
+    data += f"{dm.spec.num_items:,} items; one epoch = {samples:,} samples"
+    print(data, flush=True)
 
-    rows = []
-    for batch in batches:
-        run = (data, batch, opts.epochs, opts.threads, out, opts.device, opts.overrides)
-        runs: dict[str, list[dict]] = {}
-        systems = ["bare", "recsys", *(["recbole"] if python is not None else [])]
-        for round_ in range(repeats):
-            for system in systems if round_ % 2 == 0 else systems[::-1]:
-                if system == "recbole":
-                    result = run_recbole(python, pairs, batch, opts.epochs, opts.threads, out)
-                else:
-                    result = child(system, *run)
-                runs.setdefault(system, []).append(result)
-            rates = {k: f"{runs[k][-1]['samples_per_sec']:,.0f}/s" for k in systems}
-            print(batch, rates, flush=True)
-        figures = {k: median_run(v) for k, v in runs.items()}
-        ratios = {k: paired_ratio(runs, "recsys", k) for k in ("bare", "recbole")}
-        rows.append((batch, figures, ratios))
+    flops = 3 * 2 * dense_macs(cfg.model)[0]  # forward, and backward at twice the forward
+    for batch in opts.batches:
+        where = {"batch": batch, "threads": opts.threads, "device": opts.device}
+        where |= {"epochs": opts.epochs, "data": dm.source}
 
-    def rate(figures: dict, system: str) -> str:
-        return f"{figures[system]['samples_per_sec']:,.0f}" if system in figures else "-"
+        def measure(system: str, batch: int = batch) -> dict[str, float]:
+            if system == RECBOLE:
+                figures = run_recbole(python, pairs, batch, opts)
+            else:
+                figures = child(opts, system, batch, run.overrides)
+            print(f"{batch:,} {system}: {figures['samples_per_sec']:,.0f}/s", flush=True)
+            return figures
+
+        runs = bench.alternating_rounds(systems, opts.repeats, measure)
+        rates = {s: [r["samples_per_sec"] for r in runs[s]] for s in systems}
+        for system in systems:
+            for metric, unit in (("samples_per_sec", "samples/s"), ("train_loss", "")):
+                values = [r[metric] for r in runs[system]]
+                run.add(
+                    system=system,
+                    model="NeuMF",
+                    metric=metric,
+                    unit=unit,
+                    value=bench.median(values),
+                    settings=where,
+                    statistic="median",
+                    runs=values,
+                )
+        for baseline in [s for s in systems if s != "recsys"]:
+            ratios = bench.paired(rates["recsys"], rates[baseline], operator.truediv)
+            run.add(
+                system="recsys",
+                model="NeuMF",
+                metric="samples_per_sec_ratio",
+                unit="x",
+                value=bench.median(ratios),
+                settings={**where, "baseline": baseline},
+                statistic="median",
+                runs=ratios,
+            )
+        # the first MLP layer's product, [batch, 2M] x [2M, H1]
+        m = cfg.model
+        peak = matmul_gflops(batch, 2 * m.mlp_dim, m.mlp_layers[0], opts.device)
+        run.add(
+            system="matmul",
+            model=f"float32 [{batch}, {2 * m.mlp_dim}] x [{2 * m.mlp_dim}, {m.mlp_layers[0]}]",
+            metric="gflops",
+            unit="GFLOP/s",
+            value=peak,
+            settings=where,
+        )
+        cfg.data.batch_size = batch // (1 + cfg.data.num_negatives)
+        # on a GPU the platform runs the plain MLP (`NeuMF._mlp_tower`)
+        share = executed_share(dm, cfg) if opts.device == "cpu" else 1.0
+        for system in systems:
+            model_gflops = bench.median(rates[system]) * flops / 1e9
+            for metric, value in (
+                ("dense_gflops_model", model_gflops),
+                ("dense_gflops_executed", model_gflops * (share if system == "recsys" else 1)),
+            ):
+                run.add(
+                    system=system,
+                    model="NeuMF",
+                    metric=metric,
+                    unit="GFLOP/s",
+                    value=value,
+                    settings=where,
+                )
+    print_tables(run.rows, opts, flops)
+    run.write()
+
+
+def print_tables(rows: list[dict], opts: Options, flops: float) -> None:
+    """The README's tables, from the results' rows."""
+
+    def value(system: str, metric: str, batch: int, **where) -> float | None:
+        row = bench.find(rows, system=system, metric=metric, batch=batch, **where)
+        return None if row is None else row["value"]
 
     where = torch.cuda.get_device_name() if opts.device == "cuda" else f"{opts.threads} threads"
     median = ""
-    if repeats > 1:
-        median = f", median of {repeats} runs; ratios: median of the rounds' ratios"
+    if opts.repeats > 1:
+        median = f", median of {opts.repeats} runs; ratios: median of the rounds' ratios"
     print(f"\nNeuMF, {where}, samples/s{median} (train loss after the epoch)\n")
     print(
         "| effective batch | bare loop | RecBole 1.2.1 | recsys | recsys / bare "
         "| recsys / RecBole |\n| --- | --- | --- | --- | --- | --- |"
     )
-    for batch, f, ratios in rows:
-        systems = ("bare", "recbole", "recsys")
-        cells = [f"{rate(f, s)} ({f[s]['loss']:.3f})" if s in f else "-" for s in systems]
-        cells += [f"{r:.2f}x" if r is not None else "-" for r in ratios.values()]
+    for batch in opts.batches:
+        cells = []
+        for system in ("bare", RECBOLE, "recsys"):
+            rate = value(system, "samples_per_sec", batch)
+            loss = value(system, "train_loss", batch)
+            cells.append("-" if rate is None else f"{rate:,.0f} ({loss:.3f})")
+        for baseline in ("bare", RECBOLE):
+            ratio = value("recsys", "samples_per_sec_ratio", batch, baseline=baseline)
+            cells.append("-" if ratio is None else f"{ratio:.2f}x")
         print(f"| {batch:,} | {' | '.join(cells)} |")
 
-    total, _ = dense_macs()
-    flops = 3 * 2 * total  # forward, and backward at twice the forward
     print(f"\nDense part: {flops / 1e3:.0f} KFLOP per sample (model count)\n")
     print(
         "| effective batch | matmul GFLOP/s | system | model GFLOP/s | executed GFLOP/s "
         "| of matmul |\n| --- | --- | --- | --- | --- | --- |"
     )
-    for batch, f, _ in rows:
-        # the first MLP layer's product, [batch, 2M] x [2M, H1]
-        peak = matmul_gflops(batch, 2 * MLP_DIM, LAYERS[0], opts.device)
-        share = executed_share(dm, batch)
-        for system, fig in f.items():
-            model = fig["samples_per_sec"] * flops / 1e9
-            # on a GPU the platform runs the plain MLP (`NeuMF._mlp_tower`)
-            executed = model * (share if system == "recsys" and opts.device == "cpu" else 1.0)
+    for batch in opts.batches:
+        peak = value("matmul", "gflops", batch)
+        for system in ("bare", RECBOLE, "recsys"):
+            model = value(system, "dense_gflops_model", batch)
+            if model is None:
+                continue
+            executed = value(system, "dense_gflops_executed", batch)
             print(
-                f"| {batch:,} | {peak:.1f} | {system} | {model:.1f} | {executed:.1f} | "
+                f"| {batch:,} | {peak:.1f} | {LABELS[system]} | {model:.1f} | {executed:.1f} | "
                 f"{executed / peak:.0%} |"
             )
 
 
 if __name__ == "__main__":
-    opts = OmegaConf.merge(DEFAULTS, OmegaConf.from_cli())
-    if CHILD not in os.environ:
-        main(opts)
+    benchmark = bench.start("training", Options, __doc__, quick=QUICK)
+    if benchmark.settings.system is None:
+        main(benchmark)
     else:
-        torch.set_num_threads(opts.threads)
-        spec = json.loads(os.environ[CHILD])
-        run = (spec["data"], spec["batch"], spec["epochs"], Path(opts.out), spec["device"])
-        runner = {"bare": run_bare, "recsys": run_recsys}[spec["system"]]
-        result = runner(*run, spec["overrides"])
-        print(json.dumps(result))
+        child_main(benchmark)

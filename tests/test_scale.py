@@ -13,6 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from recsys import bench
 from recsys.data import SyntheticDataModule
 from recsys.data.negatives import PositiveSet
 from recsys.data.preprocess import latest_of_pairs
@@ -112,7 +113,7 @@ def test_the_scale_command_runs(tmp_path):
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "scale.py"
     out = tmp_path / "scale.png"
     done = subprocess.run(
-        [sys.executable, str(script), "quick=true", f"out={out}"],
+        [sys.executable, str(script), "quick=true", f"out={out}", f"results={tmp_path}"],
         capture_output=True,
         text=True,
         check=False,
@@ -125,3 +126,7 @@ def test_the_scale_command_runs(tmp_path):
             assert any(ln.startswith(f"| {rows} |") and f"| {stage} |" in ln for ln in lines)
     assert "B per added row" in done.stdout
     assert out.is_file() and out.stat().st_size > 10_000
+    rows = bench.read_results(tmp_path / "scale.json")["rows"]
+    for stage in ("preprocessing", "NeuMF", "DLRM"):
+        peak = bench.find(rows, model=stage, metric="peak_mb", rows=1_000_000)
+        assert peak["unit"] == "MB" and f"| {peak['value']:,.0f} |" in done.stdout
