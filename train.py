@@ -5,13 +5,16 @@ import logging
 import hydra
 from omegaconf import DictConfig
 
-from recsys.train import run
+import recsys  # noqa: F401  (the OmegaConf resolvers that conf/ uses)
 
 log = logging.getLogger(__name__)
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
+    # Lightning and torch load once Hydra has parsed the command line: --help answers at once
+    from recsys.train import run
+
     metrics = run(cfg)
     # what a Hydra sweeper optimises: the figure at the best checkpoint
     name = cfg.get("optimized_metric")
