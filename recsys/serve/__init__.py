@@ -40,6 +40,7 @@ from omegaconf import DictConfig, OmegaConf
 from pydantic import BaseModel, Field
 
 from recsys.checkpoint import best_checkpoint
+from recsys.errors import InputError
 from recsys.recommender import Recommender, UnknownIdError
 
 log = logging.getLogger(__name__)
@@ -208,7 +209,7 @@ def run(cfg: DictConfig) -> None:
     s = cfg.serve
     if cfg.ckpt_path is None:
         if cfg.run_dir is None:
-            raise ValueError("pass run_dir=<training run folder> or ckpt_path=<checkpoint>")
+            raise InputError("pass run_dir=<training run folder> or ckpt_path=<checkpoint>")
         cfg.ckpt_path = str(best_checkpoint(Path(cfg.run_dir)))
     if s.workers < 1:
         raise ValueError(f"serve.workers={s.workers} must be at least 1")
