@@ -7,6 +7,7 @@ import torch
 
 from recsys.data.base import RecDataModule
 from recsys.lit.module import RecommenderModule
+from recsys.loggers import nested_run
 
 
 def item_label_counts(dm: RecDataModule) -> tuple[torch.Tensor, torch.Tensor]:
@@ -55,10 +56,14 @@ def evaluate_with_baseline(
     trainer: L.Trainer, model: RecommenderModule, dm: RecDataModule, ckpt_path: str | None
 ) -> dict[str, float]:
     """Test ``model`` (from ``ckpt_path`` when given), then the popularity baseline on the same
-    pairs and candidates; returns both sets of metrics and the test split's cold-start counts."""
+    pairs and candidates; returns both sets of metrics and the test split's cold-start counts.
+    The baseline is logged as the part ``popularity`` of the run (`nested_run`: under MLflow a
+    run of its own, nested under the model's)."""
     trainer.test(model, datamodule=dm, ckpt_path=ckpt_path, verbose=False)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
-    trainer.test(popularity_module(dm, model), datamodule=dm, verbose=False)
+    baseline = popularity_module(dm, model)
+    with nested_run(trainer, baseline, "popularity"):
+        trainer.test(baseline, datamodule=dm, verbose=False)
     metrics.update(
         {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("popularity/")}
     )

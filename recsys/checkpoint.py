@@ -9,6 +9,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from recsys.data.base import DataMismatchError, RecDataModule, from_checkpoint
 from recsys.distributed.torchrec_strategy import load_meta, load_shards, load_weights_only
+from recsys.errors import InputError, MissingInputError
 from recsys.lit.module import RecommenderModule
 
 
@@ -34,7 +35,7 @@ def load_checkpoint(
     elif path.is_file():
         checkpoint = load_weights_only(path)
     else:
-        raise FileNotFoundError(f"ckpt_path={path} does not exist; pass a training checkpoint")
+        raise MissingInputError(f"ckpt_path={path} does not exist; pass a training checkpoint")
     overrides = {"data_dir": str(cfg.paths.data_dir), "cache_dir": str(cfg.paths.cache_dir)}
     data = cfg.get("data")
     changes = OmegaConf.to_container(data, resolve=True) if data is not None else {}
@@ -53,7 +54,7 @@ def load_checkpoint(
     elif path.is_file():
         model.load_state_dict(checkpoint["state_dict"])
     if model.spec != dm.spec:
-        raise ValueError(
+        raise InputError(
             f"the data ({dm.source}: {dm.spec.num_users} users, {dm.spec.num_items} items) "
             f"differs from the data {path} was trained on ({model.spec.num_users} users, "
             f"{model.spec.num_items} items): its embeddings do not fit these users and items"
@@ -71,7 +72,7 @@ def checkpoint_from_config(cfg) -> str:
         return str(cfg.ckpt_path)
     if cfg.get("run_dir"):
         return str(best_checkpoint(run_dir_from_config(cfg)))
-    raise ValueError("pass run_dir=<training run folder> (or latest) or ckpt_path=<checkpoint>")
+    raise InputError("pass run_dir=<training run folder> (or latest) or ckpt_path=<checkpoint>")
 
 
 def run_dir_from_config(cfg) -> Path:
@@ -91,7 +92,7 @@ def latest_run(runs: Path) -> Path:
         if json.loads(m.read_text()).get("best_model_path")
     ]
     if not finished:
-        raise ValueError(
+        raise InputError(
             f"run_dir=latest: no finished training run in {runs} (a folder with a metrics.json "
             "that names a best checkpoint): train one, or pass run_dir=<folder>"
         )
@@ -103,13 +104,13 @@ def best_checkpoint(run_dir: Path) -> Path:
     ``checkpoints/`` when the run folder has been moved since training."""
     metrics_file = run_dir / "metrics.json"
     if not metrics_file.is_file():
-        raise ValueError(
+        raise InputError(
             f"run_dir={run_dir} holds no metrics.json: pass the folder of a finished "
             "training run, or ckpt_path=<checkpoint>"
         )
     best = json.loads(metrics_file.read_text()).get("best_model_path")
     if not best:
-        raise ValueError(
+        raise InputError(
             f"{metrics_file} names no best checkpoint (fast_dev_run or callbacks=none): "
             f"pass ckpt_path={run_dir}/checkpoints/last.ckpt or another checkpoint"
         )
@@ -117,7 +118,7 @@ def best_checkpoint(run_dir: Path) -> Path:
     if not path.exists():
         path = run_dir / "checkpoints" / path.name
     if not path.exists():
-        raise ValueError(
+        raise InputError(
             f"the best checkpoint {best} of {metrics_file} is gone (nor in {path.parent}): "
             "pass ckpt_path=<checkpoint>"
         )

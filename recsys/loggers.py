@@ -1,17 +1,21 @@
-"""Experiment loggers that need a decision at start-up."""
+"""Experiment loggers that need a decision at start-up, and the logging of a part of a run
+that has settings of its own (`nested_run`: the popularity baseline's test)."""
 
 from __future__ import annotations
 
 import csv
 import logging
 import os
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 
+import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from lightning.fabric.loggers.logger import rank_zero_experiment
 from lightning.pytorch import loggers as pl_loggers
-from lightning.pytorch.loggers import MLFlowLogger, WandbLogger
+from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
 log = logging.getLogger(__name__)
@@ -59,16 +63,89 @@ def wandb_logger(offline: bool | None = None, **kwargs) -> WandbLogger:
     return WandbLogger(offline=offline, **kwargs)
 
 
-def mlflow_logger(tracking_uri: str, **kwargs) -> MLFlowLogger:
-    """An `MLFlowLogger`; a local ``file:`` store works without a tracking server.
+def mlflow_logger(
+    tracking_uri: str,
+    run_dir: str | None = None,
+    run_name: str | None = None,
+    tags: dict | None = None,
+    **kwargs,
+) -> pl_loggers.MLFlowLogger:
+    """An `MLFlowLogger`; a local store works without a tracking server.
 
-    MLflow 3 refuses new file stores unless ``MLFLOW_ALLOW_FILE_STORE`` is set; a local folder
-    is what a user without a server asks for with ``file:``, so it is allowed here. Point
-    ``tracking_uri`` (or env ``MLFLOW_TRACKING_URI``) at a server to use one.
+    ``sqlite:///<path>`` (the default, ``logs/mlflow.db``): the folder is made if need be.
+    ``file:<folder>``: MLflow 3 refuses new file stores unless ``MLFLOW_ALLOW_FILE_STORE`` is
+    set; a local folder is what a user asks for with ``file:``, so it is allowed here (``mlflow
+    ui`` needs the same variable). Point ``tracking_uri`` (or env ``MLFLOW_TRACKING_URI``) at
+    a server to use one.
+
+    The run is named after the run folder ``run_dir`` unless ``run_name`` is given (MLflow's
+    own names come from `random`, which the run's seed makes the same every time), and its
+    tag ``run_dir`` holds the folder's path (checkpoints, metrics.json).
     """
-    if tracking_uri.startswith("file:"):
+    if tracking_uri.startswith("sqlite:///"):
+        Path(tracking_uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    elif tracking_uri.startswith("file:"):
         os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
-    return MLFlowLogger(tracking_uri=tracking_uri, **kwargs)
+    if run_dir is not None:
+        run_name = run_name or Path(run_dir).name
+        tags = {"run_dir": str(Path(run_dir).resolve()), **(tags or {})}
+    return pl_loggers.MLFlowLogger(
+        tracking_uri=tracking_uri, run_name=run_name, tags=tags, **kwargs
+    )
+
+
+class NestedMLFlowLogger(pl_loggers.MLFlowLogger):
+    """A run named ``name`` nested under ``parent``'s run, in its experiment and store (the
+    ``mlflow.parentRunId`` tag: ``mlflow ui`` lists it under the parent run).
+
+    Metrics named ``<name>/...`` are logged without that prefix, so that the nested run's
+    figures stand in the same columns as the parent run's (``popularity/test/auroc`` is
+    ``test/auroc`` of the run ``popularity``).
+    """
+
+    def __init__(self, parent: pl_loggers.MLFlowLogger, name: str):
+        from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+
+        super().__init__(
+            experiment_name=parent._experiment_name,
+            run_name=name,
+            tracking_uri=parent._tracking_uri,
+            tags={MLFLOW_PARENT_RUN_ID: parent.run_id},
+        )
+        self._drop_prefix = f"{name}/"
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        metrics = {k.removeprefix(self._drop_prefix): v for k, v in metrics.items()}
+        super().log_metrics(metrics, step)
+
+
+@contextmanager
+def nested_run(trainer: L.Trainer, module: L.LightningModule, name: str) -> Iterator[None]:
+    """Log what ``trainer`` does with ``module`` in this block as the part ``name`` of the
+    logged run: a part with settings of its own, such as the popularity baseline's test.
+
+    An MLflow run gets a run nested under it (`NestedMLFlowLogger`) that holds the module's
+    hyperparameters and its metrics. The other loggers (CSV, W&B) have one run each: they get
+    the module's metrics (named ``<name>/...`` by the module) in the run itself, and not its
+    hyperparameters, which would overwrite the model's (and which MLflow refuses to change:
+    "Changing param values is not allowed").
+    """
+    loggers = trainer.loggers
+    parts = [
+        NestedMLFlowLogger(lg, name) if isinstance(lg, pl_loggers.MLFlowLogger) else lg
+        for lg in loggers
+    ]
+    for lg in parts:
+        if lg not in loggers:
+            lg.log_hyperparams(module.hparams_initial)
+    # what Lightning logs at the start of every fit and test unless the module was built with
+    # save_hyperparameters(logger=False)
+    module._log_hyperparams = False
+    trainer.loggers = parts
+    try:
+        yield
+    finally:
+        trainer.loggers = loggers
 
 
 class _CSVWriter(ExperimentWriter):

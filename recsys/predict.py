@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 from omegaconf import DictConfig
 
+from recsys.errors import InputError
 from recsys.recommender import Recommender
 
 log = logging.getLogger(__name__)
@@ -28,7 +29,7 @@ def run(cfg: DictConfig) -> dict[str, str | int]:
     elif output.suffix == ".csv":
         frame.to_csv(output, index=False)
     else:
-        raise ValueError(f"output={output} must end in .csv or .parquet")
+        raise InputError(f"output={output} must end in .csv or .parquet")
     log.info(
         "%s\n(%d rows written to %s)", frame.head(50).to_string(index=False), len(frame), output
     )
@@ -38,13 +39,13 @@ def run(cfg: DictConfig) -> dict[str, str | int]:
 def _similar(rec: Recommender, raw_item, k: int) -> pd.DataFrame:
     (code,) = rec.item_codes([raw_item], missing_ok=True)
     if code < 0:
-        raise ValueError(f"similar_to={raw_item!r} is not an item id of {rec.source}")
+        raise InputError(f"similar_to={raw_item!r} is not an item id of {rec.source}")
     return rec.similar_table(int(code), min(k, rec.num_items - 1))
 
 
 def _recommendations(cfg: DictConfig, rec: Recommender) -> pd.DataFrame:
     if cfg.fallback not in (None, "popular"):
-        raise ValueError(f"fallback={cfg.fallback!r} must be null or 'popular'")
+        raise InputError(f"fallback={cfg.fallback!r} must be null or 'popular'")
     if cfg.user_ids is None:
         raw_users = rec.user_index.to_numpy()
         codes = np.arange(len(raw_users))
@@ -52,7 +53,7 @@ def _recommendations(cfg: DictConfig, rec: Recommender) -> pd.DataFrame:
         raw_users = np.array([str(u) for u in cfg.user_ids])
         codes = rec.user_codes(list(cfg.user_ids), missing_ok=True)
         if (codes < 0).any() and cfg.fallback is None:
-            raise ValueError(
+            raise InputError(
                 f"unknown user ids {raw_users[codes < 0].tolist()} (not in {rec.source}); pass ids "
                 "from the dataset, or fallback=popular to give them the most popular items"
             )

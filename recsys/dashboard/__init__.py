@@ -31,6 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from recsys import compare
 from recsys.checkpoint import best_checkpoint, run_dir_from_config, run_folder
+from recsys.errors import InputError
 from recsys.recommender import Recommender
 
 log = logging.getLogger(__name__)
@@ -50,24 +51,24 @@ def settings(cfg: DictConfig) -> DictConfig:
     ckpt, run_dir = cfg.get("ckpt_path"), cfg.get("run_dir")
     runs = [Path(p).resolve() for p in cfg.get("runs") or []]
     if ckpt is None and run_dir is None and not runs:
-        raise ValueError(
+        raise InputError(
             "nothing to show: pass run_dir=<training run folder>, "
             "ckpt_path=<run>/checkpoints/<name>.ckpt or runs=[<run or sweep folders>]"
         )
     if run_dir is not None:
         run_dir = run_dir_from_config(cfg).resolve()
         if not run_dir.is_dir():
-            raise ValueError(f"run_dir={run_dir} is not a folder; pass a training run's folder")
+            raise InputError(f"run_dir={run_dir} is not a folder; pass a training run's folder")
     if ckpt is not None:
         ckpt = Path(ckpt).resolve()
         if not ckpt.exists():
-            raise ValueError(f"ckpt_path={ckpt} does not exist; pass a training checkpoint")
+            raise InputError(f"ckpt_path={ckpt} does not exist; pass a training checkpoint")
         run_dir = run_dir or run_folder(ckpt)
     elif run_dir is not None:
         ckpt = best_checkpoint(run_dir)
     for folder in runs:
         if not folder.is_dir():
-            raise ValueError(f"runs: {folder} is not a folder; pass run or sweep folders")
+            raise InputError(f"runs: {folder} is not a folder; pass run or sweep folders")
     data = cfg.get("data")
     return OmegaConf.create(
         {

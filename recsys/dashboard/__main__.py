@@ -5,9 +5,11 @@ import hydra
 from omegaconf import DictConfig
 
 from recsys.dashboard import run
+from recsys.errors import exit_on_user_error
 
 
 @hydra.main(version_base="1.3", config_path="../../conf", config_name="dashboard")
+@exit_on_user_error
 def main(cfg: DictConfig) -> None:
     run(cfg)
 

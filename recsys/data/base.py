@@ -24,6 +24,7 @@ from recsys.data.protocol import EvaluationProtocol
 from recsys.data.spec import FeatureSpec
 from recsys.data.split import split_indices
 from recsys.data.store import ProcessedDataset, read_meta
+from recsys.errors import InputError, MissingInputError
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,7 @@ FREE_KEYS = frozenset(
 )
 
 
-class DataMismatchError(ValueError):
+class DataMismatchError(InputError):
     """A checkpoint meets data other than the data it was trained on."""
 
 
@@ -121,9 +122,9 @@ class RecDataModule(L.LightningDataModule):
         for key, value in self.hparams.items():
             self.hparams[key] = plain(value)  # Hydra containers: weights_only reads them
         if threshold_op not in (">", ">="):
-            raise ValueError(f"data.threshold_op must be '>' or '>=', got {threshold_op!r}")
+            raise InputError(f"data.threshold_op must be '>' or '>=', got {threshold_op!r}")
         if feedback not in ("explicit", "implicit"):
-            raise ValueError(f"data.feedback must be 'explicit' or 'implicit', got {feedback!r}")
+            raise InputError(f"data.feedback must be 'explicit' or 'implicit', got {feedback!r}")
         self.feedback = feedback
         self.num_negatives = num_negatives
         self.drop_cold_start = drop_cold_start
@@ -193,7 +194,7 @@ class RecDataModule(L.LightningDataModule):
 
     def download(self) -> None:
         """Fetch the raw files into `raw_dir`; datasets that cannot be fetched say how to."""
-        raise FileNotFoundError(self._missing_message())
+        raise MissingInputError(self._missing_message())
 
     def settings(self) -> dict:
         """Everything preprocessing depends on: a change rebuilds the processed folder."""
@@ -315,7 +316,7 @@ class RecDataModule(L.LightningDataModule):
                         f"{self.cache_dir} either: point paths.cache_dir at the folder that "
                         "holds it."
                     )
-                raise FileNotFoundError(message)
+                raise MissingInputError(message)
         if self._pinned is not None:
             built = cache_key(self.source, self.settings())
             if built != self._pinned:
@@ -535,13 +536,13 @@ def from_checkpoint(
         (v for v in checkpoint.values() if isinstance(v, Mapping) and "data_class" in v), None
     )
     if hparams is None or state is None:
-        raise ValueError(
+        raise InputError(
             "the checkpoint holds no data module (datamodule_hyper_parameters and its "
             "state): it was written by an older recsys or not by train.py; train it again"
         )
     cls = get_class(state["data_class"])
     if not (isinstance(cls, type) and issubclass(cls, RecDataModule)):
-        raise ValueError(f"data_class {state['data_class']} is not a RecDataModule")
+        raise InputError(f"data_class {state['data_class']} is not a RecDataModule")
     dm = cls(**_merge(hparams, overrides or {}))
     changes = dm.settings_changes(state)
     if allow_new_data:

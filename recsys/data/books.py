@@ -26,6 +26,7 @@ from recsys.data.preprocess import (
     year_text,
 )
 from recsys.data.spec import DenseFeature, SparseFeature
+from recsys.errors import InputError, MissingInputError
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +99,7 @@ class BookCrossingDataModule(RecDataModule):
         **kwargs,
     ):
         if layout not in ("auto", *LAYOUTS):
-            raise ValueError(f"data.layout={layout!r} is not one of {['auto', *LAYOUTS]}")
+            raise InputError(f"data.layout={layout!r} is not one of {['auto', *LAYOUTS]}")
         super().__init__(**kwargs)
         self.layout = layout
         self.min_count = min_count
@@ -144,7 +145,7 @@ class BookCrossingDataModule(RecDataModule):
         layouts = "; or ".join(
             f"the {name} layout: {', '.join(files.values())}" for name, files in LAYOUTS.items()
         )
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"{self.source}: raw files not found in {self.raw_dir} (missing: "
             f"{', '.join(self.missing_files())}). Book-Crossing has no official download "
             f"URL: put {layouts} there, or point paths.data_dir (env RECSYS_DATA_DIR) at the "
@@ -163,7 +164,7 @@ class BookCrossingDataModule(RecDataModule):
                 ratings, self.min_user_interactions, self.min_item_interactions, report
             )
         if ratings.empty:
-            raise ValueError(
+            raise InputError(
                 f"{self.source}: no interactions left after cleaning; relax data.feedback or "
                 f"the k-core filter (data.min_user_interactions, data.min_item_interactions)."
                 f"\n{report.summary()}"

@@ -22,6 +22,7 @@ from recsys.data.preprocess import (
     standardize,
 )
 from recsys.data.spec import DenseFeature, SparseFeature
+from recsys.errors import InputError, MissingInputError
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +89,7 @@ class CSVDataModule(RecDataModule):
         self.columns = plain(columns or {})
         unknown = set(self.columns) - set(ROLES)
         if unknown:
-            raise ValueError(f"data.columns: unknown roles {sorted(unknown)}; use {ROLES}")
+            raise InputError(f"data.columns: unknown roles {sorted(unknown)}; use {ROLES}")
         self.features = {
             "user": _check_features(plain(user_features or {}), "user_features"),
             "item": _check_features(plain(item_features or {}), "item_features"),
@@ -116,7 +117,7 @@ class CSVDataModule(RecDataModule):
         }
 
     def download(self) -> None:
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"{self.source}: {self.path} does not exist; set data.path to an interaction file "
             f"(a header line, then one row per interaction)"
         )
@@ -173,14 +174,14 @@ class CSVDataModule(RecDataModule):
                 na_values=[""],
             )
         except pd.errors.EmptyDataError as e:
-            raise ValueError(f"{self.path}: the file is empty (expected a header line)") from e
+            raise InputError(f"{self.path}: the file is empty (expected a header line)") from e
         except (pd.errors.ParserError, UnicodeDecodeError) as e:
-            raise ValueError(
+            raise InputError(
                 f"{self.path}: cannot be read with sep={self.sep!r}, "
                 f"encoding={self.encoding!r}: {e}"
             ) from e
         if df.empty:
-            raise ValueError(f"{self.path}: no interaction rows, only the header {list(df)}")
+            raise InputError(f"{self.path}: no interaction rows, only the header {list(df)}")
         return df
 
     def _resolve_columns(self, present: list[str]) -> dict[str, str | None]:
@@ -191,7 +192,7 @@ class CSVDataModule(RecDataModule):
             name = self.columns.get(role)
             if name:
                 if name not in present:
-                    raise ValueError(
+                    raise InputError(
                         f"{self.path}: data.columns.{role}={name!r} is not a column; the "
                         f"columns are {present}"
                     )
@@ -199,7 +200,7 @@ class CSVDataModule(RecDataModule):
                 continue
             found = [c for c in present if _key(c) in ALIASES[role] and c not in taken]
             if len(found) > 1:
-                raise ValueError(
+                raise InputError(
                     f"{self.path}: columns {found} could each be the {role} column; name one "
                     f"with data.columns.{role}=..."
                 )
@@ -207,12 +208,12 @@ class CSVDataModule(RecDataModule):
             taken.update(found)
         for role in ("user", "item"):
             if cols[role] is None:
-                raise ValueError(
+                raise InputError(
                     f"{self.path}: no {role} column among {present}: name it "
                     f"{ALIASES[role][0]!r}, {role}_id, ... or set data.columns.{role}=..."
                 )
         if cols["label"] is None and cols["rating"] is None and self.feedback == "explicit":
-            raise ValueError(
+            raise InputError(
                 f"{self.path}: no label or rating column among {present}, which "
                 f"data.feedback=explicit needs: name a 0/1 column 'label' or 'target', a rating "
                 f"column 'rating', or set data.columns.label=... or data.columns.rating=...; "
@@ -221,7 +222,7 @@ class CSVDataModule(RecDataModule):
         for entity, feats in self.features.items():
             for col in _feature_columns(feats):
                 if col not in present:
-                    raise ValueError(
+                    raise InputError(
                         f"{self.path}: {entity}_features column {col!r} is not a column; the "
                         f"columns are {present}"
                     )
@@ -231,7 +232,7 @@ class CSVDataModule(RecDataModule):
         for col in columns:
             missing = df[col].isna() | (df[col].str.strip() == "")
             if missing.any():
-                raise ValueError(
+                raise InputError(
                     f"{self.path}: column {col!r} has no value at {_line_numbers(missing)}"
                 )
 
@@ -257,7 +258,7 @@ class CSVDataModule(RecDataModule):
 
     def _fail_where(self, bad: pd.Series, df: pd.DataFrame, col: str, what: str) -> None:
         if bad.any():
-            raise ValueError(f"{self.path}: column {col!r} {what}, but {_lines(df, bad, col)}")
+            raise InputError(f"{self.path}: column {col!r} {what}, but {_lines(df, bad, col)}")
 
     # --- side features --------------------------------------------------------------------
     def _side_table(self, df, ids, entity, report, vocab, sparse, dense) -> pd.DataFrame | None:
@@ -279,7 +280,7 @@ class CSVDataModule(RecDataModule):
         reserved = {"user_id", "item_id", "title", *vocab, *(d.name for d in dense)}
         for col in columns:
             if col in reserved:
-                raise ValueError(
+                raise InputError(
                     f"{self.path}: feature name {col!r} is used twice or reserved; features "
                     f"are named by their column, so give each its own column"
                 )
@@ -310,9 +311,9 @@ def _key(name: str) -> str:
 def _check_features(feats: dict, name: str) -> dict:
     unknown = set(feats) - set(FEATURE_KINDS)
     if unknown:
-        raise ValueError(f"data.{name}: unknown kinds {sorted(unknown)}; use {FEATURE_KINDS}")
+        raise InputError(f"data.{name}: unknown kinds {sorted(unknown)}; use {FEATURE_KINDS}")
     if not isinstance(feats.get("multi_hot") or {}, dict):
-        raise ValueError(
+        raise InputError(
             f"data.{name}.multi_hot must map column -> separator, e.g. {{genres: '|'}}"
         )
     return {k: v for k, v in feats.items() if v}

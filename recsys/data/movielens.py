@@ -24,6 +24,7 @@ from recsys.data.preprocess import (
     year_text,
 )
 from recsys.data.spec import DenseFeature, SparseFeature
+from recsys.errors import InputError, MissingInputError
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +65,7 @@ class MovieLensDataModule(RecDataModule):
 
     def __init__(self, variant: str = "100k", download: bool = True, zip_prefix: int = 3, **kwargs):
         if variant not in FILES:
-            raise ValueError(f"data.variant={variant!r} is not one of {list(FILES)}")
+            raise InputError(f"data.variant={variant!r} is not one of {list(FILES)}")
         super().__init__(**kwargs)
         self.variant = variant
         self.allow_download = download
@@ -86,12 +87,12 @@ class MovieLensDataModule(RecDataModule):
 
     def download(self) -> None:
         if not self.allow_download:
-            raise FileNotFoundError(self._missing_message() + " (data.download=false)")
+            raise MissingInputError(self._missing_message() + " (data.download=false)")
         url = f"{GROUPLENS}/{self.source}.zip"
         try:
             download_and_extract(url, ARCHIVE_MD5[self.variant], self.data_dir)
         except OSError as e:
-            raise FileNotFoundError(
+            raise MissingInputError(
                 f"{self._missing_message()} Downloading {url} failed: {e}"
             ) from e
 

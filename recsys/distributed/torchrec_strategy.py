@@ -36,6 +36,7 @@ from torchrec.distributed.types import ShardingEnv, ShardingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 
+from recsys.errors import InputError
 from recsys.models.dlrm import tables_on
 
 log = logging.getLogger(__name__)
@@ -90,7 +91,7 @@ def load_shards(state: dict, folder: str | Path) -> None:
         raise
 
 
-class RefusedCheckpoint(ValueError):
+class RefusedCheckpoint(InputError):
     """A checkpoint file holds something other than tensors and plain containers: loading it
     could run code, so it is not loaded."""
 

@@ -50,6 +50,7 @@ from omegaconf import DictConfig, OmegaConf
 from pydantic import BaseModel, Field
 
 from recsys.checkpoint import checkpoint_from_config
+from recsys.errors import InputError
 from recsys.recommender import Recommender, UnknownIdError
 
 log = logging.getLogger(__name__)
@@ -235,7 +236,7 @@ def run(cfg: DictConfig) -> None:
     s = cfg.serve
     cfg.ckpt_path = checkpoint_from_config(cfg)
     if s.workers < 1:
-        raise ValueError(f"serve.workers={s.workers} must be at least 1")
+        raise InputError(f"serve.workers={s.workers} must be at least 1")
     workers_text = f"{s.workers} worker{'s' if s.workers > 1 else ''}"
     log.info("loading %s (%s)", cfg.ckpt_path, workers_text)
 

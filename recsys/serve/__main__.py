@@ -3,10 +3,12 @@
 import hydra
 from omegaconf import DictConfig
 
+from recsys.errors import exit_on_user_error
 from recsys.serve import run
 
 
 @hydra.main(version_base="1.3", config_path="../../conf", config_name="serve")
+@exit_on_user_error
 def main(cfg: DictConfig) -> None:
     run(cfg)
 
