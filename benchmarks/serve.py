@@ -65,18 +65,16 @@ def start_server(ckpt: Path, port: int, args: Options, folder: Path) -> subproce
     cmd = [sys.executable, "-m", "recsys.serve", f"ckpt_path={ckpt}", f"serve.port={port}"]
     cmd += [f"serve.workers={args.workers}", f"hydra.run.dir={folder}"]
     server = subprocess.Popen(cmd, cwd=ROOT, start_new_session=True)
+    log = folder / "serve.log"  # Hydra's job log: "ready: ..." once every worker accepts
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         if server.poll() is not None:
             raise RuntimeError(f"the server exited with {server.returncode}: {' '.join(cmd)}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                return server
-        except httpx.TransportError:
-            pass
+        if log.is_file() and "ready: serving" in log.read_text():
+            return server
         time.sleep(0.5)
     server.kill()
-    raise RuntimeError("the server did not answer /health within 300 s")
+    raise RuntimeError(f"the server did not log 'ready: serving' in {log} within 300 s")
 
 
 def peak_rss_mb(pid: int) -> float:
