@@ -5,6 +5,7 @@ import logging
 import hydra
 from omegaconf import DictConfig
 
+from recsys.console import load_task
 from recsys.errors import exit_on_user_error  # importing recsys registers conf/'s resolvers
 
 log = logging.getLogger(__name__)
@@ -13,10 +14,9 @@ log = logging.getLogger(__name__)
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 @exit_on_user_error
 def main(cfg: DictConfig) -> float | None:
-    # Lightning and torch load once Hydra has parsed the command line: --help answers at once
-    from recsys.train import run
-
-    metrics = run(cfg)
+    # torch, Lightning and TorchRec load once Hydra has parsed the command line: --help
+    # answers at once
+    metrics = load_task("train")(cfg)
     # what a Hydra sweeper optimises: the figure at the best checkpoint
     name = cfg.get("optimized_metric")
     if not name:

@@ -3,12 +3,15 @@ as one table under a line that says what was run."""
 
 from __future__ import annotations
 
+import importlib
 import logging
 import warnings
+from collections.abc import Callable
 from numbers import Number
+from typing import TYPE_CHECKING
 
-import lightning as L
-from lightning.pytorch.callbacks import EarlyStopping
+if TYPE_CHECKING:
+    import lightning as L
 
 log = logging.getLogger(__name__)
 
@@ -23,6 +26,19 @@ QUIET_LOGGERS = {
 
 # counts among the metrics, printed as integers
 COUNT_SUFFIXES = ("_rows", "_epoch", "_step")
+
+
+def load_task(name: str) -> Callable:
+    """``recsys.<name>.run``, imported with the root logger at WARNING: the entry points import
+    their task (torch, Lightning, TorchRec) once Hydra has parsed the command line and set up
+    logging, and fbgemm_gpu logs every library it loads at INFO on the root logger."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.WARNING)
+    try:
+        return importlib.import_module(f"recsys.{name}").run
+    finally:
+        root.setLevel(level)
 
 
 def quiet_libraries() -> None:
@@ -59,6 +75,8 @@ def stop_reason(trainer: L.Trainer) -> str | None:
     whose trainer state this one does not have."""
     if getattr(trainer.strategy, "_start_method", None) in ("spawn", "forkserver"):
         return None
+    from lightning.pytorch.callbacks import EarlyStopping
+
     if trainer.interrupted:
         return "interrupted"
     stopper = next((c for c in trainer.callbacks if isinstance(c, EarlyStopping)), None)

@@ -25,6 +25,7 @@ NOISE = (
     "Test metric",  # Lightning's per-call test tables: the results are printed once, by us
     "FLOPs",
     "val_metrics",  # the metric modules in the model summary
+    "Successfully loaded",  # fbgemm_gpu's libraries, on the root logger
 )
 
 
