@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 from omegaconf import DictConfig
 
+from recsys.console import quiet_libraries
 from recsys.errors import InputError
 from recsys.recommender import Recommender
 
@@ -17,6 +18,7 @@ log = logging.getLogger(__name__)
 
 def run(cfg: DictConfig) -> dict[str, str | int]:
     """Write and print recommendations (or similar items); returns the output path and rows."""
+    quiet_libraries()
     rec = Recommender.from_config(cfg)  # a sharded checkpoint's tables are gathered whole
     if cfg.similar_to is not None:
         frame = _similar(rec, cfg.similar_to, cfg.k)

@@ -50,6 +50,7 @@ from omegaconf import DictConfig, OmegaConf
 from pydantic import BaseModel, Field
 
 from recsys.checkpoint import checkpoint_from_config
+from recsys.console import quiet_libraries
 from recsys.errors import InputError
 from recsys.recommender import Recommender, UnknownIdError
 
@@ -234,6 +235,7 @@ def run(cfg: DictConfig) -> None:
     own copy of the model, on one port. Logs ``ready: serving ...`` once every worker
     accepts connections."""
     s = cfg.serve
+    quiet_libraries()
     cfg.ckpt_path = checkpoint_from_config(cfg)
     if s.workers < 1:
         raise InputError(f"serve.workers={s.workers} must be at least 1")
