@@ -17,6 +17,7 @@ from recsys import bench
 from recsys.data import SyntheticDataModule
 from recsys.data.negatives import PositiveSet
 from recsys.data.preprocess import latest_of_pairs
+from recsys.data.spec import FeatureSpec
 from recsys.data.split import split_indices
 from recsys.data.store import Interactions, read_interactions
 
@@ -60,7 +61,8 @@ def test_read_interactions_round_trip_across_batches(tmp_path):
     )
     path = tmp_path / "interactions.parquet"
     frame.to_parquet(path, index=False, row_group_size=300)
-    inter = read_interactions(path, batch_rows=128)  # batches that straddle the row groups
+    spec = FeatureSpec.of_ids(50, 70)
+    inter = read_interactions(path, spec, batch_rows=128)  # batches that straddle row groups
     tensors = [inter.users, inter.items, inter.labels, inter.ratings, inter.timestamps]
     for name, tensor in zip(frame.columns, tensors, strict=True):
         np.testing.assert_array_equal(tensor.numpy(), frame[name].to_numpy(), err_msg=name)

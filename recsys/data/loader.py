@@ -130,10 +130,7 @@ class InteractionBatches(Dataset):
         return len(self.inter)
 
     def __getitem__(self, index: BatchIndex) -> Batch:
-        rows = index.rows
-        return self.features.make_batch(
-            self.inter.users[rows], self.inter.items[rows], self.inter.labels[rows]
-        )
+        return self.inter.take(index.rows).batch(self.features)
 
 
 class BatchLoader(DataLoader):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable
-from dataclasses import astuple
 from pathlib import Path
 
 import numpy as np
@@ -188,7 +187,7 @@ class EvaluationProtocol:
         self._check_setup()
         inter, rows = self.data.interactions, self.rows[split]
         if self.feedback == "explicit":
-            return Interactions(*(t[rows] for t in astuple(inter)))
+            return inter.take(rows)
         if split not in self._eval_pairs:
             users, items = inter.users[rows], inter.items[rows]
             g = torch.Generator().manual_seed(self.seed + (1 if split == "val" else 2))

@@ -53,65 +53,147 @@ class _Table:
     values: torch.Tensor | None = None
 
 
-class FeatureStore:
-    """User and item side features as tensors; builds a `Batch` for any (user, item) pairs.
+@dataclass
+class RowFeatures:
+    """The row features of a set of interaction rows, row i for row i: what `make_batch`
+    takes beside the ids.
 
-    This is the only place batches are made, for training, evaluation, ranking and
-    prediction alike: ids index the feature tables (torch gathers), the results are
-    concatenated key-major into one `KeyedJaggedTensor`.
+    Attributes:
+        codes: name -> int codes [N] of each single-valued row feature.
+        lists: name -> (offsets [N + 1], codes [nnz]) of each multi-hot row feature.
+        dense: float [N, Dr] (Dr may be 0).
     """
 
-    def __init__(self, spec: FeatureSpec, users: pa.Table, items: pa.Table):
+    codes: dict[str, torch.Tensor]
+    lists: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    dense: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.dense.shape[0]
+
+    def take(self, rows: torch.Tensor) -> RowFeatures:
+        """The features of ``rows`` (indices into these), in that order."""
+        lists = {}
+        for name, (offsets, values) in self.lists.items():
+            lengths, taken = ragged_gather(offsets, values, rows)
+            lists[name] = (torch.cat([lengths.new_zeros(1), torch.cumsum(lengths, 0)]), taken)
+        return RowFeatures(
+            codes={name: c[rows] for name, c in self.codes.items()},
+            lists=lists,
+            dense=self.dense[rows],
+        )
+
+    @classmethod
+    def concat(cls, parts: list[RowFeatures]) -> RowFeatures:
+        lists = {}
+        for name in parts[0].lists:
+            offsets = [parts[0].lists[name][0]]
+            for p in parts[1:]:
+                offsets.append(p.lists[name][0][1:] + offsets[-1][-1])
+            values = torch.cat([p.lists[name][1] for p in parts])
+            lists[name] = (torch.cat(offsets), values)
+        return cls(
+            codes={n: torch.cat([p.codes[n] for p in parts]) for n in parts[0].codes},
+            lists=lists,
+            dense=torch.cat([p.dense for p in parts]),
+        )
+
+    @classmethod
+    def from_arrow(cls, spec: FeatureSpec, table: pa.Table) -> RowFeatures:
+        """The row feature columns of ``table`` (one row per interaction), by ``spec``."""
+        codes, lists = {}, {}
+        for f in spec.row_features():
+            col = table.column(f.name).combine_chunks()
+            if f.multi_hot:
+                offsets, values = _list_arrays(col)
+                lists[f.name] = (torch.from_numpy(offsets), torch.from_numpy(values))
+            else:
+                codes[f.name] = torch.from_numpy(col.to_numpy(zero_copy_only=False))
+        return cls(codes, lists, _dense_matrix(table, spec.dense_of("row"), table.num_rows))
+
+
+def _list_arrays(col: pa.ListArray) -> tuple[np.ndarray, np.ndarray]:
+    """(offsets from 0 [N + 1], values [nnz]) int64 of a list column."""
+    offsets = np.array(col.offsets, dtype=np.int64)
+    values = np.array(pc.list_flatten(col), dtype=np.int64)
+    return offsets - offsets[0], values
+
+
+def _dense_matrix(table: pa.Table, dense: tuple, rows: int) -> torch.Tensor:
+    """float32 [rows, len(dense)] of the named columns of ``table``."""
+    if not dense:
+        return torch.zeros(rows, 0)
+    columns = [np.asarray(table.column(d.name).to_numpy(), np.float32) for d in dense]
+    return torch.from_numpy(np.stack(columns, axis=1))
+
+
+class FeatureStore:
+    """User and item side features as tensors; builds a `Batch` for any (user, item) pairs
+    and the features of their rows.
+
+    This is the only place batches are made, for training, evaluation, ranking and
+    prediction alike: ids index the feature tables (torch gathers), row features come with
+    the rows, and the results are concatenated key-major into one `KeyedJaggedTensor`.
+    """
+
+    def __init__(self, spec: FeatureSpec, users: pa.Table | None, items: pa.Table | None):
         self.spec = spec
+        self._needs_row = bool(spec.row_features() or spec.dense_of("row"))
         tables = {"user": users, "item": items}
         self._tables: dict[str, _Table] = {}
         for f in spec.sparse:
-            if f.name in ("user_id", "item_id"):
+            if f.name in ("user_id", "item_id") or f.entity == "row":
                 self._tables[f.name] = _Table(f.entity)
                 continue
             col = tables[f.entity].column(f.name).combine_chunks()
             if f.multi_hot:
-                offsets = np.array(col.offsets, dtype=np.int64)
-                values = np.array(pc.list_flatten(col), dtype=np.int64)
-                base = offsets[0]
+                offsets, values = _list_arrays(col)
                 self._tables[f.name] = _Table(
-                    f.entity,
-                    offsets=torch.from_numpy(offsets - base),
-                    values=torch.from_numpy(values),
+                    f.entity, offsets=torch.from_numpy(offsets), values=torch.from_numpy(values)
                 )
             else:
                 codes = torch.from_numpy(np.array(col, dtype=np.int64))
                 self._tables[f.name] = _Table(f.entity, codes=codes)
         self._dense = {
-            ent: torch.from_numpy(
-                np.stack(
-                    [
-                        np.array(tables[ent].column(d.name), np.float32)
-                        for d in spec.dense
-                        if d.entity == ent
-                    ],
-                    axis=1,
-                )
-            )
-            if any(d.entity == ent for d in spec.dense)
-            else None
+            ent: _dense_matrix(tables[ent], spec.dense_of(ent), 0) if spec.dense_of(ent) else None
             for ent in ("user", "item")
         }
 
     def make_batch(
-        self, users: torch.Tensor, items: torch.Tensor, labels: torch.Tensor | None = None
+        self,
+        users: torch.Tensor | None,
+        items: torch.Tensor | None,
+        labels: torch.Tensor | None = None,
+        row: RowFeatures | None = None,
     ) -> Batch:
-        """Batch for the pairs (users[b], items[b]); labels default to zeros.
+        """Batch for the pairs (users[b], items[b]) with the features of their rows; labels
+        default to zeros.
 
         Args:
-            users: int64 user codes [B].
-            items: int64 item codes [B].
+            users: int64 user codes [B] (None: data without ids).
+            items: int64 item codes [B] (None: data without ids).
             labels: float [B] or None.
+            row: the rows' features [B] (data with row features only).
         """
+        if row is None and self._needs_row:
+            raise ValueError(
+                "this data has row features: a batch needs the features of its rows (pairs "
+                "without an observed row, such as sampled negatives, have none)"
+            )
+        size = len(users) if users is not None else len(row)
         ids = {"user": users, "item": items}
         lengths, values = [], []
-        ones = torch.ones_like(users)
-        for t in self._tables.values():
+        ones = torch.ones(size, dtype=torch.long)
+        for name, t in self._tables.items():
+            if t.entity == "row":
+                if name in row.codes:
+                    lengths.append(ones)
+                    values.append(row.codes[name].long())
+                else:
+                    offsets, vals = row.lists[name]
+                    lengths.append(offsets[1:] - offsets[:-1])
+                    values.append(vals)
+                continue
             rows = ids[t.entity]
             if t.codes is None and t.offsets is None:
                 lengths.append(ones)
@@ -127,24 +209,44 @@ class FeatureStore:
             keys=list(self._tables), values=torch.cat(values), lengths=torch.cat(lengths)
         )
         dense = [self._dense[e][ids[e]] for e in ("user", "item") if self._dense[e] is not None]
-        dense = torch.cat(dense, dim=1) if dense else torch.zeros(len(users), 0)
+        if row is not None and row.dense.shape[1]:
+            dense.append(row.dense)
+        dense = torch.cat(dense, dim=1) if dense else torch.zeros(size, 0)
         if labels is None:
-            labels = torch.zeros(len(users))
+            labels = torch.zeros(size)
         return Batch(dense_features=dense, sparse_features=kjt, labels=labels.float())
 
 
 @dataclass
 class Interactions:
-    """The interaction rows as tensors: codes, 0/1 labels, ratings and timestamps."""
+    """The interaction rows as tensors: codes, 0/1 labels, ratings, timestamps and the rows'
+    own features. Data without ids (click logs) has no ``users`` and ``items``; rows without
+    ratings or timestamps hold NaN and -1."""
 
-    users: torch.Tensor
-    items: torch.Tensor
+    users: torch.Tensor | None
+    items: torch.Tensor | None
     labels: torch.Tensor
     ratings: torch.Tensor
     timestamps: torch.Tensor
+    row: RowFeatures | None = None
 
     def __len__(self) -> int:
-        return self.users.shape[0]
+        return self.labels.shape[0]
+
+    def take(self, rows: torch.Tensor) -> Interactions:
+        """The interactions ``rows``, in that order."""
+        return Interactions(
+            users=None if self.users is None else self.users[rows],
+            items=None if self.items is None else self.items[rows],
+            labels=self.labels[rows],
+            ratings=self.ratings[rows],
+            timestamps=self.timestamps[rows],
+            row=None if self.row is None else self.row.take(rows),
+        )
+
+    def batch(self, features: FeatureStore) -> Batch:
+        """These rows as one `Batch`."""
+        return features.make_batch(self.users, self.items, self.labels, self.row)
 
 
 @dataclass
@@ -165,7 +267,9 @@ class ProcessedDataset:
     def load(cls, folder: Path) -> ProcessedDataset:
         meta = read_meta(folder)
         spec = FeatureSpec.from_dict(meta["spec"])
-        interactions = read_interactions(folder / "interactions.parquet")
+        interactions = read_interactions(folder / "interactions.parquet", spec)
+        if not spec.has_ids:
+            return cls(meta, spec, interactions, FeatureStore(spec, None, None), *_NO_IDS)
         users = pq.read_table(folder / "users.parquet")
         items = pq.read_table(folder / "items.parquet")
         shown = [c for c in items.column_names if c == "title" or c.startswith(INFO)]
@@ -182,6 +286,9 @@ class ProcessedDataset:
         )
 
 
+# what a dataset without user and item ids has of them
+_NO_IDS = (np.array([], dtype=object), np.array([], dtype=object), pd.DataFrame({"item_id": []}))
+
 # the in-memory dtype of each interaction column, in `Interactions` order; codes are int64
 # (the file's are int32) because pair keys user * num_items + item (`PositiveSet`) need it
 INTERACTION_DTYPES = {
@@ -191,19 +298,63 @@ INTERACTION_DTYPES = {
     "rating": np.float32,
     "timestamp": np.int64,
 }
+# what a file without the column holds in each row
+MISSING = {"rating": float("nan"), "timestamp": -1}
 
 
-def read_interactions(path: Path, batch_rows: int = 1 << 16) -> Interactions:
+def read_interactions(path: Path, spec: FeatureSpec, batch_rows: int = 1 << 16) -> Interactions:
     """The interactions file as tensors, filled a record batch at a time.
 
     The arrays are allocated once at their final size and dtype and Arrow decodes one batch
     of ``batch_rows`` rows at a time (one thread), so loading takes the tensors' memory and
     little more; a whole Arrow table beside them, and the copy that converts it, would take
     as much again. Arrow's memory pool gives its cached memory back to the system after.
+    Single-valued row features load as int32 codes, dense ones as float32; a file without
+    ratings or timestamps (click logs) gets a constant column that takes no memory.
     """
-    arrays = _read_columns(path, INTERACTION_DTYPES, batch_rows)
+    present = set(pq.read_schema(path).names)
+    dtypes = {name: dtype for name, dtype in INTERACTION_DTYPES.items() if name in present}
+    codes = [f.name for f in spec.row_features() if not f.multi_hot]
+    dtypes.update({name: np.int32 for name in codes})
+    dtypes.update({d.name: np.float32 for d in spec.dense_of("row")})
+    arrays = _read_columns(path, dtypes, batch_rows)
+    n = len(arrays["label"])
+    columns = {}
+    for name, dtype in INTERACTION_DTYPES.items():
+        if name in arrays:
+            columns[name] = torch.from_numpy(arrays[name])
+        elif name in MISSING:
+            columns[name] = torch.full((1,), MISSING[name], dtype=_TORCH[dtype]).expand(n)
+        else:
+            columns[name] = None
+    row = None
+    if spec.row_features() or spec.dense_of("row"):
+        lists = [f.name for f in spec.row_features() if f.multi_hot]
+        table = pq.read_table(path, columns=lists) if lists else pa.table({})
+        listed = RowFeatures.from_arrow(_only(spec, lists), table) if lists else None
+        dense = [arrays[d.name] for d in spec.dense_of("row")]
+        row = RowFeatures(
+            codes={name: torch.from_numpy(arrays[name]) for name in codes},
+            lists=listed.lists if listed else {},
+            dense=torch.from_numpy(np.stack(dense, axis=1)) if dense else torch.zeros(n, 0),
+        )
     pa.default_memory_pool().release_unused()
-    return Interactions(*(torch.from_numpy(arrays[name]) for name in INTERACTION_DTYPES))
+    return Interactions(**{_FIELDS[k]: v for k, v in columns.items()}, row=row)
+
+
+_TORCH = {np.float32: torch.float32, np.int64: torch.int64}
+_FIELDS = {
+    "user": "users",
+    "item": "items",
+    "label": "labels",
+    "rating": "ratings",
+    "timestamp": "timestamps",
+}
+
+
+def _only(spec: FeatureSpec, names: list[str]) -> FeatureSpec:
+    """``spec`` with just the sparse row features ``names`` (and no dense ones)."""
+    return FeatureSpec(0, 0, sparse=tuple(f for f in spec.sparse if f.name in names))
 
 
 def _read_columns(path: Path, dtypes: dict, batch_rows: int) -> dict[str, np.ndarray]:
