@@ -3,33 +3,10 @@
 from __future__ import annotations
 
 import lightning as L
-import torch
 
 from recsys.data.base import RecDataModule
 from recsys.lit.module import RecommenderModule
 from recsys.loggers import nested_run
-
-
-def item_label_counts(dm: RecDataModule) -> tuple[torch.Tensor, torch.Tensor]:
-    """Positive and negative training examples per item, each float [num_items]: what the
-    popularity baseline is calibrated on.
-
-    Explicit feedback: the training rows' labels. Implicit feedback: every training row is a
-    positive, and the negatives are what training draws (``num_negatives`` per positive among
-    the user's non-training items), drawn once with ``seed`` so every process gets the same.
-    """
-    inter, rows, num_items = dm.data.interactions, dm.rows["train"], dm.spec.num_items
-    items = inter.items[rows]
-    if dm.feedback == "explicit":
-        labels = inter.labels[rows].double()
-        positives = torch.bincount(items, weights=labels, minlength=num_items)
-        negatives = torch.bincount(items, minlength=num_items) - positives
-        return positives.float(), negatives.float()
-    g = torch.Generator().manual_seed(dm.seed)
-    sampled = dm.train_positives.sample(inter.users[rows], dm.num_negatives, generator=g)
-    positives = torch.bincount(items, minlength=num_items)
-    negatives = torch.bincount(sampled.flatten(), minlength=num_items)
-    return positives.float(), negatives.float()
 
 
 def popularity_module(dm: RecDataModule, like: RecommenderModule) -> RecommenderModule:
@@ -47,7 +24,7 @@ def popularity_module(dm: RecDataModule, like: RecommenderModule) -> Recommender
     )
     statistics = dm.protocol.item_statistics()
     module.set_item_statistics(**statistics)
-    module.net.fit(statistics["popularity"], *item_label_counts(dm))
+    module.net.fit(statistics["popularity"], *dm.item_label_counts())
     module.metric_prefix = "popularity/"
     return module
 

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import shutil
+import tempfile
 from collections.abc import Mapping
 from functools import partial
 from pathlib import Path
@@ -12,18 +15,29 @@ from typing import Any
 
 import lightning as L
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 from hydra.utils import get_class
 from torch.utils.data import DataLoader
 
 from recsys.config import plain
 from recsys.data.loader import BatchLoader, InteractionBatches, batch_sampler
-from recsys.data.negatives import NegativeSamplingBatches, PositiveSet
+from recsys.data.negatives import NegativeSamplingBatches, PositiveSet, negative_batch
 from recsys.data.preprocess import META_FILE, ProcessedData, cache_key, file_digest
 from recsys.data.protocol import EvaluationProtocol
 from recsys.data.spec import FeatureSpec
-from recsys.data.split import split_indices
+from recsys.data.split import source_split, split_indices
 from recsys.data.store import ProcessedDataset, read_meta
+from recsys.data.stream import (
+    SHARDS_FILE,
+    SPLITS,
+    ShardWriter,
+    StreamBatches,
+    StreamLoader,
+    read_manifest,
+    write_manifest,
+)
 from recsys.errors import InputError, MissingInputError
 
 log = logging.getLogger(__name__)
@@ -48,6 +62,12 @@ FREE_KEYS = frozenset(
         "ranking",
         "ranking_negatives",
         "drop_cold_start",
+        # streaming reads the same rows from shards
+        "streaming",
+        "block_rows",
+        "window_blocks",
+        "shards_url",
+        "stream_cache_size",
     }
 )
 
@@ -94,6 +114,13 @@ class RecDataModule(L.LightningDataModule):
             rows are counted either way (``test/cold_user_rows``, ``test/cold_item_rows``).
         num_workers, pin_memory: DataLoader options.
         rebuild: preprocess again even if the processed folder exists.
+        streaming: read the split rows from litdata shards (`recsys.data.stream`) instead
+            of memory: ``prepare_data`` writes them in blocks of ``block_rows`` rows into the
+            processed folder; training reads ``window_blocks`` blocks at a time, shuffled.
+        shards_url: where the shards are read from, if not from the processed folder: a
+            folder or an object-store URL (``s3://...``, ``gs://...``) holding a copy of
+            the processed folder's ``shards-*`` folder; read through a local cache in
+            ``<cache_dir>/stream`` of at most ``stream_cache_size``.
     """
 
     def __init__(
@@ -114,6 +141,11 @@ class RecDataModule(L.LightningDataModule):
         num_workers: int = 0,
         pin_memory: bool = False,
         rebuild: bool = False,
+        streaming: bool = False,
+        block_rows: int = 65536,
+        window_blocks: int = 8,
+        shards_url: str | None = None,
+        stream_cache_size: str = "25GB",
     ):
         super().__init__()
         # the init arguments of the subclass too; in checkpoints as datamodule_hyper_parameters
@@ -141,6 +173,18 @@ class RecDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.pin_memory = pin_memory
         self.rebuild = rebuild
+        self.streaming = streaming
+        self.block_rows = block_rows
+        self.window_blocks = window_blocks
+        self.shards_url = shards_url
+        self.stream_cache_size = stream_cache_size
+        if streaming and num_workers:
+            raise InputError(
+                f"data.streaming=true reads shards in the loader's own process (litdata reads "
+                f"ahead in threads): set data.num_workers=0 (got {num_workers})"
+            )
+        # the shards' manifest (`recsys.data.stream.read_manifest`) once set up to stream
+        self.manifest: dict | None = None
         self.data: ProcessedDataset | None = None
         self.rows: dict[str, torch.Tensor] = {}
         # the pair sets behind `positives` and `train_positives`, built when first asked for
@@ -294,9 +338,12 @@ class RecDataModule(L.LightningDataModule):
 
     def prepare_data(self) -> None:
         """Build the processed folder unless it exists, then what the evaluation protocol
-        saves beside it (the sampled ranking candidates)."""
+        saves beside it (the sampled ranking candidates), and with ``streaming`` the shards."""
         self._prepare_processed()
-        self.protocol.prepare(self.processed_dir, self._load_split)
+        if self.streaming:
+            self._prepare_shards()
+        else:
+            self.protocol.prepare(self.processed_dir, self._load_split)
 
     def _prepare_processed(self) -> None:
         if self._pinned is not None and (self.processed_dir / META_FILE).exists():
@@ -363,7 +410,11 @@ class RecDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.data is not None:
             return
+        if self.streaming:
+            self._setup_stream()
+            return
         self.data = ProcessedDataset.load(self.processed_dir)
+        self._check_supported(self.data.spec)
         self.rows, self.cold_rows = self._split(self.data)
         self._positives = {}
         # every known pair, built when first sampled; not a lambda: ddp_spawn pickles this module
@@ -397,6 +448,14 @@ class RecDataModule(L.LightningDataModule):
             return None
         if which not in self._positives:
             inter, num_items = self.data.interactions, self.spec.num_items
+            if inter is None and which == "train":  # streamed
+                pairs = pq.read_table(self.shards_dir / "train_pairs.parquet")
+                users, items = (
+                    torch.from_numpy(pairs.column(c).to_numpy().astype(np.int64))
+                    for c in ("user", "item")
+                )
+                self._positives[which] = PositiveSet(users, items, num_items)
+                return self._positives[which]
             if which == "all":
                 pairs = PositiveSet(inter.users, inter.items, num_items)
             else:
@@ -404,6 +463,46 @@ class RecDataModule(L.LightningDataModule):
                 pairs = PositiveSet(inter.users[train], inter.items[train], num_items)
             self._positives[which] = pairs
         return self._positives[which]
+
+    def _check_supported(self, spec: FeatureSpec) -> None:
+        """Refuse settings this data cannot have: ranking and sampled negatives need user
+        and item ids; ranking needs every interaction in memory."""
+        if not spec.has_ids and (self.feedback == "implicit" or self.protocol.ranking):
+            raise InputError(
+                f"{self.source} has no user or item ids (a click log): data.feedback=implicit "
+                "and data.ranking need them; use data.feedback=explicit data.ranking=null"
+            )
+        if self.streaming and self.protocol.ranking:
+            raise InputError(
+                f"data.ranking={self.protocol.ranking} needs every interaction in memory; with "
+                "data.streaming=true evaluation is pointwise: set data.ranking=null, or "
+                "data.streaming=false"
+            )
+
+    def item_label_counts(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Positive and negative training examples per item, each float [num_items]: what the
+        popularity baseline is calibrated on.
+
+        Explicit feedback: the training rows' labels. Implicit feedback: every training row is
+        a positive, and the negatives are what training draws (``num_negatives`` per positive
+        among the user's non-training items), drawn once with ``seed`` so every process gets
+        the same. Streamed data: as counted when the shards were written.
+        """
+        if self.data.interactions is None:  # streamed
+            counts = self.manifest["item_label_counts"]
+            return torch.tensor(counts["positives"]), torch.tensor(counts["negatives"])
+        inter, rows, num_items = self.data.interactions, self.rows["train"], self.spec.num_items
+        items = inter.items[rows]
+        if self.feedback == "explicit":
+            labels = inter.labels[rows].double()
+            positives = torch.bincount(items, weights=labels, minlength=num_items)
+            negatives = torch.bincount(items, minlength=num_items) - positives
+            return positives.float(), negatives.float()
+        g = torch.Generator().manual_seed(self.seed)
+        sampled = self.train_positives.sample(inter.users[rows], self.num_negatives, generator=g)
+        positives = torch.bincount(items, minlength=num_items)
+        negatives = torch.bincount(sampled.flatten(), minlength=num_items)
+        return positives.float(), negatives.float()
 
     def _load_split(self) -> tuple[ProcessedDataset, dict[str, torch.Tensor]]:
         """The processed data and its split rows, loaded anew (for `EvaluationProtocol.prepare`
@@ -417,7 +516,18 @@ class RecDataModule(L.LightningDataModule):
         """The rows of each split, and per evaluation split the counts of rows whose user or
         item has no training row (with ``drop_cold_start`` such rows are removed)."""
         inter, spec = data.interactions, data.spec
-        rows = split_indices(inter, seed=self.seed, **self.split)
+        if self.split["kind"] == "source":
+            rows = source_split(data.meta, self.source)
+        elif not spec.has_ids and self.split["kind"] != "random":
+            raise InputError(
+                f"data.split.kind={self.split['kind']} splits each user's rows, and "
+                f"{self.source} has no users: use data.split.kind=source (the source's own "
+                "split) or random"
+            )
+        else:
+            rows = split_indices(inter, seed=self.seed, **self.split)
+        if not spec.has_ids:
+            return rows, {"val": {}, "test": {}}
         train = rows["train"]
         trained_users = torch.bincount(inter.users[train], minlength=spec.num_users) > 0
         trained_items = torch.bincount(inter.items[train], minlength=spec.num_items) > 0
@@ -453,6 +563,15 @@ class RecDataModule(L.LightningDataModule):
         ``num_negatives`` negatives drawn per batch (`NegativeSamplingBatches`)."""
         if self.data is None:
             raise RuntimeError(f"{self.source}: call setup() before asking for a loader")
+        # Lightning's overfit_batches trains on the same first batches every epoch
+        overfit = self.trainer is not None and self.trainer.overfit_batches > 0
+        if self.streaming:
+            sample = None
+            if self.feedback == "implicit":
+                sample = partial(
+                    negative_batch, self.data.features, self.train_positives, self.num_negatives
+                )
+            return self._stream("train", shuffle=not overfit, even=True, sample=sample)
         features = self.data.features
         if self.feedback == "implicit":
             dataset = NegativeSamplingBatches(
@@ -460,18 +579,139 @@ class RecDataModule(L.LightningDataModule):
             )
         else:
             dataset = InteractionBatches(self.data.interactions, features)
-        # Lightning's overfit_batches trains on the same first batches every epoch
-        overfit = self.trainer is not None and self.trainer.overfit_batches > 0
         sampler = batch_sampler(
             self.rows["train"], self.batch_size, shuffle=not overfit, seed=self.seed
         )
         return BatchLoader(dataset, sampler, self.num_workers, self.pin_memory)
 
     def val_dataloader(self) -> DataLoader | list[DataLoader]:
+        if self.streaming:
+            return self._stream("val", shuffle=False, even=self.even_eval_shards)
         return self.protocol.loaders("val")
 
     def test_dataloader(self) -> DataLoader | list[DataLoader]:
+        if self.streaming:
+            return self._stream("test", shuffle=False, even=self.even_eval_shards)
         return self.protocol.loaders("test")
+
+    # --- streaming --------------------------------------------------------------------------
+    @property
+    def shards_dir(self) -> Path:
+        """``<processed folder>/shards-<hash>``: the split rows as shards, keyed by what
+        decides them (the split, its seed, the cold-start rule, the block size)."""
+        settings = {"split": self.split, "block_rows": self.block_rows}
+        if self.split["kind"] != "source":
+            settings["seed"] = self.seed
+        if self.drop_cold_start:
+            settings["drop_cold_start"] = True
+        return self.processed_dir / cache_key("shards", settings)
+
+    def _prepare_shards(self) -> None:
+        folder = self.shards_dir
+        if (folder / SHARDS_FILE).exists() and not self.rebuild:
+            return
+        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+        try:
+            manifest = self.write_shards(tmp)
+            write_manifest(tmp, self.block_rows, manifest.pop("splits"), manifest)
+            shutil.rmtree(folder, ignore_errors=True)
+            os.replace(tmp, folder)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        log.info("%s: wrote shards in %s", self.source, folder)
+
+    def write_shards(self, folder: Path) -> dict[str, Any]:
+        """Write each split's rows as shards into ``folder/<split>``; returns the manifest's
+        content (``splits``: rows and blocks of each; what the training run needs beside
+        them: cold-start counts, item popularity). Validation and test get the pairs the
+        evaluation protocol scores (implicit feedback: with their sampled negatives); the
+        training positives are saved for the negative sampler (``train_pairs.parquet``).
+        This one loads the processed data; sources larger than memory write shards of
+        their own."""
+        # set up in memory for the writing: what the protocol scores, the item statistics
+        data = ProcessedDataset.load(self.processed_dir)
+        self._check_supported(data.spec)
+        self.data, self._positives = data, {}
+        rows, cold_rows = self._split(data)
+        self.rows = rows
+        self.protocol.setup(self.processed_dir, data, rows, partial(self._pair_set, "all"))
+        splits = {}
+        for split in SPLITS:
+            pairs = data.interactions.take(rows[split])
+            if split != "train":
+                pairs = self.protocol.eval_pairs(split)
+            writer = ShardWriter(folder / split, data.spec, self.block_rows)
+            for chunk in torch.arange(len(pairs)).split(self.block_rows):
+                writer.add(pairs.take(chunk))
+            splits[split] = writer.close()
+        manifest: dict[str, Any] = {"splits": splits, "cold_rows": cold_rows}
+        if data.spec.has_ids:
+            train = data.interactions.take(rows["train"])
+            manifest["item_popularity"] = self.protocol.item_popularity().tolist()
+            positives, negatives = self.item_label_counts()
+            manifest["item_label_counts"] = {
+                "positives": positives.tolist(),
+                "negatives": negatives.tolist(),
+            }
+            pq.write_table(
+                pa.table({"user": train.users.int().numpy(), "item": train.items.int().numpy()}),
+                folder / "train_pairs.parquet",
+            )
+        self.data, self.rows, self._positives = None, {}, {}
+        return manifest
+
+    def _setup_stream(self) -> None:
+        folder = self.shards_dir
+        if not (folder / SHARDS_FILE).exists():
+            raise MissingInputError(
+                f"{folder / SHARDS_FILE} not found: call prepare_data() first (with "
+                "data.shards_url, copy the processed folder's shards-* manifest and "
+                "train_pairs.parquet beside its meta.json on this machine)"
+            )
+        self.manifest = read_manifest(folder)
+        self.data = ProcessedDataset.load(self.processed_dir, interactions=False)
+        self._check_supported(self.data.spec)
+        self.rows, self.cold_rows = {}, self.manifest["cold_rows"]
+        self._positives = {}
+        popularity = self.manifest.get("item_popularity")
+        self.protocol.setup_stream(
+            self.data, None if popularity is None else torch.tensor(popularity).float()
+        )
+        log.info(
+            "%s: streaming %s from %s",
+            self.source,
+            ", ".join(f"{k} {v['rows']:,}" for k, v in self.manifest["splits"].items()),
+            self.shards_url or folder,
+        )
+
+    def _stream(self, split: str, shuffle: bool, even: bool, sample=None) -> StreamLoader:
+        if self.manifest is None:
+            raise RuntimeError(f"{self.source}: call setup() before asking for a loader")
+        if self.shards_url:
+            url = f"{self.shards_url.rstrip('/')}/{split}"
+            cache = self.cache_dir / "stream" / self.shards_dir.name / split
+        else:
+            url, cache = str(self.shards_dir / split), None
+        batch_size = self.batch_size if split == "train" else self.eval_batch_size
+        dataset = StreamBatches(
+            url,
+            cache,
+            self.manifest,
+            split,
+            self.data.spec,
+            self.data.features,
+            batch_size,
+            shuffle=shuffle,
+            seed=self.seed,
+            window_blocks=self.window_blocks,
+            even=even,
+            max_cache_size=self.stream_cache_size,
+            sample=sample,
+        )
+        return StreamLoader(dataset, self._current_epoch, self.pin_memory)
+
+    def _current_epoch(self) -> int:
+        return self.trainer.current_epoch if self.trainer is not None else 0
 
 
 _UNSET = "<unset>"

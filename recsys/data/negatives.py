@@ -152,15 +152,32 @@ class NegativeSamplingBatches(InteractionBatches):
 
     def __getitem__(self, index: BatchIndex) -> Batch:
         rows = index.rows
-        users, items = self.inter.users[rows], self.inter.items[rows]
-        g = torch.Generator().manual_seed(index.seed)
-        negatives = self.positives.sample(users, self.num_negatives, generator=g)
-        n = len(rows)
-        return self.features.make_batch(
-            torch.cat([users, users.repeat_interleave(self.num_negatives)]),
-            torch.cat([items, negatives.flatten()]),
-            torch.cat([torch.ones(n), torch.zeros(n * self.num_negatives)]),
+        positives = self.inter.take(rows)
+        return negative_batch(
+            self.features, self.positives, self.num_negatives, positives, index.seed
         )
+
+
+def negative_batch(
+    features: FeatureStore,
+    positives: PositiveSet,
+    num_negatives: int,
+    rows: Interactions,
+    seed: int,
+) -> Batch:
+    """The positives ``rows`` followed by ``num_negatives`` negatives each, drawn with a
+    generator seeded by ``seed`` among the items not in ``positives`` (layout:
+    `NegativeSamplingBatches`)."""
+    users, items = rows.users, rows.items
+    negatives = positives.sample(
+        users, num_negatives, generator=torch.Generator().manual_seed(seed)
+    )
+    n = len(users)
+    return features.make_batch(
+        torch.cat([users, users.repeat_interleave(num_negatives)]),
+        torch.cat([items, negatives.flatten()]),
+        torch.cat([torch.ones(n), torch.zeros(n * num_negatives)]),
+    )
 
 
 def bpr_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

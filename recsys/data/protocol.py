@@ -167,6 +167,13 @@ class EvaluationProtocol:
         negatives are sampled: the pair set is as large as several interaction columns."""
         self.folder, self.data, self.rows, self._positives = folder, data, rows, positives
         self._eval_pairs = {}
+        self._popularity = None
+
+    def setup_stream(self, data: ProcessedDataset, popularity: torch.Tensor | None) -> None:
+        """Streamed data: the processed data without its interactions, and the training
+        interactions per item counted when the shards were written (None: no items)."""
+        self.setup(None, data, {}, None)
+        self._popularity = popularity
 
     @property
     def positives(self) -> PositiveSet | None:
@@ -260,6 +267,8 @@ class EvaluationProtocol:
     def item_popularity(self) -> torch.Tensor:
         """Training interactions per item [num_items] (popularity baseline, novelty)."""
         self._check_setup()
+        if self._popularity is not None or self.data.interactions is None:
+            return self._popularity if self._popularity is not None else torch.zeros(0)
         items = self.data.interactions.items[self.rows["train"]]
         return torch.bincount(items, minlength=self.data.spec.num_items).float()
 

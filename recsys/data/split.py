@@ -9,7 +9,7 @@ import torch
 from recsys.data.preprocess import index_dtype
 from recsys.data.store import Interactions
 
-SPLITS = ("random", "temporal", "leave_one_out")
+SPLITS = ("random", "temporal", "leave_one_out", "source")
 VAL_ROWS = ("previous", "random")
 
 
@@ -32,8 +32,11 @@ def split_indices(
       the test row stay in training). Users with fewer than 3 rows keep all of them for
       training.
 
-    Ties in time are broken by row order, so every split is deterministic.
+    Ties in time are broken by row order, so every split is deterministic. ``source`` (the
+    dataset's own split, e.g. Criteo's time order) is `source_split`.
     """
+    if kind == "source":
+        raise ValueError("data.split.kind=source is the dataset's own split: see source_split")
     if kind not in SPLITS:
         raise ValueError(f"data.split.kind={kind!r} is not one of {SPLITS}")
     if not (0 <= val < 1 and 0 <= test < 1 and val + test < 1):
@@ -91,3 +94,16 @@ def _rows_of(split: np.ndarray) -> dict[str, torch.Tensor]:
         name: torch.from_numpy(np.flatnonzero(split == code).astype(dtype))
         for code, name in enumerate(("train", "val", "test"))
     }
+
+
+def source_split(meta: dict, source: str) -> dict[str, torch.Tensor]:
+    """The rows of each split as the dataset defines them (``split: {train: [start, stop],
+    ...}`` in its metadata: Criteo's time order), for ``data.split.kind=source``."""
+    bounds = meta.get("split")
+    if bounds is None:
+        raise ValueError(
+            f"{source} has no split of its own: use data.split.kind=random, temporal or "
+            "leave_one_out"
+        )
+    dtype = torch.int32 if meta["num_interactions"] < 2**31 else torch.int64
+    return {name: torch.arange(*bounds[name], dtype=dtype) for name in ("train", "val", "test")}

@@ -257,17 +257,21 @@ class ProcessedDataset:
 
     meta: dict
     spec: FeatureSpec
-    interactions: Interactions
+    interactions: Interactions | None
     features: FeatureStore
     user_ids: np.ndarray
     item_ids: np.ndarray
     item_info: pd.DataFrame
 
     @classmethod
-    def load(cls, folder: Path) -> ProcessedDataset:
+    def load(cls, folder: Path, interactions: bool = True) -> ProcessedDataset:
+        """The folder's data; without ``interactions`` (streamed data) all but those."""
         meta = read_meta(folder)
         spec = FeatureSpec.from_dict(meta["spec"])
-        interactions = read_interactions(folder / "interactions.parquet", spec)
+        if interactions:
+            interactions = read_interactions(folder / "interactions.parquet", spec)
+        else:
+            interactions = None
         if not spec.has_ids:
             return cls(meta, spec, interactions, FeatureStore(spec, None, None), *_NO_IDS)
         users = pq.read_table(folder / "users.parquet")
