@@ -7,6 +7,9 @@ BASE_PYTHON ?= python3
 TORCH_VERSION = 2.13.0
 TORCHREC_VERSION = 1.8.0
 FBGEMM_VERSION = 1.8.0
+# litdata's own requirements pull torchvision, which has no wheel for torch 2.13: its runtime
+# requirements are in pyproject.toml
+LITDATA_VERSION = 0.2.76
 # CUDA wheels index for `make install-cuda`, e.g. CUDA_INDEX=https://download.pytorch.org/whl/cu128
 CUDA_INDEX ?= https://download.pytorch.org/whl/cu128
 
@@ -16,16 +19,16 @@ CUDA_INDEX ?= https://download.pytorch.org/whl/cu128
 venv:
 	test -x $(PYTHON) || $(BASE_PYTHON) -m venv $(VENV)
 
-## install: CPU machine. torch, fbgemm-gpu-cpu, torchrec (no-deps), then the package with dev tools
+## install: CPU machine. torch, fbgemm-gpu-cpu, torchrec and litdata (no-deps), then the package with dev tools
 install: venv
 	$(PIP) install torch==$(TORCH_VERSION) fbgemm-gpu-cpu==$(FBGEMM_VERSION)
-	$(PIP) install --no-deps torchrec==$(TORCHREC_VERSION)
+	$(PIP) install --no-deps torchrec==$(TORCHREC_VERSION) litdata==$(LITDATA_VERSION)
 	$(PIP) install -e ".[dev]"
 
 ## install-cuda: CUDA machine. CUDA torch and fbgemm-gpu from the PyTorch index
 install-cuda: venv
 	$(PIP) install torch==$(TORCH_VERSION) fbgemm-gpu==$(FBGEMM_VERSION) --index-url $(CUDA_INDEX)
-	$(PIP) install --no-deps torchrec==$(TORCHREC_VERSION)
+	$(PIP) install --no-deps torchrec==$(TORCHREC_VERSION) litdata==$(LITDATA_VERSION)
 	$(PIP) install -e ".[dev]"
 
 ## test: the whole suite, slow tests included

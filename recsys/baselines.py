@@ -38,6 +38,8 @@ def evaluate_with_baseline(
     run of its own, nested under the model's)."""
     trainer.test(model, datamodule=dm, ckpt_path=ckpt_path, verbose=False)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    if not dm.spec.has_ids:  # no items to be popular
+        return metrics
     baseline = popularity_module(dm, model)
     with nested_run(trainer, baseline, "popularity"):
         trainer.test(baseline, datamodule=dm, verbose=False)

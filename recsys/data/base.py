@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader
 from recsys.config import plain
 from recsys.data.loader import BatchLoader, InteractionBatches, batch_sampler
 from recsys.data.negatives import NegativeSamplingBatches, PositiveSet, negative_batch
-from recsys.data.preprocess import META_FILE, ProcessedData, cache_key, file_digest
+from recsys.data.preprocess import META_FILE, ProcessedData, cache_key, cached_digest
 from recsys.data.protocol import EvaluationProtocol
 from recsys.data.spec import FeatureSpec
 from recsys.data.split import source_split, split_indices
@@ -320,7 +320,8 @@ class RecDataModule(L.LightningDataModule):
         """Content hash of each raw file (None: missing); computed once all are present."""
         if self._digests is not None:
             return self._digests
-        digests = {f: file_digest(self.raw_dir / f) for f in self.expected_files()}
+        cache = self.cache_dir / "digests"
+        digests = {f: cached_digest(self.raw_dir / f, cache) for f in self.expected_files()}
         if None not in digests.values():
             self._digests = digests
         return digests
@@ -380,13 +381,7 @@ class RecDataModule(L.LightningDataModule):
                 log.info("%s: using processed data in %s", self.source, folder)
                 self._announced.add(folder)
             return
-        processed = self.preprocess()
-        if self.feedback == "implicit":
-            n = len(processed.interactions)
-            processed.interactions["label"] = np.ones(n, dtype=np.float32)
-            processed.report.record("implicit feedback: every interaction", n, n, "labelled 1:")
-        log.info(processed.report.summary())
-        processed.save(folder, self.settings())
+        self.build_processed(folder)
         meta = read_meta(folder)
         log.info(
             "%s: wrote %s (%d interactions, %d users, %d items)",
@@ -396,6 +391,17 @@ class RecDataModule(L.LightningDataModule):
             meta["spec"]["num_users"],
             meta["spec"]["num_items"],
         )
+
+    def build_processed(self, folder: Path) -> None:
+        """Write the processed folder: `preprocess` in memory, then `ProcessedData.save`.
+        Sources larger than memory write it themselves, chunk by chunk."""
+        processed = self.preprocess()
+        if self.feedback == "implicit":
+            n = len(processed.interactions)
+            processed.interactions["label"] = np.ones(n, dtype=np.float32)
+            processed.report.record("implicit feedback: every interaction", n, n, "labelled 1:")
+        log.info(processed.report.summary())
+        processed.save(folder, self.settings())
 
     @property
     def spec(self) -> FeatureSpec:

@@ -57,6 +57,26 @@ def file_digest(path: Path) -> str | None:
         return hashlib.file_digest(f, lambda: hashlib.blake2b(digest_size=16)).hexdigest()
 
 
+def cached_digest(path: Path, cache: Path) -> str | None:
+    """`file_digest` of ``path``, computed once per (path, size, mtime) and kept in
+    ``cache`` (a folder of small JSON files), so a run does not read gigabytes of raw files
+    again to learn they have not changed. None when the file does not exist."""
+    if not path.is_file():
+        return None
+    stat = path.stat()
+    key = {"path": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    name = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    record = cache / f"{name}.json"
+    if record.exists():
+        return json.loads(record.read_text())["digest"]
+    digest = file_digest(path)
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = record.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({**key, "digest": digest}))
+    os.replace(tmp, record)
+    return digest
+
+
 def encode_ids(raw: pd.Series) -> tuple[np.ndarray, pd.Index]:
     """Sorted dense codes 0..n-1 for raw ids; returns (codes, raw ids in code order)."""
     codes, uniques = pd.factorize(raw, sort=True)

@@ -267,8 +267,10 @@ class EvaluationProtocol:
     def item_popularity(self) -> torch.Tensor:
         """Training interactions per item [num_items] (popularity baseline, novelty)."""
         self._check_setup()
-        if self._popularity is not None or self.data.interactions is None:
-            return self._popularity if self._popularity is not None else torch.zeros(0)
+        if self._popularity is not None:  # streamed
+            return self._popularity
+        if not self.data.spec.has_ids:
+            return torch.zeros(0)
         items = self.data.interactions.items[self.rows["train"]]
         return torch.bincount(items, minlength=self.data.spec.num_items).float()
 

@@ -1,4 +1,13 @@
-"""A seeded synthetic interaction generator with learnable structure, of any size."""
+"""Seeded synthetic data with learnable structure, of any size: interactions
+(`SyntheticDataModule`, ``data=synthetic``) and Criteo-layout click logs with a known click
+model (`recsys.data.criteo_synthetic`), written from the command line::
+
+    python -m recsys.data.synthetic format=criteo rows=1000000 out=data [layout=terabyte
+        days=24] [seed=0] [gzip=true]
+
+writes ``<out>/criteo/train.txt`` (or ``day_0`` ...) and ``oracle.json``, and prints the
+oracle's AUROC on the validation and test rows: the best any model trained on them can score.
+"""
 
 from __future__ import annotations
 
@@ -142,3 +151,34 @@ class SyntheticDataModule(RecDataModule):
         dense = [DenseFeature("taste", "user"), DenseFeature("quality", "item")]
         report = CleaningReport(self.source)
         return assemble(report, ratings, user_table, item_table, sparse, dense, vocab)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """The command line of the module's docstring: ``key=value`` arguments."""
+    from omegaconf import OmegaConf
+
+    from recsys.data.criteo_synthetic import generate_criteo
+
+    args = OmegaConf.to_container(OmegaConf.from_cli(argv))
+    known = {"format", "rows", "out", "layout", "days", "seed", "gzip"}
+    if args.get("format") != "criteo" or "rows" not in args or set(args) - known:
+        raise SystemExit(
+            "usage: python -m recsys.data.synthetic format=criteo rows=N out=DIR"
+            " [layout=kaggle|terabyte] [days=24] [seed=0] [gzip=false]"
+            + (f"; unknown: {sorted(set(args) - known)}" if set(args) - known else "")
+        )
+    args.pop("format")
+    out = Path(args.pop("out", "data"))
+    result = generate_criteo(out, **args)
+    print(f"wrote {', '.join(result['files'])} to {out / 'criteo'} ({result['rows']:,} rows)")
+    for name in ("val", "test"):
+        split = result["splits"][name]
+        print(
+            f"oracle {name}: AUROC {split['auroc']:.4f}, log loss {split['logloss']:.4f}"
+            f" ({split['rows']:,} rows, click rate {split['ctr']:.3f})"
+        )
+    print(f"oracle scores: {out / 'criteo' / 'oracle.json'}")
+
+
+if __name__ == "__main__":
+    main()
