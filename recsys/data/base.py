@@ -428,10 +428,11 @@ class RecDataModule(L.LightningDataModule):
         self.protocol.setup(self.processed_dir, self.data, self.rows, all_pairs)
         labels = self.data.interactions.labels
         log.info(
-            "%s: %d users, %d items; %s; positives %.1f%%",
+            "%s: %s; %s; positives %.1f%%",
             self.source,
-            self.spec.num_users,
-            self.spec.num_items,
+            f"{self.spec.num_users:,} users, {self.spec.num_items:,} items"
+            if self.spec.has_ids
+            else f"no user or item ids, {len(self.spec.row_features()) + len(self.spec.dense_of('row'))} row features",
             ", ".join(f"{k} {len(v):,}" for k, v in self.rows.items()),
             100 * float(labels.mean()) if len(labels) else 0.0,
         )
