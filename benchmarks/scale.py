@@ -48,10 +48,7 @@ overrides given to every run, e.g. ``data.num_negatives=1``.
 from __future__ import annotations
 
 import json
-import os
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -194,22 +191,7 @@ def child(stage: str, overrides: list[str], report: Path) -> None:
 # --- the parent ----------------------------------------------------------------------------
 def measure(stage: str, overrides: list[str], folder: Path) -> dict:
     """Run ``stage`` in a fresh process; its figures, wall time and peak RSS (MB)."""
-    report = folder / f"{stage}.json"
-    log = folder / f"{stage}.log"
-    cmd = [sys.executable, __file__, f"stage={stage}", bench.override("report", report)]
-    cmd += overrides
-    start = time.perf_counter()
-    with log.open("w") as out:
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
-        # wait4: the resource usage of this child alone (getrusage(RUSAGE_CHILDREN) would give
-        # the largest peak of every child so far)
-        _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    wall = time.perf_counter() - start
-    if proc.returncode != 0:
-        tail = log.read_text()[-3000:]
-        raise RuntimeError(f"{' '.join(cmd)} exited with {proc.returncode}:\n{tail}")
-    return {**json.loads(report.read_text()), "wall_s": wall, "peak_mb": usage.ru_maxrss / 1024}
+    return bench.measure_stage(__file__, stage, overrides, folder)
 
 
 def run_all(args: Options, extra: list[str], tmp: Path) -> list[dict]:

@@ -25,7 +25,16 @@ from recsys import bench
 from recsys.bench import Settings
 
 HERE = Path(__file__).resolve().parent
-SCRIPTS = ["training", "step_cost", "ncf_table", "ranking", "scale", "table_rows", "serve"]
+SCRIPTS = [
+    "training",
+    "step_cost",
+    "ncf_table",
+    "ranking",
+    "scale",
+    "criteo_scale",
+    "table_rows",
+    "serve",
+]
 
 
 @dataclass

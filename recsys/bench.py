@@ -87,6 +87,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Hashable, Iterable, Sequence
+from functools import partial
 from importlib import metadata
 from pathlib import Path
 from typing import Any, TypeVar
@@ -286,6 +287,80 @@ def run_child(script: str | Path, args: Sequence[str], quiet: bool = True, **kwa
             raise RuntimeError(f"{shlex.join(command)} exited with {done.returncode}{tail}")
         (path,) = Path(tmp).glob("*.json")
         return read_results(path)
+
+
+def measure_stage(
+    script: str | Path,
+    stage: str,
+    args: Sequence[str],
+    folder: Path,
+    memory_cap_mb: int | None = None,
+) -> dict:
+    """Runs ``script stage=<stage> report=<folder>/<stage>.json args...`` in a fresh process
+    of this interpreter (its output in ``<folder>/<stage>.log``) and returns the figures it
+    wrote to the report, with ``wall_s`` and ``peak_mb``: the child's peak resident memory,
+    read with ``wait4`` (the usage of this child alone; ``getrusage(RUSAGE_CHILDREN)`` gives the
+    largest peak of every child so far).
+
+    ``memory_cap_mb``: the child runs in a memory cgroup of its own with that limit (resident
+    memory and page cache together, as a container's limit; cgroup v2 or v1, which needs
+    root); `MemoryCapError` where none can be made.
+    """
+    report = folder / f"{stage}.json"
+    log = folder / f"{stage}.log"
+    cmd = [sys.executable, str(script), f"stage={stage}", override("report", report), *args]
+    cgroup = None if memory_cap_mb is None else _memory_cgroup(folder.name, memory_cap_mb)
+    join = None if cgroup is None else partial(_join_cgroup, cgroup)
+    start = time.perf_counter()
+    try:
+        with log.open("w") as out:
+            proc = subprocess.Popen(
+                cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, preexec_fn=join
+            )
+            _, status, usage = os.wait4(proc.pid, 0)
+    finally:
+        if cgroup is not None:
+            cgroup.rmdir()
+    code = os.waitstatus_to_exitcode(status)
+    wall = time.perf_counter() - start
+    if code != 0:
+        tail = log.read_text()[-3000:]
+        raise RuntimeError(f"{shlex.join(cmd)} exited with {code}:\n{tail}")
+    return {**json.loads(report.read_text()), "wall_s": wall, "peak_mb": usage.ru_maxrss / 1024}
+
+
+class MemoryCapError(RuntimeError):
+    """No memory cgroup can be made here (not root, or no memory controller)."""
+
+
+def _memory_cgroup(name: str, limit_mb: int) -> Path:
+    """A new memory cgroup limited to ``limit_mb``, under cgroup v2's root or v1's memory
+    hierarchy."""
+    limit = str(limit_mb * 2**20)
+    root = Path("/sys/fs/cgroup")
+    for parent, limit_file, marker in (
+        (root, "memory.max", "cgroup.controllers"),  # v2: the unified hierarchy
+        (root / "memory", "memory.limit_in_bytes", "memory.limit_in_bytes"),  # v1
+    ):
+        if not (parent / marker).is_file():
+            continue
+        group = parent / f"recsys-bench-{os.getpid()}-{name}"
+        try:
+            group.mkdir()
+            (group / limit_file).write_text(limit)
+        except OSError:
+            if group.is_dir():
+                group.rmdir()
+            continue
+        return group
+    raise MemoryCapError(
+        "cannot make a memory cgroup (cgroup v2 /sys/fs/cgroup/memory.max or v1 "
+        "/sys/fs/cgroup/memory/): run as root on a machine with the memory controller"
+    )
+
+
+def _join_cgroup(group: Path) -> None:
+    (group / "cgroup.procs").write_text(str(os.getpid()))
 
 
 def read_results(path: str | Path) -> dict:

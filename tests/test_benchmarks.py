@@ -144,7 +144,9 @@ def test_the_suite_runs_quick(data_dir, cache_dir, tmp_path):
     )
     assert done.returncode == 0, done.stderr[-5000:]
     out = done.stdout
-    for name in ("training", "step_cost", "ncf_table", "ranking", "scale", "table_rows", "serve"):
+    names = ("training", "step_cost", "ncf_table", "ranking", "scale", "criteo_scale")
+    names += ("table_rows", "serve")
+    for name in names:
         assert f"## {name}:" in out
     assert "| effective batch | bare loop | RecBole 1.2.1 | recsys |" in out
     assert "| 1,280 |" in out and "| 4,096 |" in out
@@ -153,6 +155,7 @@ def test_the_suite_runs_quick(data_dir, cache_dir, tmp_path):
     assert "users/s" in out  # ranking
     assert "| tables of (users x items) | ids drawn from |" in out  # table_rows
     assert "GET /recommend" in out  # serve
-    for name in ("training", "step_cost", "ncf_table", "ranking", "scale", "table_rows", "serve"):
+    assert "| 100,000 | dlrm streamed |" in out  # criteo_scale
+    for name in names:
         doc = bench.read_results(tmp_path / "logs" / "benchmarks" / "results" / f"{name}.json")
         assert doc["settings"]["quick"] is True and doc["rows"], name

@@ -115,7 +115,7 @@ def test_split_bounds_follow_the_reference_implementations():
 
 def test_generator_is_seeded_and_prints_its_oracle(tmp_path, capsys):
     a = generate_criteo(tmp_path / "a", 5000, seed=1)
-    b = generate_criteo(tmp_path / "b", 5000, seed=1, layout="terabyte", days=4)
+    generate_criteo(tmp_path / "b", 5000, seed=1, layout="terabyte", days=4)
     first = (tmp_path / "a" / "criteo" / "train.txt").read_bytes()
     days = b"".join((tmp_path / "b" / "criteo" / f"day_{d}").read_bytes() for d in range(4))
     assert first == days  # the same rows, whatever the layout

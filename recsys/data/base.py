@@ -432,7 +432,7 @@ class RecDataModule(L.LightningDataModule):
             self.source,
             f"{self.spec.num_users:,} users, {self.spec.num_items:,} items"
             if self.spec.has_ids
-            else f"no user or item ids, {len(self.spec.row_features()) + len(self.spec.dense_of('row'))} row features",
+            else f"no ids, {len(self.spec.sparse) + len(self.spec.dense)} row features",
             ", ".join(f"{k} {len(v):,}" for k, v in self.rows.items()),
             100 * float(labels.mean()) if len(labels) else 0.0,
         )
