@@ -24,7 +24,7 @@ def command(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
 def test_help_lists_the_config_groups_a_user_picks():
     out = command("train.py", "--help")
     assert out.returncode == 0, out.stderr
-    assert "data: books, csv, movielens, synthetic" in out.stdout
+    assert "data: books, criteo, csv, movielens, synthetic" in out.stdout
     assert "logger: csv, mlflow, none, wandb" in out.stdout
     assert "_common" not in out.stdout and "data_common" not in out.stdout
 

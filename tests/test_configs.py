@@ -10,6 +10,7 @@ import torch
 from hydra.utils import instantiate
 
 from recsys.data.base import RecDataModule
+from recsys.data.criteo_synthetic import generate_criteo
 from recsys.train import instantiate_group, run
 from tests.conftest import CONF_DIR
 
@@ -40,10 +41,13 @@ def test_data_options(make_cfg, name, tmp_path):
     if name == "csv":  # the csv option reads any file: give it one
         (tmp_path / "train.csv").write_text("userId,itemId,target\n1,10,1\n2,10,0\n2,11,1\n")
         overrides.append(f"data.path={tmp_path / 'train.csv'}")
+    if name == "criteo":  # no Criteo files here: files in their layout from the generator
+        generate_criteo(tmp_path, 2000, seed=0)
+        overrides.append(f"paths.data_dir={tmp_path}")
     dm = instantiate(make_cfg(*overrides).data)
     assert isinstance(dm, RecDataModule)
     dm.prepare_data()
-    assert dm.spec.num_users > 0
+    assert dm.spec.sparse and (dm.spec.num_users > 0 or name == "criteo")
 
 
 @pytest.mark.parametrize("name", options("model"))

@@ -320,7 +320,7 @@ class RecDataModule(L.LightningDataModule):
         """Content hash of each raw file (None: missing); computed once all are present."""
         if self._digests is not None:
             return self._digests
-        cache = self.cache_dir / "digests"
+        cache = self.cache_dir / ".digests"
         digests = {f: cached_digest(self.raw_dir / f, cache) for f in self.expected_files()}
         if None not in digests.values():
             self._digests = digests
