@@ -3,14 +3,21 @@
 from __future__ import annotations
 
 import json
+import logging
+from collections.abc import Mapping
 from pathlib import Path
 
+import lightning as L
+from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
-from recsys.data.base import DataMismatchError, RecDataModule, from_checkpoint
+from recsys.data.base import RecDataModule
+from recsys.data.identity import DataMismatchError, describe_changes, merge_settings
 from recsys.distributed.torchrec_strategy import load_meta, load_shards, load_weights_only
 from recsys.errors import InputError, MissingInputError
 from recsys.lit.module import RecommenderModule
+
+log = logging.getLogger(__name__)
 
 
 def load_checkpoint(
@@ -27,7 +34,7 @@ def load_checkpoint(
     and the changes in ``cfg.data`` (keys set to null keep the checkpoint's value), on the
     processed folder that the checkpoint names in ``paths.cache_dir``: the raw files are not
     needed. Changes of the data
-    settings are refused unless ``cfg.allow_new_data`` (`recsys.data.base.from_checkpoint`).
+    settings are refused unless ``cfg.allow_new_data`` (`data_from_checkpoint`).
     """
     path = Path(cfg.ckpt_path)
     if path.is_dir():  # a sharded checkpoint of trainer.strategy=torchrec
@@ -41,7 +48,9 @@ def load_checkpoint(
     changes = OmegaConf.to_container(data, resolve=True) if data is not None else {}
     overrides.update({k: v for k, v in changes.items() if v is not None})
     try:
-        dm = from_checkpoint(checkpoint, overrides, allow_new_data=cfg.get("allow_new_data", False))
+        dm = data_from_checkpoint(
+            checkpoint, overrides, allow_new_data=cfg.get("allow_new_data", False)
+        )
     except DataMismatchError as e:
         raise DataMismatchError(f"{path}: {e}") from None
     dm.prepare_data()
@@ -132,3 +141,49 @@ def run_folder(ckpt_path: Path) -> Path | None:
         if (folder / "metrics.json").is_file() or (folder / "csv" / "metrics.csv").is_file():
             return folder
     return None
+
+
+def data_from_checkpoint(
+    checkpoint: dict, overrides: dict | None = None, allow_new_data: bool = False
+) -> RecDataModule:
+    """The data module a checkpoint was trained with, on the processed folder it names.
+
+    ``overrides`` (this run's paths, loader settings, evaluation protocol) replace saved
+    hyperparameters. Overrides that change the data settings raise `DataMismatchError`, unless
+    ``allow_new_data``: the module is then built as for training, from the files the overrides
+    point at. Call `prepare_data` and `setup` next.
+    """
+    hparams = checkpoint.get(L.LightningDataModule.CHECKPOINT_HYPER_PARAMS_KEY)
+    state = next(
+        (v for v in checkpoint.values() if isinstance(v, Mapping) and "data_class" in v), None
+    )
+    if hparams is None or state is None:
+        raise InputError(
+            "the checkpoint holds no data module (datamodule_hyper_parameters and its "
+            "state): it was written by an older recsys or not by train.py; train it again"
+        )
+    cls = get_class(state["data_class"])
+    if not (isinstance(cls, type) and issubclass(cls, RecDataModule)):
+        raise InputError(f"data_class {state['data_class']} is not a RecDataModule")
+    dm = cls(**merge_settings(hparams, overrides or {}))
+    changes = dm.settings_changes(state)
+    if allow_new_data:
+        dm.check_data = False
+        log.warning(
+            "allow_new_data=true: scoring the checkpoint on the data this config gives (%s), "
+            "not on its own processed folder %s (%s); users and items are the codes of "
+            "this data's own encoding",
+            describe_changes(changes) if changes else "same data settings",
+            state["processed"],
+            "the raw files are read and preprocessed as for training",
+        )
+        return dm
+    if changes:
+        raise DataMismatchError(
+            f"the checkpoint was trained on other data than this config asks for: "
+            f"{describe_changes(changes)}. Drop these overrides to evaluate it on its own "
+            f"data (processed folder {state['processed']} in paths.cache_dir), or pass "
+            "allow_new_data=true to score it on this data anyway."
+        )
+    dm.use_processed(state["processed"])
+    return dm

@@ -159,6 +159,18 @@ def test_checkpoints_from_before_val_row_name_the_same_data(make_cfg):
     assert dm.settings_changes(state) == {"split.val_row": ("random", "previous")}
 
 
+def test_an_option_added_later_at_its_empty_default_names_the_same_data():
+    from recsys.data.identity import settings_changes
+
+    saved = {"seed": 42, "user_features": {"dense": ["age"]}}
+    empty = {"categorical": [], "multi_hot": None, "dense": []}
+    assert settings_changes(saved, {**saved, "row_features": empty}) == {}
+    assert settings_changes(saved, {**saved, "row_features": None}) == {}
+    changed = {**saved, "row_features": {**empty, "dense": ["price"]}}
+    assert settings_changes(saved, changed) == {"row_features.dense": ("<unset>", ["price"])}
+    assert settings_changes(saved, {**saved, "seed": 7}) == {"seed": (42, 7)}
+
+
 def test_temporal_split_needs_timestamps(make_cfg, cache_dir):
     from recsys.data.split import split_indices
     from recsys.data.store import Interactions

@@ -3,12 +3,10 @@ evaluation loaders are its `EvaluationProtocol`'s."""
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Mapping
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -18,10 +16,17 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from hydra.utils import get_class
 from torch.utils.data import DataLoader
 
 from recsys.config import plain
+from recsys.data.identity import (
+    FREE_KEYS,
+    SPLIT_DEFAULTS,
+    DataMismatchError,
+    describe_changes,
+    restore_hint,
+    settings_changes,
+)
 from recsys.data.loader import BatchLoader, InteractionBatches, batch_sampler
 from recsys.data.negatives import NegativeSamplingBatches, PositiveSet, negative_batch
 from recsys.data.preprocess import META_FILE, ProcessedData, cache_key, cached_digest
@@ -41,39 +46,6 @@ from recsys.data.stream import (
 from recsys.errors import InputError, MissingInputError
 
 log = logging.getLogger(__name__)
-
-# data.split's keys left out; checkpoints written before a key was added read as its default
-SPLIT_DEFAULTS = {"kind": "random", "val": 0.1, "test": 0.1, "val_row": "previous"}
-
-# Hyperparameters that leave the data itself alone (which rows train, validate and test, and
-# their labels): machine paths, loader settings and the evaluation-only protocol. Any other
-# change, or other processed data, makes another dataset: a checkpoint refuses it.
-FREE_KEYS = frozenset(
-    {
-        "data_dir",
-        "cache_dir",
-        "path",  # a CSV's content is in the processed folder's name
-        "download",
-        "rebuild",
-        "batch_size",
-        "eval_batch_size",
-        "num_workers",
-        "pin_memory",
-        "ranking",
-        "ranking_negatives",
-        "drop_cold_start",
-        # streaming reads the same rows from shards
-        "streaming",
-        "block_rows",
-        "window_blocks",
-        "shards_url",
-        "stream_cache_size",
-    }
-)
-
-
-class DataMismatchError(InputError):
-    """A checkpoint meets data other than the data it was trained on."""
 
 
 class RecDataModule(L.LightningDataModule):
@@ -300,15 +272,7 @@ class RecDataModule(L.LightningDataModule):
     def settings_changes(self, state: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
         """``{dotted key: (checkpoint's value, this module's value)}`` of the data settings
         (hyperparameters but `FREE_KEYS`) that differ from those saved in ``state``."""
-        saved = state.get("settings", {})
-        if "split" in saved:  # split.val_row came later: before it, the previous row
-            saved = {**saved, "split": {**SPLIT_DEFAULTS, **saved["split"]}}
-        old, new = _flatten(saved), _flatten(self.data_settings())
-        return {
-            k: (old.get(k, _UNSET), new.get(k, _UNSET))
-            for k in sorted(old.keys() | new.keys())
-            if old.get(k, _UNSET) != new.get(k, _UNSET)
-        }
+        return settings_changes(state.get("settings", {}), self.data_settings())
 
     def use_processed(self, name: str) -> None:
         """Load the processed folder ``<cache_dir>/<name>`` whatever the raw files are (they
@@ -719,96 +683,3 @@ class RecDataModule(L.LightningDataModule):
 
     def _current_epoch(self) -> int:
         return self.trainer.current_epoch if self.trainer is not None else 0
-
-
-_UNSET = "<unset>"
-
-
-def _merge(base: dict, changes: dict) -> dict:
-    """``base`` with ``changes`` applied key by key, into nested dicts too."""
-    merged = dict(base)
-    for key, value in changes.items():
-        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
-            value = _merge(merged[key], value)
-        merged[key] = value
-    return merged
-
-
-def _flatten(settings: dict, prefix: str = "") -> dict[str, Any]:
-    """``{"split": {"kind": "random"}}`` -> ``{"split.kind": "random"}``."""
-    flat = {}
-    for key, value in settings.items():
-        if isinstance(value, Mapping) and value:
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
-def _override(value: Any) -> str:
-    """A value as a Hydra override writes it."""
-    return value if isinstance(value, str) else json.dumps(value)
-
-
-def describe_changes(changes: dict[str, tuple[Any, Any]]) -> str:
-    """``data.seed: 42 -> 7, data.split.kind: random -> temporal``."""
-    return ", ".join(
-        f"{k if k == 'processed data' else 'data.' + k}: {_override(old)} -> {_override(new)}"
-        for k, (old, new) in changes.items()
-    )
-
-
-def restore_hint(changes: dict[str, tuple[Any, Any]]) -> str:
-    """`` (data.seed=42 data.split.kind=random)``: the overrides that restore the checkpoint's
-    data settings; the processed data itself comes back with the raw files it was built from."""
-    keys = [k for k in changes if k != "processed data"]
-    hints = [f"data.{k}={_override(changes[k][0])}" for k in keys if changes[k][0] != _UNSET]
-    if "processed data" in changes:
-        hints.append("and the raw files it was built from")
-    return f" ({' '.join(hints)})" if hints else ""
-
-
-def from_checkpoint(
-    checkpoint: dict, overrides: dict | None = None, allow_new_data: bool = False
-) -> RecDataModule:
-    """The data module a checkpoint was trained with, on the processed folder it names.
-
-    ``overrides`` (this run's paths, loader settings, evaluation protocol) replace saved
-    hyperparameters. Overrides that change the data settings raise `DataMismatchError`, unless
-    ``allow_new_data``: the module is then built as for training, from the files the overrides
-    point at. Call `prepare_data` and `setup` next.
-    """
-    hparams = checkpoint.get(L.LightningDataModule.CHECKPOINT_HYPER_PARAMS_KEY)
-    state = next(
-        (v for v in checkpoint.values() if isinstance(v, Mapping) and "data_class" in v), None
-    )
-    if hparams is None or state is None:
-        raise InputError(
-            "the checkpoint holds no data module (datamodule_hyper_parameters and its "
-            "state): it was written by an older recsys or not by train.py; train it again"
-        )
-    cls = get_class(state["data_class"])
-    if not (isinstance(cls, type) and issubclass(cls, RecDataModule)):
-        raise InputError(f"data_class {state['data_class']} is not a RecDataModule")
-    dm = cls(**_merge(hparams, overrides or {}))
-    changes = dm.settings_changes(state)
-    if allow_new_data:
-        dm.check_data = False
-        log.warning(
-            "allow_new_data=true: scoring the checkpoint on the data this config gives (%s), "
-            "not on its own processed folder %s (%s); users and items are the codes of "
-            "this data's own encoding",
-            describe_changes(changes) if changes else "same data settings",
-            state["processed"],
-            "the raw files are read and preprocessed as for training",
-        )
-        return dm
-    if changes:
-        raise DataMismatchError(
-            f"the checkpoint was trained on other data than this config asks for: "
-            f"{describe_changes(changes)}. Drop these overrides to evaluate it on its own "
-            f"data (processed folder {state['processed']} in paths.cache_dir), or pass "
-            "allow_new_data=true to score it on this data anyway."
-        )
-    dm.use_processed(state["processed"])
-    return dm
