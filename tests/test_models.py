@@ -17,12 +17,12 @@ from recsys.data.negatives import PositiveSet
 from recsys.data.store import FeatureStore
 from recsys.lit.module import embedding_parameters
 from recsys.lit.optim import CombinedOptimizer, RowSparseAdagrad, RowSparseAdam
-from recsys.models import Hybrid, NeuMF
+from recsys.models import Hybrid, LogisticRegression, NeuMF
 from recsys.models.ncf import VARIANTS
 from recsys.scoring import CatalogueScorer
 from recsys.train import run
 
-MODELS = ["ncf", "hybrid", "dlrm"]
+MODELS = ["ncf", "hybrid", "dlrm", "logreg"]
 
 
 @pytest.fixture(scope="session")
@@ -70,6 +70,39 @@ def _net_and_batch(make_cfg, *overrides):
     dm.setup()
     module = instantiate(cfg.model, spec=dm.spec.to_dict(), _recursive_=False)
     return module, next(iter(dm.train_dataloader())), dm
+
+
+def test_logreg_is_a_weight_per_code_plus_dense_plus_bias(make_cfg):
+    module, batch, dm = _net_and_batch(make_cfg, "model=logreg")
+    net = module.net
+    assert isinstance(net, LogisticRegression)
+    tables = net.weights.embedding_bags
+    assert sorted(tables) == sorted(f"t_{f.name}" for f in dm.spec.sparse)  # every feature
+    for f in dm.spec.sparse:
+        assert tables[f"t_{f.name}"].weight.shape == (f.num_embeddings, 1)
+    assert net.dense.in_features == dm.spec.num_dense > 0
+    torch.manual_seed(0)
+    for p in net.parameters():
+        torch.nn.init.normal_(p)
+    # the logit by hand: the bias, each feature's codes' weights summed, the dense layer
+    kjt = batch.sparse_features
+    expected = net.bias + net.dense(batch.dense_features).squeeze(1)
+    for f in dm.spec.sparse:
+        jt = kjt[f.name]
+        weights = tables[f"t_{f.name}"].weight[jt.values(), 0]
+        expected = expected + torch.segment_reduce(weights, "sum", lengths=jt.lengths())
+    torch.testing.assert_close(net(batch), expected)
+
+
+def test_logreg_beats_chance_on_ml100k(make_cfg):
+    metrics = run(
+        make_cfg("data=movielens", "data.variant=100k", "trainer.max_epochs=2", "model=logreg")
+    )
+    print(
+        f"ml-100k logreg test AUROC {metrics['test/auroc']:.4f}, "
+        f"popularity {metrics['popularity/test/auroc']:.4f}"
+    )
+    assert metrics["test/auroc"] > max(0.65, metrics["popularity/test/auroc"] + 0.05)
 
 
 def test_dlrm_tables_cover_every_sparse_feature(make_cfg):
