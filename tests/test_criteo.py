@@ -191,3 +191,18 @@ def test_logreg_trains_on_criteo(make_cfg, criteo_dir):
     best = oracle["splits"]["test"]["auroc"]
     print(f"criteo 60k rows, logreg: test AUROC {metrics['test/auroc']:.4f}, oracle {best:.4f}")
     assert 0.6 < metrics["test/auroc"] < best
+
+
+@pytest.mark.parametrize("model", ["ncf", "hybrid"])
+def test_models_that_need_ids_refuse_criteo_before_loading_it(make_cfg, criteo_dir, model):
+    cfg = make_cfg("data=criteo", f"model={model}", f"paths.data_dir={criteo_dir}")
+
+    def setup(self, stage=None):
+        raise AssertionError("the data was loaded before the model was refused")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(CriteoDataModule, "setup", setup)
+        with pytest.raises(Exception, match=rf"model={model} needs user and item ids") as info:
+            run(cfg)
+    cause = info.value if isinstance(info.value, InputError) else info.value.__cause__
+    assert isinstance(cause, InputError)

@@ -13,11 +13,13 @@ from hydra.utils import instantiate
 
 from recsys import scoring
 from recsys.data import FeatureSpec
+from recsys.data.spec import DenseFeature, SparseFeature
 from recsys.data.negatives import PositiveSet
-from recsys.data.store import FeatureStore
+from recsys.data.store import FeatureStore, RowFeatures
 from recsys.lit.module import embedding_parameters
 from recsys.lit.optim import CombinedOptimizer, RowSparseAdagrad, RowSparseAdam
-from recsys.models import Hybrid, LogisticRegression, NeuMF
+from recsys.errors import InputError
+from recsys.models import DLRM, Hybrid, LogisticRegression, NeuMF
 from recsys.models.ncf import VARIANTS
 from recsys.scoring import CatalogueScorer
 from recsys.train import run
@@ -494,3 +496,49 @@ def test_row_sparse_adam_refuses_gradients_it_does_not_take():
     weight.grad = torch.ones(4, 3).to_sparse()  # sparse in both dimensions
     with pytest.raises(RuntimeError, match="row-sparse gradients only"):
         opt.step()
+
+
+ROWS_ONLY = FeatureSpec.of_rows(
+    (SparseFeature("C1", "row", 5), SparseFeature("C2", "row", 3)), (DenseFeature("I1", "row"),)
+)
+
+
+@pytest.mark.parametrize(("net", "name"), [(NeuMF, "ncf"), (Hybrid, "hybrid")])
+def test_models_that_need_ids_refuse_data_without_them(net, name):
+    with pytest.raises(InputError, match=rf"model={name} needs user and item ids.*model=dlrm"):
+        net(ROWS_ONLY)
+
+
+def test_models_of_every_feature_take_data_without_ids():
+    row = RowFeatures(
+        codes={"C1": torch.tensor([1, 4]), "C2": torch.tensor([0, 2])},
+        lists={},
+        dense=torch.tensor([[0.5], [-1.0]]),
+    )
+    batch = FeatureStore(ROWS_ONLY, None, None).make_batch(None, None, row=row)
+    for net in (
+        DLRM(ROWS_ONLY, embedding_dim=4, dense_arch_layers=[4], over_arch_layers=[4]),
+        LogisticRegression(ROWS_ONLY),
+    ):
+        assert net(batch).shape == (2,)
+
+
+def test_hybrid_reads_the_users_and_items_dense_features_not_the_rows():
+    spec = FeatureSpec.of_ids(
+        4,
+        5,
+        side=(SparseFeature("ctx", "row", 3),),
+        dense=(DenseFeature("d_row", "row"),),
+    )
+    net = Hybrid(spec, embedding_dim=3, mlp_layers=[4], use_side_features=True)
+    assert net.num_dense == 0 and net.mlp[0].in_features == 2 * 3
+    assert net.side is None  # the row's sparse feature is no side feature of a user or item
+    row = RowFeatures(codes={"ctx": torch.tensor([1, 2])}, lists={}, dense=torch.ones(2, 1))
+    batch = FeatureStore(spec, None, None).make_batch(
+        torch.tensor([0, 1]), torch.tensor([2, 3]), row=row
+    )
+    assert batch.dense_features.shape == (2, 1)  # d_row
+    with torch.no_grad():
+        before = net(batch)
+        batch.dense_features += 10.0  # the row's dense column changes nothing
+        torch.testing.assert_close(net(batch), before)
