@@ -13,12 +13,12 @@ from hydra.utils import instantiate
 
 from recsys import scoring
 from recsys.data import FeatureSpec
-from recsys.data.spec import DenseFeature, SparseFeature
 from recsys.data.negatives import PositiveSet
+from recsys.data.spec import DenseFeature, SparseFeature
 from recsys.data.store import FeatureStore, RowFeatures
+from recsys.errors import InputError
 from recsys.lit.module import embedding_parameters
 from recsys.lit.optim import CombinedOptimizer, RowSparseAdagrad, RowSparseAdam
-from recsys.errors import InputError
 from recsys.models import DLRM, Hybrid, LogisticRegression, NeuMF
 from recsys.models.ncf import VARIANTS
 from recsys.scoring import CatalogueScorer
