@@ -17,7 +17,7 @@ from recsys.data.base import RecDataModule
 from recsys.distributed.torchrec_strategy import TorchRecStrategy
 from recsys.lit.module import RecommenderModule
 from recsys.metrics.ranking import latency_percentiles, peak_memory_mb
-from recsys.scoring import CatalogueScorer
+from recsys.scoring import CatalogueScorer, servable
 from recsys.train import model_context, report
 
 log = logging.getLogger(__name__)
@@ -56,7 +56,15 @@ def run(cfg: DictConfig) -> dict[str, float | str]:
             "catalogue below popularity; train with data.feedback=implicit to rank"
         )
     metrics = evaluate_with_baseline(trainer, model, dm, str(cfg.ckpt_path) if sharded else None)
-    if not sharded:  # a sharded model scores collectively: no single-request timing
+    if sharded:  # a sharded model scores collectively: no single-request timing
+        pass
+    elif not servable(dm.spec):
+        log.info(
+            "no request latency: this data has %s, so no recommendation request is served "
+            "from it (the figures are pointwise, on the test rows)",
+            "no user or item ids" if not dm.spec.has_ids else "row features",
+        )
+    else:
         metrics.update(request_latency(model, dm, repeats=cfg.latency_repeats))
     metrics["test/peak_memory_mb"] = peak_memory_mb()
     metrics["ckpt_path"] = str(cfg.ckpt_path)

@@ -19,7 +19,9 @@ log = logging.getLogger(__name__)
 def run(cfg: DictConfig) -> dict[str, str | int]:
     """Write and print recommendations (or similar items); returns the output path and rows."""
     quiet_libraries()
-    rec = Recommender.from_config(cfg)  # a sharded checkpoint's tables are gathered whole
+    # a sharded checkpoint's tables are gathered whole; data without ids or with row
+    # features is refused (`recsys.scoring.require_pairs`)
+    rec = Recommender.from_config(cfg, "predict.py")
     if cfg.similar_to is not None:
         frame = _similar(rec, cfg.similar_to, cfg.k)
     else:

@@ -20,8 +20,9 @@ from omegaconf import DictConfig
 from recsys.checkpoint import load_checkpoint, run_folder
 from recsys.data.base import RecDataModule
 from recsys.distributed.torchrec_strategy import load_meta, load_weights_only
+from recsys.errors import InputError
 from recsys.lit.module import RecommenderModule
-from recsys.scoring import CatalogueScorer
+from recsys.scoring import CatalogueScorer, require_pairs
 
 
 class UnknownIdError(KeyError):
@@ -86,7 +87,16 @@ class Recommender:
             only order items.
     """
 
-    def __init__(self, dm: RecDataModule, model: RecommenderModule, ckpt_path: str | Path):
+    def __init__(
+        self,
+        dm: RecDataModule,
+        model: RecommenderModule,
+        ckpt_path: str | Path,
+        task: str = "recommending",
+    ):
+        """Raises `InputError` (`require_pairs`) for data without ids or with row features;
+        ``task`` (``predict.py``, ``serve``) names what refused in the message."""
+        require_pairs(dm.spec, task)
         self.dm, self.model = dm, model.eval()
         self.ckpt_path = Path(ckpt_path)
         self.source = dm.source
@@ -101,8 +111,11 @@ class Recommender:
         self.item_records = self.item_info.to_dict("records")
         self.seen = dm.positives  # every known (user, item) pair, in any split
         self.popular = dm.protocol.item_popularity().argsort(descending=True, stable=True)
-        with torch.inference_mode():
-            self.item_vectors = F.normalize(model.net.item_embeddings().detach().float(), dim=1)
+        self.item_vectors = None  # a model without item vectors (model=logreg) has no `similar`
+        if hasattr(model.net, "item_embeddings"):
+            with torch.inference_mode():
+                vectors = model.net.item_embeddings().detach().float()
+                self.item_vectors = F.normalize(vectors, dim=1)
         state = checkpoint_state(self.ckpt_path)
         self.metrics, self.metrics_note = checkpoint_metrics(self.ckpt_path, state)
         # the feedback the model was trained on (allow_new_data may load other data)
@@ -110,11 +123,11 @@ class Recommender:
         self.calibrated = model.hparams.loss == "bce" and feedback == "explicit"
 
     @classmethod
-    def from_config(cls, cfg: DictConfig) -> Recommender:
+    def from_config(cls, cfg: DictConfig, task: str = "recommending") -> Recommender:
         """From ``cfg.ckpt_path`` (with ``paths``, ``data`` changes and ``allow_new_data``
         as for evaluate and predict: `recsys.checkpoint.load_checkpoint`)."""
         dm, model = load_checkpoint(cfg)
-        return cls(dm, model, cfg.ckpt_path)
+        return cls(dm, model, cfg.ckpt_path, task)
 
     # --- ids ------------------------------------------------------------------------------
     def user_codes(self, raw_ids: list, missing_ok: bool = False) -> np.ndarray:
@@ -153,6 +166,11 @@ class Recommender:
         (the item itself excluded): codes [k] and similarities [k]."""
         if not 1 <= k < self.num_items:
             raise ValueError(f"k={k} must be between 1 and {self.num_items - 1}")
+        if self.item_vectors is None:
+            raise InputError(
+                f"{self.model.hparams.net} has no item vectors to find similar items by: "
+                "use a checkpoint of model=ncf, model=hybrid or model=dlrm"
+            )
         sims = self.item_vectors @ self.item_vectors[item_code]
         sims[item_code] = float("-inf")
         s, top = sims.topk(k)

@@ -17,13 +17,43 @@ import torch
 from torch import nn
 
 from recsys.data.negatives import PositiveSet
+from recsys.data.spec import FeatureSpec
 from recsys.data.store import FeatureStore
+from recsys.errors import InputError
 
 FACTORISED_FLOATS = 1 << 18
 # `top_k` masks known items and takes the top-K once per block of users whose scores [U, I] fit
 # in this many floats, not once per scoring chunk (a factorised NeuMF scores one user a chunk,
 # and a mask per user took a quarter of its time)
 BLOCK_FLOATS = 1 << 20
+
+
+def servable(spec: FeatureSpec) -> bool:
+    """Whether (user, item) pairs without an observed row can be scored (`require_pairs`)."""
+    return spec.has_ids and not spec.row_features() and not spec.dense_of("row")
+
+
+def require_pairs(spec: FeatureSpec, task: str) -> None:
+    """Raise `InputError` when ``task`` (e.g. ``"predict.py"``) cannot score (user, item)
+    pairs of this data that no row was observed for: data without user and item ids (a click
+    log), or data with row features (an unobserved pair has no row to take them from).
+    Pointwise evaluation of the observed rows (``evaluate.py``: AUROC, log loss) works on
+    both."""
+    if not spec.has_ids:
+        raise InputError(
+            f"{task} scores users against items, and this model's data has no user or item "
+            "ids (every feature belongs to the row, a click log such as data=criteo): "
+            "such a model is not served or recommended from; evaluate.py reports its "
+            "pointwise figures (AUROC, log loss) on the test rows"
+        )
+    rows = [f.name for f in spec.row_features()] + [d.name for d in spec.dense_of("row")]
+    if rows:
+        raise InputError(
+            f"{task} scores (user, item) pairs that have no observed row, and this model reads "
+            f"row features {rows} (data.row_features), which only an observed row has: data "
+            "with row features is not served or recommended from; evaluate.py reports its "
+            "pointwise figures on the test rows"
+        )
 
 
 class CatalogueScorer:
@@ -52,6 +82,7 @@ class CatalogueScorer:
         num_items: int,
         max_pairs: int | None = 1 << 18,
     ):
+        require_pairs(features.spec, "scoring users against the catalogue")
         self.net, self.features, self.num_items = net.eval(), features, num_items
         self.max_pairs = max_pairs
         self.factorised = bool(getattr(net, "factorised", False))

@@ -41,17 +41,19 @@ def model_context(trainer: L.Trainer) -> AbstractContextManager:
 def build(cfg: DictConfig) -> tuple[RecDataModule, L.LightningModule, L.Trainer]:
     """Data module (prepared and set up), model sized from its metadata and holding the
     training data's item statistics, and Trainer. Sets the process's ``malloc`` thresholds
-    first (`set_malloc_thresholds`)."""
+    first (`set_malloc_thresholds`). The model is built from the processed data's spec before
+    the data is loaded (`RecDataModule.setup`), so a model that cannot read the data (NeuMF
+    on a click log without ids) says so before that work."""
     set_malloc_thresholds(**cfg.get("malloc") or {})
     dm: RecDataModule = instantiate(cfg.data)
     dm.prepare_data()  # the model needs the dataset's sizes before the Trainer starts
-    dm.setup()  # and the training split's item statistics (novelty, diversity)
     # ValidationHistory is what run() reports the validation figures from: not optional
     callbacks = [*instantiate_group(cfg.get("callbacks")), ValidationHistory()]
     loggers = instantiate_group(cfg.get("logger"))
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     with model_context(trainer):  # trainer=torchrec: the tables start on the meta device
         model = instantiate(cfg.model, spec=dm.spec.to_dict(), _recursive_=False)
+    dm.setup()  # the training split's item statistics (novelty, diversity)
     model.set_item_statistics(**dm.protocol.item_statistics())
     config = OmegaConf.to_container(cfg, resolve=True)
     for lg in trainer.loggers:

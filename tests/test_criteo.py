@@ -174,3 +174,35 @@ def test_dlrm_trains_on_criteo_and_nears_the_oracle(make_cfg, criteo_dir, stream
         f"oracle {best:.4f}"
     )
     assert 0.62 < metrics["test/auroc"] < best
+
+
+def test_logreg_trains_on_criteo(make_cfg, criteo_dir):
+    oracle = json.loads((criteo_dir / "criteo" / "oracle.json").read_text())
+    cfg = make_cfg(
+        "data=criteo",
+        "model=logreg",
+        f"paths.data_dir={criteo_dir}",
+        "data.max_ind_range=20000",
+        "data.batch_size=1024",
+        "model.sparse_grad=true",
+        "trainer.max_epochs=1",
+    )
+    metrics = run(cfg)
+    best = oracle["splits"]["test"]["auroc"]
+    print(f"criteo 60k rows, logreg: test AUROC {metrics['test/auroc']:.4f}, oracle {best:.4f}")
+    assert 0.6 < metrics["test/auroc"] < best
+
+
+@pytest.mark.parametrize("model", ["ncf", "hybrid"])
+def test_models_that_need_ids_refuse_criteo_before_loading_it(make_cfg, criteo_dir, model):
+    cfg = make_cfg("data=criteo", f"model={model}", f"paths.data_dir={criteo_dir}")
+
+    def setup(self, stage=None):
+        raise AssertionError("the data was loaded before the model was refused")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(CriteoDataModule, "setup", setup)
+        with pytest.raises(Exception, match=rf"model={model} needs user and item ids") as info:
+            run(cfg)
+    cause = info.value if isinstance(info.value, InputError) else info.value.__cause__
+    assert isinstance(cause, InputError)

@@ -287,3 +287,98 @@ def test_missing_file(make_cfg, tmp_path):
     path = tmp_path / "nowhere.csv"
     with pytest.raises(FileNotFoundError, match=re.escape(f"{path} does not exist; set data.path")):
         instantiate(_cfg(make_cfg, path).data).prepare_data()
+
+
+# --- row features: each interaction row's own values ------------------------------------
+
+ROW_FEATURES = "data.row_features={categorical:[device],multi_hot:{tags:';'},dense:[hour]}"
+
+
+@pytest.fixture
+def with_row_features(interactions):
+    """`interactions` with row feature columns, and one (user, item) pair repeated earlier
+    with other row values (the older copy is removed, its row features with it)."""
+    path, df = interactions
+    rng = np.random.default_rng(1)
+    df = df.assign(
+        device=rng.choice(["mobile", "desktop", ""], len(df)),
+        tags=rng.choice(["promo", "promo;new", "", "new"], len(df)),
+        hour=rng.integers(0, 24, len(df)),
+    )
+    older = df.iloc[[0]].assign(
+        timestamp=df["timestamp"].iloc[0] - 10, device="tablet", tags="old", hour=99
+    )
+    df = pd.concat([df, older], ignore_index=True)
+    df.to_csv(path, index=False)
+    return path, df
+
+
+def test_row_features(make_cfg, with_row_features):
+    path, df = with_row_features
+    dm = _datamodule(make_cfg, path, ROW_FEATURES)
+    spec = dm.spec
+    assert spec.has_ids and spec.sparse_names == ["user_id", "item_id", "device", "tags"]
+    assert [(f.name, f.entity, f.multi_hot) for f in spec.row_features()] == [
+        ("device", "row", False),
+        ("tags", "row", True),
+    ]
+    assert [(d.name, d.entity) for d in spec.dense] == [("hour", "row")]
+    # codes and standardisation are of every row of the file, the older copies included
+    vocab = dm.data.meta["vocab"]
+    assert "tablet" in vocab["device"] and "old" in vocab["tags"]
+    inter = dm.data.interactions
+    assert len(inter) == len(df) - 1
+    kept = df.iloc[:-1]
+    assert len(inter.row) == len(kept)
+    # row i of the processed interactions is row i of the file (older copy removed)
+    users = dm.data.user_ids[inter.users.numpy()]
+    assert (users == kept["user_id"].astype(str).to_numpy()).all()
+    device = [vocab["device"][c] for c in inter.row.codes["device"].tolist()]
+    assert device == kept["device"].replace("", "<unknown>").tolist()
+    assert inter.row.codes["device"].dtype == torch.int32
+    offsets, values = inter.row.lists["tags"]
+    for i in (0, 1, 2, 3, 500):
+        tokens = [vocab["tags"][c] for c in values[offsets[i] : offsets[i + 1]].tolist()]
+        expected = [t for t in kept["tags"].iloc[i].split(";") if t] if kept["tags"].iloc[i] else []
+        assert tokens == expected, i
+    hours = df["hour"].to_numpy(np.float64)
+    expected = (hours - hours.mean()) / hours.std()
+    assert inter.row.dense[:, 0].numpy() == pytest.approx(expected[:-1], rel=1e-4, abs=1e-5)
+    # a training batch carries them: the KJT's keys and the dense column
+    batch = next(iter(dm.train_dataloader()))
+    assert batch.sparse_features.keys() == ["user_id", "item_id", "device", "tags"]
+    assert batch.dense_features.shape == (len(batch), 1)
+
+
+def test_row_features_change_the_cache_key(make_cfg, with_row_features):
+    path, _ = with_row_features
+    dirs = {
+        instantiate(_cfg(make_cfg, path, *o).data).processed_dir
+        for o in ([], [ROW_FEATURES], ["data.row_features={categorical:[device]}"])
+    }
+    assert len(dirs) == 3
+
+
+def test_a_bad_row_dense_value_names_the_column_and_line(make_cfg, with_row_features):
+    path, df = with_row_features
+    df["hour"] = df["hour"].astype(str)
+    df.loc[4, "hour"] = "noon"
+    df.to_csv(path, index=False)
+    msg = _error(make_cfg, path, ROW_FEATURES)
+    assert str(path) in msg and "'hour' must be numeric" in msg and "line 6 has 'noon'" in msg
+
+
+@pytest.mark.parametrize(
+    ("setting", "why"),
+    [("data.feedback=implicit", "feedback=implicit"), ("data.ranking=sampled", "ranking=sampled")],
+)
+def test_row_features_refuse_sampled_items(make_cfg, with_row_features, setting, why):
+    path, _ = with_row_features
+    with pytest.raises(Exception, match=rf"data.row_features=.*{why}.*has no row to take it"):
+        instantiate(_cfg(make_cfg, path, ROW_FEATURES, setting).data)
+
+
+def test_dlrm_trains_on_row_features(make_cfg, with_row_features):
+    path, _ = with_row_features
+    metrics = run(_cfg(make_cfg, path, ROW_FEATURES, "model=dlrm", "trainer.max_epochs=1"))
+    assert np.isfinite(metrics["test/auroc"]) and np.isfinite(metrics["test/logloss"])

@@ -14,15 +14,17 @@ from hydra.utils import instantiate
 from recsys import scoring
 from recsys.data import FeatureSpec
 from recsys.data.negatives import PositiveSet
-from recsys.data.store import FeatureStore
+from recsys.data.spec import DenseFeature, SparseFeature
+from recsys.data.store import FeatureStore, RowFeatures
+from recsys.errors import InputError
 from recsys.lit.module import embedding_parameters
 from recsys.lit.optim import CombinedOptimizer, RowSparseAdagrad, RowSparseAdam
-from recsys.models import Hybrid, NeuMF
+from recsys.models import DLRM, Hybrid, LogisticRegression, NeuMF
 from recsys.models.ncf import VARIANTS
 from recsys.scoring import CatalogueScorer
 from recsys.train import run
 
-MODELS = ["ncf", "hybrid", "dlrm"]
+MODELS = ["ncf", "hybrid", "dlrm", "logreg"]
 
 
 @pytest.fixture(scope="session")
@@ -70,6 +72,39 @@ def _net_and_batch(make_cfg, *overrides):
     dm.setup()
     module = instantiate(cfg.model, spec=dm.spec.to_dict(), _recursive_=False)
     return module, next(iter(dm.train_dataloader())), dm
+
+
+def test_logreg_is_a_weight_per_code_plus_dense_plus_bias(make_cfg):
+    module, batch, dm = _net_and_batch(make_cfg, "model=logreg")
+    net = module.net
+    assert isinstance(net, LogisticRegression)
+    tables = net.weights.embedding_bags
+    assert sorted(tables) == sorted(f"t_{f.name}" for f in dm.spec.sparse)  # every feature
+    for f in dm.spec.sparse:
+        assert tables[f"t_{f.name}"].weight.shape == (f.num_embeddings, 1)
+    assert net.dense.in_features == dm.spec.num_dense > 0
+    torch.manual_seed(0)
+    for p in net.parameters():
+        torch.nn.init.normal_(p)
+    # the logit by hand: the bias, each feature's codes' weights summed, the dense layer
+    kjt = batch.sparse_features
+    expected = net.bias + net.dense(batch.dense_features).squeeze(1)
+    for f in dm.spec.sparse:
+        jt = kjt[f.name]
+        weights = tables[f"t_{f.name}"].weight[jt.values(), 0]
+        expected = expected + torch.segment_reduce(weights, "sum", lengths=jt.lengths())
+    torch.testing.assert_close(net(batch), expected)
+
+
+def test_logreg_beats_chance_on_ml100k(make_cfg):
+    metrics = run(
+        make_cfg("data=movielens", "data.variant=100k", "trainer.max_epochs=2", "model=logreg")
+    )
+    print(
+        f"ml-100k logreg test AUROC {metrics['test/auroc']:.4f}, "
+        f"popularity {metrics['popularity/test/auroc']:.4f}"
+    )
+    assert metrics["test/auroc"] > max(0.65, metrics["popularity/test/auroc"] + 0.05)
 
 
 def test_dlrm_tables_cover_every_sparse_feature(make_cfg):
@@ -461,3 +496,49 @@ def test_row_sparse_adam_refuses_gradients_it_does_not_take():
     weight.grad = torch.ones(4, 3).to_sparse()  # sparse in both dimensions
     with pytest.raises(RuntimeError, match="row-sparse gradients only"):
         opt.step()
+
+
+ROWS_ONLY = FeatureSpec.of_rows(
+    (SparseFeature("C1", "row", 5), SparseFeature("C2", "row", 3)), (DenseFeature("I1", "row"),)
+)
+
+
+@pytest.mark.parametrize(("net", "name"), [(NeuMF, "ncf"), (Hybrid, "hybrid")])
+def test_models_that_need_ids_refuse_data_without_them(net, name):
+    with pytest.raises(InputError, match=rf"model={name} needs user and item ids.*model=dlrm"):
+        net(ROWS_ONLY)
+
+
+def test_models_of_every_feature_take_data_without_ids():
+    row = RowFeatures(
+        codes={"C1": torch.tensor([1, 4]), "C2": torch.tensor([0, 2])},
+        lists={},
+        dense=torch.tensor([[0.5], [-1.0]]),
+    )
+    batch = FeatureStore(ROWS_ONLY, None, None).make_batch(None, None, row=row)
+    for net in (
+        DLRM(ROWS_ONLY, embedding_dim=4, dense_arch_layers=[4], over_arch_layers=[4]),
+        LogisticRegression(ROWS_ONLY),
+    ):
+        assert net(batch).shape == (2,)
+
+
+def test_hybrid_reads_the_users_and_items_dense_features_not_the_rows():
+    spec = FeatureSpec.of_ids(
+        4,
+        5,
+        side=(SparseFeature("ctx", "row", 3),),
+        dense=(DenseFeature("d_row", "row"),),
+    )
+    net = Hybrid(spec, embedding_dim=3, mlp_layers=[4], use_side_features=True)
+    assert net.num_dense == 0 and net.mlp[0].in_features == 2 * 3
+    assert net.side is None  # the row's sparse feature is no side feature of a user or item
+    row = RowFeatures(codes={"ctx": torch.tensor([1, 2])}, lists={}, dense=torch.ones(2, 1))
+    batch = FeatureStore(spec, None, None).make_batch(
+        torch.tensor([0, 1]), torch.tensor([2, 3]), row=row
+    )
+    assert batch.dense_features.shape == (2, 1)  # d_row
+    with torch.no_grad():
+        before = net(batch)
+        batch.dense_features += 10.0  # the row's dense column changes nothing
+        torch.testing.assert_close(net(batch), before)

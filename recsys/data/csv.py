@@ -57,6 +57,14 @@ class CSVDataModule(RecDataModule):
     separator}, dense: [col, ...]}``. Each id takes its first non-missing value; ids with
     conflicting values are counted in the report. Feature names are the column names.
 
+    Row features are columns that describe the interaction itself (an impression's context:
+    device, hour, the page): ``row_features``, in the same layout, each row its own value
+    (codes 0 where missing, dense values standardised, missing ones 0; vocabularies and
+    statistics over every row of the file, before repeated (user, item) pairs are removed with
+    their rows' features). They need observed
+    rows for every pair the model scores, so they take ``feedback=explicit`` and pointwise
+    evaluation only (``ranking=null``): a sampled negative item has no row to take them from.
+
     Bad input raises ``ValueError`` naming the file, the problem and the offending lines (line
     1 is the header): a missing column, an empty file, missing ids, labels or ratings,
     non-numeric values, labels outside {0, 1}. Nothing is dropped silently.
@@ -68,6 +76,7 @@ class CSVDataModule(RecDataModule):
         columns: ``{user, item, label, rating, timestamp}`` -> column name; unset (null)
             roles are detected from the header.
         user_features, item_features: side feature columns, as above.
+        row_features: the rows' own feature columns, as above.
         **kwargs: see `RecDataModule` (``data_dir`` defaults to the file's folder).
     """
 
@@ -79,6 +88,7 @@ class CSVDataModule(RecDataModule):
         columns: Mapping[str, str | None] | None = None,
         user_features: Mapping | None = None,
         item_features: Mapping | None = None,
+        row_features: Mapping | None = None,
         **kwargs,
     ):
         self.path = Path(path).expanduser()
@@ -93,7 +103,20 @@ class CSVDataModule(RecDataModule):
         self.features = {
             "user": _check_features(plain(user_features or {}), "user_features"),
             "item": _check_features(plain(item_features or {}), "item_features"),
+            "row": _check_features(plain(row_features or {}), "row_features"),
         }
+        if self.features["row"] and (self.feedback == "implicit" or self.protocol.ranking):
+            setting = (
+                "data.feedback=implicit (negatives are sampled items)"
+                if self.feedback == "implicit"
+                else f"data.ranking={self.protocol.ranking} (candidates are sampled items)"
+            )
+            raise InputError(
+                f"data.row_features={self.features['row']} with {setting}: a row feature is "
+                "the value of an observed interaction row, and a sampled negative item has no "
+                "row to take it from; use data.feedback=explicit data.ranking=null, or move the "
+                "columns to data.user_features / data.item_features"
+            )
 
     @property
     def source(self) -> str:
@@ -114,6 +137,7 @@ class CSVDataModule(RecDataModule):
             "columns": self.columns,
             "user_features": self.features["user"],
             "item_features": self.features["item"],
+            "row_features": self.features["row"],
         }
 
     def download(self) -> None:
@@ -160,7 +184,10 @@ class CSVDataModule(RecDataModule):
             entity: self._side_table(df, ratings[entity], entity, report, vocab, sparse, dense)
             for entity in ("user", "item")
         }
-        return assemble(report, ratings, tables["user"], tables["item"], sparse, dense, vocab)
+        row = self._row_table(df, vocab, sparse, dense)
+        return assemble(
+            report, ratings, tables["user"], tables["item"], sparse, dense, vocab, row=row
+        )
 
     # --- reading and checks ------------------------------------------------------------------
     def _read(self) -> pd.DataFrame:
@@ -277,7 +304,28 @@ class CSVDataModule(RecDataModule):
                 "kept the first value:",
             )
         table = pd.DataFrame(index=first.index)
+        self._encode(first, feats, entity, table, vocab, sparse, dense)
+        return table
+
+    def _row_table(self, df, vocab, sparse, dense) -> pd.DataFrame | None:
+        """The row features, row i for row i of ``df`` (positional index)."""
+        feats = self.features["row"]
+        if not _feature_columns(feats):
+            return None
+        rows = df[_feature_columns(feats)].reset_index(drop=True)
+        table = pd.DataFrame(index=rows.index)
+        self._encode(rows, feats, "row", table, vocab, sparse, dense)
+        for col in feats.get("categorical", []):  # the layout `read_interactions` reads
+            table[col] = table[col].astype(np.int32)
+        return table
+
+    def _encode(self, first, feats, entity, table, vocab, sparse, dense) -> None:
+        """Encode the feature columns of ``first`` (one row per id, or per interaction row)
+        into ``table``, adding their spec entries and vocabularies."""
+        columns = _feature_columns(feats)
         reserved = {"user_id", "item_id", "title", *vocab, *(d.name for d in dense)}
+        if entity == "row":  # the columns of interactions.parquet
+            reserved |= {"user", "item", "label", "rating", "timestamp"}
         for col in columns:
             if col in reserved:
                 raise InputError(
@@ -298,10 +346,11 @@ class CSVDataModule(RecDataModule):
             sparse.append(SparseFeature(col, entity, len(vocab[col]), multi_hot=True))
         for col in feats.get("dense", []):
             table[col] = standardize(first[col])
-            # the batch puts every user column before the item columns
+            # the batch puts every user column before the item columns, the row's last
             at = sum(d.entity == "user" for d in dense) if entity == "user" else len(dense)
+            if entity == "item":
+                at = sum(d.entity != "row" for d in dense)
             dense.insert(at, DenseFeature(col, entity))
-        return table
 
 
 def _key(name: str) -> str:

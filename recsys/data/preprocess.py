@@ -258,6 +258,7 @@ def assemble(
     sparse: list[SparseFeature],
     dense: list[DenseFeature],
     vocab: dict[str, list[str]],
+    row: pd.DataFrame | None = None,
 ) -> ProcessedData:
     """Build the processed dataset from cleaned interactions and side tables.
 
@@ -266,8 +267,12 @@ def assemble(
         ratings: raw ``user``, ``item`` ids with ``label``, ``rating`` and ``timestamp``.
         users, items: side tables indexed by raw id with one column per side feature
             (and ``title`` for items); None when the source has none.
-        sparse, dense: the side features (not the ids), whose columns are in the tables.
-        vocab: vocabularies of the categorical side features.
+        sparse, dense: the side and row features (not the ids), whose columns are in the
+            tables and in ``row``.
+        vocab: vocabularies of the categorical side and row features.
+        row: the row features (entity ``row``), row i for row i of ``ratings``: int32 codes,
+            lists of codes (multi-hot) and float32 columns, stored as columns of
+            ``interactions.parquet`` (`recsys.data.store.read_interactions` reads them).
 
     Users and items are the ids that occur in ``ratings``. Interactions whose user or item
     has no row in its side table are kept with unknown (0) codes and counted in the report.
@@ -290,6 +295,12 @@ def assemble(
         copy=False,
     )
     del user_codes, item_codes, timestamps  # the int64 codes (the frame holds int32)
+    if row is not None:
+        if len(row) != n:
+            raise ValueError(f"row features have {len(row)} rows, the interactions {n}")
+        row = row.reset_index(drop=True)
+        for col in row.columns:
+            interactions[col] = row[col].array
     if not keep.all():
         interactions = interactions.loc[keep].reset_index(drop=True)
     user_codes, item_codes = interactions["user"].to_numpy(), interactions["item"].to_numpy()

@@ -18,7 +18,7 @@ from recsys.data.negatives import PositiveSet
 from recsys.data.preprocess import cache_key
 from recsys.data.ranking import RANKING_MODES, FullRanking, SampledRanking
 from recsys.data.spec import FeatureSpec, SparseFeature
-from recsys.data.store import Interactions, ProcessedDataset
+from recsys.data.store import Interactions, ProcessedDataset, RowFeatures
 
 log = logging.getLogger(__name__)
 
@@ -283,7 +283,9 @@ class EvaluationProtocol:
         if f is None:
             return None
         items = torch.arange(spec.num_items)
-        kjt = self.data.features.make_batch(torch.zeros_like(items), items).sparse_features[f.name]
+        row = RowFeatures.unknown(spec, len(items)) if self.data.features.needs_row else None
+        batch = self.data.features.make_batch(torch.zeros_like(items), items, row=row)
+        kjt = batch.sparse_features[f.name]
         rows = torch.repeat_interleave(items, kjt.lengths())
         vectors = torch.zeros(spec.num_items, f.num_embeddings)
         vectors[rows, kjt.values()] = 1.0

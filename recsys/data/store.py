@@ -99,6 +99,19 @@ class RowFeatures:
         )
 
     @classmethod
+    def unknown(cls, spec: FeatureSpec, rows: int) -> RowFeatures:
+        """``rows`` rows whose every row feature is unknown: code 0, no codes (multi-hot),
+        dense 0. For reading the users' or items' own features from a batch, never to
+        score (a model reading row features would score rows that do not exist)."""
+        codes, lists = {}, {}
+        for f in spec.row_features():
+            if f.multi_hot:
+                lists[f.name] = (torch.zeros(rows + 1, dtype=torch.long), torch.zeros(0).long())
+            else:
+                codes[f.name] = torch.zeros(rows, dtype=torch.int32)
+        return cls(codes, lists, torch.zeros(rows, len(spec.dense_of("row"))))
+
+    @classmethod
     def from_arrow(cls, spec: FeatureSpec, table: pa.Table) -> RowFeatures:
         """The row feature columns of ``table`` (one row per interaction), by ``spec``."""
         codes, lists = {}, {}
@@ -138,7 +151,7 @@ class FeatureStore:
 
     def __init__(self, spec: FeatureSpec, users: pa.Table | None, items: pa.Table | None):
         self.spec = spec
-        self._needs_row = bool(spec.row_features() or spec.dense_of("row"))
+        self.needs_row = bool(spec.row_features() or spec.dense_of("row"))
         tables = {"user": users, "item": items}
         self._tables: dict[str, _Table] = {}
         for f in spec.sparse:
@@ -175,7 +188,7 @@ class FeatureStore:
             labels: float [B] or None.
             row: the rows' features [B] (data with row features only).
         """
-        if row is None and self._needs_row:
+        if row is None and self.needs_row:
             raise ValueError(
                 "this data has row features: a batch needs the features of its rows (pairs "
                 "without an observed row, such as sampled negatives, have none)"

@@ -2,7 +2,8 @@
 
 from recsys.models.dlrm import DLRM
 from recsys.models.hybrid import Hybrid
+from recsys.models.linear import LogisticRegression
 from recsys.models.ncf import NeuMF
 from recsys.models.popularity import Popularity
 
-__all__ = ["DLRM", "Hybrid", "NeuMF", "Popularity"]
+__all__ = ["DLRM", "Hybrid", "LogisticRegression", "NeuMF", "Popularity"]

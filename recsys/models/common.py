@@ -7,6 +7,19 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from recsys.data.spec import FeatureSpec
+from recsys.errors import InputError
+
+
+def require_ids(spec: FeatureSpec, model: str) -> None:
+    """Raise `InputError` when ``spec`` has no user and item ids (`FeatureSpec.has_ids`),
+    which ``model`` (its config name, e.g. ``ncf``) needs."""
+    if not spec.has_ids:
+        raise InputError(
+            f"model={model} needs user and item ids; the data has none (every feature belongs "
+            "to the row, as in data=criteo's click logs): use model=dlrm or model=logreg"
+        )
+
 
 def mlp(in_features: int, layers: Sequence[int], dropout: float = 0.0) -> nn.Sequential:
     """Linear -> ReLU (-> Dropout) for each width in ``layers``; [B, in] -> [B, layers[-1]]."""

@@ -79,6 +79,9 @@ def embedding_bags(
 class DLRM(nn.Module):
     """DLRM over every sparse and dense feature of a `Batch`.
 
+    Reads everything the spec has: the ids, the users' and items' side features and the row's
+    own, sparse and dense; data without ids (click logs) included.
+
     Notation: B batch size, F sparse features, D embedding dim, Dd dense features.
 
     Sparse arch: one `EmbeddingBagCollection` table per feature, pooled (sum or mean) to

@@ -9,7 +9,7 @@ from torch import nn
 
 from recsys.data.batch import Batch
 from recsys.data.spec import FeatureSpec
-from recsys.models.common import mlp, mlp_rest, mlp_rest_weights
+from recsys.models.common import mlp, mlp_rest, mlp_rest_weights, require_ids
 from recsys.models.dlrm import embedding_bags
 
 
@@ -20,7 +20,12 @@ class Hybrid(nn.Module):
 
     u and i are the user and item embeddings [B, D]. With ``use_side_features``, the pooled
     embeddings of the user's side features (e.g. age, gender) are added to u, the item's (e.g.
-    genres) to i, and the dense features join the MLP input.
+    genres) to i, and the users' and items' dense features join the MLP input.
+
+    Reads ``user_id`` and ``item_id``, and with ``use_side_features`` the users' and items'
+    sparse and dense features; never the row's own features (`FeatureSpec.row_features`,
+    ``spec.dense_of("row")``): u and i describe the user and the item, whatever the row.
+    Refuses data without ids (`require_ids`).
 
     ``sparse_grad``: every table's gradient is row-sparse (``nn.Embedding`` and the side
     features' ``nn.EmbeddingBag`` with ``sparse=True``), one row per lookup, for an optimizer
@@ -52,6 +57,7 @@ class Hybrid(nn.Module):
         sparse_grad: bool = False,
     ):
         super().__init__()
+        require_ids(spec, "hybrid")
         if not mlp_layers:
             raise ValueError("model.mlp_layers must name at least one layer")
         self.sparse_grad = sparse_grad
@@ -69,7 +75,15 @@ class Hybrid(nn.Module):
             table.sparse = sparse_grad
         self.user_side = [f.name for f in side if f.entity == "user"]
         self.item_side = [f.name for f in side if f.entity == "item"]
-        self.num_dense = spec.num_dense if use_side_features else 0
+        # the users' and items' dense features: the leading columns of Batch.dense_features
+        # (entity order, `FeatureSpec.of_ids`), the row's after them
+        own = [d.entity != "row" for d in spec.dense]
+        if own != sorted(own, reverse=True):
+            raise ValueError(
+                f"Hybrid needs the row's dense features after the users' and items' "
+                f"(FeatureSpec.of_ids order); the spec has {[d.name for d in spec.dense]}"
+            )
+        self.num_dense = sum(own) if use_side_features else 0
         self.mlp = mlp(2 * embedding_dim + self.num_dense, mlp_layers, dropout)
         self.head = nn.Linear(mlp_layers[-1], 1)
 
@@ -108,6 +122,6 @@ class Hybrid(nn.Module):
             pooled = self.side(batch.sparse_features).to_dict()  # name -> [B, D]
             u = u + sum((pooled[f] for f in self.user_side), torch.zeros_like(u))
             i = i + sum((pooled[f] for f in self.item_side), torch.zeros_like(i))
-        mlp_in = [u, i, batch.dense_features] if self.num_dense else [u, i]
+        mlp_in = [u, i, batch.dense_features[:, : self.num_dense]] if self.num_dense else [u, i]
         deep = self.head(self.mlp(torch.cat(mlp_in, dim=1))).squeeze(1)
         return (u * i).sum(dim=1) + deep

@@ -13,13 +13,16 @@ from torch import nn
 
 from recsys.data.batch import Batch
 from recsys.data.spec import FeatureSpec
-from recsys.models.common import mlp, mlp_rest, mlp_rest_weights
+from recsys.models.common import mlp, mlp_rest, mlp_rest_weights, require_ids
 
 VARIANTS = ("gmf", "mlp", "neumf", "mf")
 
 
 class NeuMF(nn.Module):
     """NeuMF over the ``user_id`` and ``item_id`` features of a `Batch`.
+
+    Reads ``user_id`` and ``item_id`` only: no side, row or dense feature. Refuses data
+    without ids (`require_ids`: click logs, whose features all belong to the row).
 
     Notation: B batch size, G GMF embedding dim, M MLP embedding dim, L last MLP width.
 
@@ -69,6 +72,7 @@ class NeuMF(nn.Module):
         sparse_grad: bool = False,
     ):
         super().__init__()
+        require_ids(spec, "ncf")
         if variant not in VARIANTS:
             raise ValueError(f"model.variant={variant!r} is not one of {VARIANTS}")
         if variant in ("mlp", "neumf") and not mlp_layers:

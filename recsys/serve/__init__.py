@@ -39,6 +39,7 @@ import secrets
 import signal
 import socket
 from collections.abc import Callable
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -51,8 +52,10 @@ from pydantic import BaseModel, Field
 
 from recsys.checkpoint import checkpoint_from_config
 from recsys.console import quiet_libraries
+from recsys.data.spec import FeatureSpec
 from recsys.errors import InputError
-from recsys.recommender import Recommender, UnknownIdError
+from recsys.recommender import Recommender, UnknownIdError, checkpoint_state
+from recsys.scoring import require_pairs
 
 log = logging.getLogger(__name__)
 
@@ -186,9 +189,10 @@ def create_app(
 
 
 def app_from_config(cfg: DictConfig) -> FastAPI:
-    """Load the checkpoint of ``cfg`` and build its app."""
+    """Load the checkpoint of ``cfg`` and build its app. A model of data without ids or with
+    row features is refused here, at startup (`recsys.scoring.require_pairs`)."""
     torch.set_num_threads(cfg.serve.torch_threads)
-    rec = Recommender.from_config(cfg)
+    rec = Recommender.from_config(cfg, "serve")
     return create_app(rec, cfg.serve.api_key, cfg.serve.max_k, cfg.serve.max_batch)
 
 
@@ -239,6 +243,9 @@ def run(cfg: DictConfig) -> None:
     cfg.ckpt_path = checkpoint_from_config(cfg)
     if s.workers < 1:
         raise InputError(f"serve.workers={s.workers} must be at least 1")
+    # refused before any worker starts: data without ids or with row features
+    spec = checkpoint_state(Path(cfg.ckpt_path))["hyper_parameters"]["spec"]
+    require_pairs(FeatureSpec.from_dict(spec), "serve")
     workers_text = f"{s.workers} worker{'s' if s.workers > 1 else ''}"
     log.info("loading %s (%s)", cfg.ckpt_path, workers_text)
 
