@@ -348,6 +348,9 @@ def test_streamed_sigkill_mid_epoch_then_resume_equals_uninterrupted(
     last = tmp_path / "killed" / "checkpoints" / "last.ckpt"
     state = torch.load(last, map_location="cpu", weights_only=False)
     assert state["global_step"] == 24 and state["epoch"] == 1
+    # the streamed loader's position (after 4 batches of the second epoch) is in last.ckpt
+    position = {"epoch": 1, "batch": 4, "block": 2, "window": 1, "offset": 4000}
+    assert str(position)[1:-1] in str(state["loops"])
     resumed = _train(data_dir, cache_dir, tmp_path / "resumed", *overrides, f"ckpt_path={last}")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     expected = torch.load(tmp_path / "whole" / "final.pt", weights_only=True)
