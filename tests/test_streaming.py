@@ -197,6 +197,43 @@ def test_evaluation_shares_cover_every_row_once(streamed, monkeypatch, world):
     assert torch.equal(union, every)
 
 
+@pytest.mark.parametrize("block_rows", [7000, 30000])
+@pytest.mark.parametrize("batch_size", [999, 4096])
+def test_steps_equal_the_batches_every_rank_yields(
+    in_memory, monkeypatch, tmp_path, block_rows, batch_size
+):
+    """On shards of other block sizes, for 1 to 4 ranks: `len` of the loader is the number of
+    batches each rank yields, and the rows a rank leaves out plus the rows read are all."""
+    rows = in_memory.data.interactions.take(in_memory.rows["train"])
+    writer = stream.ShardWriter(tmp_path / "train", in_memory.spec, block_rows)
+    writer.add(rows)
+    manifest = {"block_rows": block_rows, "splits": {"train": writer.close()}}
+    for world in range(1, 5):
+        if manifest["splits"]["train"]["blocks"] < world:
+            continue
+        read, left_out = 0, 0
+        for rank in range(world):
+            _as_rank(monkeypatch, rank, world)
+            dataset = stream.StreamBatches(
+                str(tmp_path / "train"),
+                None,
+                manifest,
+                "train",
+                in_memory.spec,
+                in_memory.data.features,
+                batch_size,
+                shuffle=True,
+                seed=3,
+                window_blocks=1,
+                even=True,
+            )
+            loader = stream.StreamLoader(dataset, lambda: 0)
+            sizes = [len(b.labels) for b in loader]
+            assert len(sizes) == len(loader), (world, rank)
+            read, left_out = read + sum(sizes), left_out + dataset.left_out
+        assert read + left_out == TRAIN_ROWS, world
+
+
 def test_a_split_of_fewer_blocks_than_ranks_is_refused(streamed, monkeypatch):
     _as_rank(monkeypatch, 0, 3)
     loader = streamed._stream("val", shuffle=False, even=True)  # 2 blocks

@@ -271,12 +271,13 @@ class StreamBatches(IterableDataset):
             return self.block_rows
         return self.info["rows"] - (self.info["blocks"] - 1) * self.block_rows
 
-    def _unassigned_rows(self, ds) -> int:
-        """Rows of the blocks litdata gave no rank this epoch (with ``drop_last``, the blocks
-        past ``blocks // world`` per rank in its shuffled order). Reads litdata's shuffler:
-        its assignment of blocks to ranks is not public."""
+    def _unassigned_rows(self, ds, epoch: int) -> int:
+        """Rows of the blocks litdata gives no rank in ``epoch`` (with ``drop_last``, the
+        blocks past ``blocks // world`` per rank in its shuffled order). Reads litdata's
+        shuffler, once its iteration has started (its assignment of blocks to ranks is not
+        public); the epoch is given, as litdata moves its own on when an epoch ends."""
         chunks, _ = ds.shuffler.get_chunks_and_intervals_per_workers(
-            ds.distributed_env, ds.worker_env.world_size, ds.batch_size, ds.current_epoch
+            ds.distributed_env, ds.worker_env.world_size, ds.batch_size, epoch + 1
         )
         assigned = {int(c) for worker in chunks for c in worker}
         return sum(self._block_rows(b) for b in range(self.info["blocks"]) if b not in assigned)
@@ -363,7 +364,7 @@ class StreamBatches(IterableDataset):
             while (stored := next(blocks, None)) is not None:
                 left += len(stored["label"])
             # the blocks no rank was given are counted once, by rank 0
-            unassigned = self._unassigned_rows(ds) if rank == 0 else 0
+            unassigned = self._unassigned_rows(ds, start.epoch) if rank == 0 else 0
             self.left_out = left + unassigned
             if self.left_out:
                 log.info(
