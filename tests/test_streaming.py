@@ -242,11 +242,16 @@ def test_a_split_of_fewer_blocks_than_ranks_is_refused(streamed, monkeypatch):
 
 
 # --- exact resume ---------------------------------------------------------------------------
-@pytest.mark.parametrize("module", ["streamed", "streamed_implicit"])
-def test_loader_state_resumes_mid_epoch_exactly(request, module):
+@pytest.mark.parametrize(
+    ("module", "rank", "world"),
+    [("streamed", 0, 1), ("streamed_implicit", 0, 1), ("streamed", 1, 2), ("streamed", 2, 3)],
+)
+def test_loader_state_resumes_mid_epoch_exactly(request, monkeypatch, module, rank, world):
     """After 13 batches (in the second window) of epoch 2, a fresh loader given the state
-    yields exactly the batches (rows, labels and sampled negatives) the first yields next."""
+    yields exactly the batches (rows, labels and sampled negatives) the first yields next,
+    on one rank of several too."""
     dm = request.getfixturevalue(module)
+    _as_rank(monkeypatch, rank, world)
     loader = dm.train_dataloader()
     loader.epoch = lambda: 2
     batches = iter(loader)
