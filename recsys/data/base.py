@@ -33,7 +33,7 @@ from recsys.data.preprocess import META_FILE, ProcessedData, cache_key, cached_d
 from recsys.data.protocol import EvaluationProtocol
 from recsys.data.spec import FeatureSpec
 from recsys.data.split import source_split, split_indices
-from recsys.data.store import ProcessedDataset, read_meta
+from recsys.data.store import ProcessedDataset, _read_columns, read_meta
 from recsys.data.stream import (
     SHARDS_FILE,
     SPLITS,
@@ -41,6 +41,7 @@ from recsys.data.stream import (
     StreamBatches,
     StreamLoader,
     read_manifest,
+    shards_source,
     write_manifest,
 )
 from recsys.errors import InputError, MissingInputError
@@ -90,7 +91,8 @@ class RecDataModule(L.LightningDataModule):
             of memory: ``prepare_data`` writes them in blocks of ``block_rows`` rows into the
             processed folder; training reads ``window_blocks`` blocks at a time, shuffled.
         shards_url: where the shards are read from, if not from the processed folder: a
-            folder or an object-store URL (``s3://...``, ``gs://...``) holding a copy of
+            folder, a ``file://`` URL or an object-store URL (``s3://...``, ``gs://...``,
+            `recsys.data.stream.shards_source`) holding a copy of
             the processed folder's ``shards-*`` folder; read through a local cache in
             ``<cache_dir>/stream`` of at most ``stream_cache_size``.
     """
@@ -419,6 +421,15 @@ class RecDataModule(L.LightningDataModule):
             return None
         if which not in self._positives:
             inter, num_items = self.data.interactions, self.spec.num_items
+            if inter is None and which == "all":  # streamed: the id columns only
+                ids = _read_columns(
+                    self.processed_dir / "interactions.parquet",
+                    {"user": np.int32, "item": np.int32},
+                    batch_rows=1 << 16,
+                )
+                users, items = (torch.from_numpy(ids[c].astype(np.int64)) for c in ("user", "item"))
+                self._positives[which] = PositiveSet(users, items, num_items)
+                return self._positives[which]
             if inter is None and which == "train":  # streamed
                 pairs = pq.read_table(self.shards_dir / "train_pairs.parquet")
                 users, items = (
@@ -659,7 +670,7 @@ class RecDataModule(L.LightningDataModule):
         if self.manifest is None:
             raise RuntimeError(f"{self.source}: call setup() before asking for a loader")
         if self.shards_url:
-            url = f"{self.shards_url.rstrip('/')}/{split}"
+            url = shards_source(f"{self.shards_url.rstrip('/')}/{split}")
             cache = self.cache_dir / "stream" / self.shards_dir.name / split
         else:
             url, cache = str(self.shards_dir / split), None

@@ -40,9 +40,22 @@ SPLITS = ("train", "val", "test")
 
 
 def _rank_and_world() -> tuple[int, int]:
+    """This process's rank and the world size: the one place streaming reads them (litdata's
+    own detection is overridden with them, see `StreamBatches._dataset`)."""
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+def shards_source(url: str) -> str:
+    """``url`` as litdata reads it through its cache: ``s3://``, ``gs://`` and ``local:`` as
+    they are; a ``file://`` URL or a plain folder as ``local:<absolute folder>`` (litdata reads a
+    plain path in place, without the cache, and takes ``file://x`` for a relative path)."""
+    if url.startswith("file://"):
+        url = url.removeprefix("file://")
+    elif "://" in url or url.startswith("local:"):
+        return url
+    return f"local:{Path(url).expanduser().resolve()}"
 
 
 # --- blocks -------------------------------------------------------------------------------
@@ -235,8 +248,9 @@ class StreamBatches(IterableDataset):
 
     def _dataset(self, epoch: int):
         from litdata import StreamingDataset
+        from litdata.utilities.env import _DistributedEnv
 
-        _, world = _rank_and_world()
+        rank, world = _rank_and_world()
         ds = StreamingDataset(
             self.url,
             cache_dir=None if self.cache_dir is None else str(self.cache_dir),
@@ -245,8 +259,28 @@ class StreamBatches(IterableDataset):
             drop_last=self.even and world > 1,
             max_cache_size=self.max_cache_size,
         )
+        env = ds.distributed_env  # litdata's guess (torch.distributed, else WORLD_SIZE ...)
+        if (env.world_size, env.global_rank) != (world, rank):
+            ds.distributed_env = _DistributedEnv(world, rank, 1)
         ds.set_epoch(epoch + 1)  # litdata counts epochs from 1
         return ds
+
+    def _block_rows(self, block: int) -> int:
+        """Rows of stored block ``block`` (all hold ``block_rows`` but the last)."""
+        if block < self.info["blocks"] - 1:
+            return self.block_rows
+        return self.info["rows"] - (self.info["blocks"] - 1) * self.block_rows
+
+    def _unassigned_rows(self, ds, epoch: int) -> int:
+        """Rows of the blocks litdata gives no rank in ``epoch`` (with ``drop_last``, the
+        blocks past ``blocks // world`` per rank in its shuffled order). Reads litdata's
+        shuffler, once its iteration has started (its assignment of blocks to ranks is not
+        public); the epoch is given, as litdata moves its own on when an epoch ends."""
+        chunks, _ = ds.shuffler.get_chunks_and_intervals_per_workers(
+            ds.distributed_env, ds.worker_env.world_size, ds.batch_size, epoch + 1
+        )
+        assigned = {int(c) for worker in chunks for c in worker}
+        return sum(self._block_rows(b) for b in range(self.info["blocks"]) if b not in assigned)
 
     def steps(self) -> int | None:
         """Batches per rank: with ``even``, the same on every rank, those of the rank whose
@@ -258,6 +292,11 @@ class StreamBatches(IterableDataset):
         if not self.even:
             return None
         per_rank = blocks // world
+        if per_rank == 0:
+            raise InputError(
+                f"{self.split}: {blocks} blocks of data.block_rows={self.block_rows} rows "
+                f"cannot give each of {world} ranks one; lower data.block_rows"
+            )
         tail = rows - (blocks - 1) * self.block_rows  # the last block's rows
         fewest = per_rank * self.block_rows - (self.block_rows - tail)
         return math.ceil(fewest / self.batch_size)
@@ -324,16 +363,20 @@ class StreamBatches(IterableDataset):
             left = sum(w.left for w in pending)
             while (stored := next(blocks, None)) is not None:
                 left += len(stored["label"])
-            self.left_out = left
-            if left:
+            # the blocks no rank was given are counted once, by rank 0
+            unassigned = self._unassigned_rows(ds, start.epoch) if rank == 0 else 0
+            self.left_out = left + unassigned
+            if self.left_out:
                 log.info(
-                    "%s: rank %d left out %d rows of its share in epoch %d (every rank runs %d "
-                    "batches)",
+                    "%s: rank %d left out %d rows in epoch %d (%d of its share past the %d "
+                    "batches every rank runs, %d in blocks given to no rank)",
                     self.split,
                     rank,
-                    left,
+                    self.left_out,
                     start.epoch,
+                    left,
                     steps,
+                    unassigned,
                 )
 
     def _build(self, rows: Interactions, number: int, rank: int, epoch: int) -> Batch:
