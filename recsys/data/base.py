@@ -33,7 +33,7 @@ from recsys.data.preprocess import META_FILE, ProcessedData, cache_key, cached_d
 from recsys.data.protocol import EvaluationProtocol
 from recsys.data.spec import FeatureSpec
 from recsys.data.split import source_split, split_indices
-from recsys.data.store import ProcessedDataset, _read_columns, read_meta
+from recsys.data.store import ProcessedDataset, read_columns, read_meta
 from recsys.data.stream import (
     SHARDS_FILE,
     SPLITS,
@@ -422,7 +422,7 @@ class RecDataModule(L.LightningDataModule):
         if which not in self._positives:
             inter, num_items = self.data.interactions, self.spec.num_items
             if inter is None and which == "all":  # streamed: the id columns only
-                ids = _read_columns(
+                ids = read_columns(
                     self.processed_dir / "interactions.parquet",
                     {"user": np.int32, "item": np.int32},
                     batch_rows=1 << 16,

@@ -334,7 +334,7 @@ def read_interactions(path: Path, spec: FeatureSpec, batch_rows: int = 1 << 16) 
     codes = [f.name for f in spec.row_features() if not f.multi_hot]
     dtypes.update({name: np.int32 for name in codes})
     dtypes.update({d.name: np.float32 for d in spec.dense_of("row")})
-    arrays = _read_columns(path, dtypes, batch_rows)
+    arrays = read_columns(path, dtypes, batch_rows)
     n = len(arrays["label"])
     columns = {}
     for name, dtype in INTERACTION_DTYPES.items():
@@ -374,7 +374,9 @@ def _only(spec: FeatureSpec, names: list[str]) -> FeatureSpec:
     return FeatureSpec(0, 0, sparse=tuple(f for f in spec.sparse if f.name in names))
 
 
-def _read_columns(path: Path, dtypes: dict, batch_rows: int) -> dict[str, np.ndarray]:
+def read_columns(path: Path, dtypes: dict, batch_rows: int) -> dict[str, np.ndarray]:
+    """``{column: array of its dtype}`` for the columns of ``dtypes`` in a Parquet file, each
+    allocated once and filled ``batch_rows`` rows at a time."""
     file = pq.ParquetFile(path)
     n = file.metadata.num_rows
     out = {name: np.empty(n, dtype) for name, dtype in dtypes.items()}
