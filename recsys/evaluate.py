@@ -56,15 +56,14 @@ def run(cfg: DictConfig) -> dict[str, float | str]:
             "catalogue below popularity; train with data.feedback=implicit to rank"
         )
     metrics = evaluate_with_baseline(trainer, model, dm, str(cfg.ckpt_path) if sharded else None)
-    if sharded:  # a sharded model scores collectively: no single-request timing
-        pass
-    elif not servable(dm.spec):
+    # a sharded model scores collectively: no single-request timing
+    if not sharded and not servable(dm.spec):
         log.info(
             "no request latency: this data has %s, so no recommendation request is served "
             "from it (the figures are pointwise, on the test rows)",
             "no user or item ids" if not dm.spec.has_ids else "row features",
         )
-    else:
+    elif not sharded:
         metrics.update(request_latency(model, dm, repeats=cfg.latency_repeats))
     metrics["test/peak_memory_mb"] = peak_memory_mb()
     metrics["ckpt_path"] = str(cfg.ckpt_path)

@@ -8,6 +8,7 @@ import json
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pytest
 import torch
 
@@ -68,6 +69,20 @@ def test_read_chunks_is_bounded_by_the_chunk_and_equals_one_read(tmp_path):
     hexes = whole[CRITEO_SPARSE].fillna("").to_numpy()
     expected = np.vectorize(lambda h: int(h, 16) if h else -1)(hexes)
     assert np.array_equal(sparse, expected)
+
+
+@pytest.mark.parametrize("suffix", ["", ".gz"])
+def test_read_chunks_holds_a_block_of_the_file_not_the_file(tmp_path, suffix):
+    """Arrow's allocations while chunks are read stay near one block of lines (64 KB for
+    200-row chunks), however large the file; a reader that reads ahead would hold the file."""
+    generate_criteo(tmp_path, 40_000, seed=1, gzip=bool(suffix))  # about 9.7 MB of lines
+    path = tmp_path / "criteo" / f"train.txt{suffix}"
+    peak, rows = 0, 0
+    for chunk in read_chunks(path, chunk_rows=200):
+        peak = max(peak, pa.total_allocated_bytes())
+        rows += len(chunk)
+    assert rows == 40_000
+    assert peak < 1_000_000, f"{peak:,} bytes held while reading 9.7 MB of lines"
 
 
 @pytest.mark.parametrize(
