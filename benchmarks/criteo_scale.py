@@ -4,6 +4,7 @@ the number of rows of Criteo-layout click logs.
     python benchmarks/criteo_scale.py [quick=true] [rows=[1000000,10000000]]
         [memory_rows=[10000000]] [models=[dlrm,logreg]] [max_ind_range=1000000]
         [capped_rows=10000000] [cap_mb=1200] [capped_max_ind_range=20000]
+        [capped_eval_batch_size=8192]
         [data_dir=<dir>] [results=benchmarks/results] [hydra overrides ...]
 
 For each number of rows N, files in the Criteo Kaggle layout (``train.txt``) written by the
@@ -23,7 +24,9 @@ generator with a known click model (``python -m recsys.data.synthetic format=cri
 
 Then one streamed DLRM epoch at ``capped_rows`` rows in a memory cgroup of ``cap_mb`` MB
 (resident memory and page cache together), smaller than the shards on disk, with
-``data.max_ind_range=capped_max_ind_range`` so that the tables fit beside it: it completes
+``data.max_ind_range=capped_max_ind_range`` so that the tables fit beside it, and test
+batches of ``capped_eval_batch_size`` rows (DLRM's activations for criteo's 65,536-row test
+batches take about 0.9 GB): it completes
 or the kernel kills it. Making the cgroup needs root; elsewhere that row says why it is
 missing.
 
@@ -66,6 +69,7 @@ class Options(Settings):
     capped_rows: int | None = 10_000_000
     cap_mb: int = 1200
     capped_max_ind_range: int = 20_000
+    capped_eval_batch_size: int = 8192
     data_dir: str | None = None
     # internal: what a child process runs (read | prepare | fit) and where it writes figures
     stage: str | None = None
@@ -219,6 +223,7 @@ def run_capped(args: Options, extra: list[str], data: Path, tmp: Path) -> dict:
         f"paths.cache_dir={tmp / 'cache-capped'}",
         f"data.max_ind_range={args.capped_max_ind_range}",
         f"data.batch_size={args.batch_size}",
+        f"data.eval_batch_size={args.capped_eval_batch_size}",
         "data.streaming=true",
         *extra,
     ]
@@ -260,6 +265,8 @@ def line(r: dict) -> str:
     ):
         if r.get(key) is not None:
             parts.append(fmt.format(r[key]))
+    if r.get("why"):
+        parts.append(f"\n{r['why']}")
     return " ".join(parts)
 
 
