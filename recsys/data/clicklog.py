@@ -251,9 +251,10 @@ def read_chunks(path: Path, chunk_rows: int = 1 << 20) -> Iterator[RawChunk]:
 
     Memory is bounded by the chunk: the file is read in blocks of whole lines of at most
     64 MB (`_line_blocks`), each parsed by Arrow's CSV reader on every core (not by Arrow's
-    streaming reader, which reads ahead of its consumer without bound). A bad line (not 40 fields, a label other than 0/1, an integer or
-    hex field that does not parse, an empty label) raises `InputError` naming the file, the
-    line, the column and the value; nothing is skipped.
+    streaming reader, which reads ahead of its consumer without bound). A bad line (not 40
+    fields, a label other than 0/1, an integer or hex field that does not parse, an empty
+    label) raises `InputError` naming the file, the line, the column and the value; nothing
+    is skipped.
     """
     path = Path(path)
     if chunk_rows < 1:
