@@ -78,19 +78,8 @@ class Options(Settings):
 
 QUICK = {"rows": [100_000], "memory_rows": [100_000], "capped_rows": None}
 LABELS = {"dlrm": "DLRM", "logreg": "LogReg"}
-# one epoch, then the test split: no validation, checkpoint, logger or progress bar
-FIT = [
-    "trainer.max_epochs=1",
-    "+trainer.limit_val_batches=0",
-    "+trainer.enable_checkpointing=false",
-    "+trainer.enable_progress_bar=false",
-    "callbacks.model_checkpoint=null",
-    "callbacks.last_checkpoint=null",
-    "callbacks.early_stopping=null",
-    "callbacks.progress_bar=null",
-    "logger=none",
-    "model.sparse_grad=true",
-]
+# one epoch, then the test split (`fit` runs it)
+FIT = [*bench.ONE_EPOCH, "model.sparse_grad=true"]
 
 
 # --- the child processes ---------------------------------------------------------------------

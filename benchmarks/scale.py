@@ -109,18 +109,7 @@ def data_overrides(rows: int, args: Options) -> list[str]:
     ]
 
 
-# one epoch, nothing else: no validation, checkpoint, logger or progress bar
-FIT = [
-    "trainer.max_epochs=1",
-    "+trainer.limit_val_batches=0",
-    "+trainer.enable_checkpointing=false",
-    "+trainer.enable_progress_bar=false",
-    "callbacks.model_checkpoint=null",
-    "callbacks.last_checkpoint=null",
-    "callbacks.early_stopping=null",
-    "callbacks.progress_bar=null",
-    "logger=none",
-]
+FIT = list(bench.ONE_EPOCH)
 
 
 # --- the child processes ---------------------------------------------------------------------

@@ -100,6 +100,21 @@ from omegaconf.errors import OmegaConfBaseException
 
 SCHEMA = 1
 REPO = Path(__file__).resolve().parents[1]
+
+# train.py overrides for one training epoch and nothing else: no validation, checkpoint,
+# logger or progress bar
+ONE_EPOCH = (
+    "trainer.max_epochs=1",
+    "+trainer.limit_val_batches=0",
+    "+trainer.enable_checkpointing=false",
+    "+trainer.enable_progress_bar=false",
+    "callbacks.model_checkpoint=null",
+    "callbacks.last_checkpoint=null",
+    "callbacks.early_stopping=null",
+    "callbacks.progress_bar=null",
+    "logger=none",
+)
+
 RESULTS = REPO / "benchmarks" / "results"
 QUICK_RESULTS = Path("logs/benchmarks/results")
 ROW_KEYS = ("system", "model", "metric", "unit", "value", "settings")
