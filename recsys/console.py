@@ -100,8 +100,12 @@ def format_value(key: str, value: object) -> str:
 
 def results_table(metrics: dict, baseline: str = "popularity/") -> str:
     """The test figures as ``metric | model | popularity | difference``; a row without a
-    baseline figure leaves those columns empty."""
+    baseline figure leaves those columns empty, and without any baseline figure (data
+    without items to be popular) the table is ``metric | model``."""
     keys = sorted(k for k in metrics if k.startswith("test/"))
+    if not any(baseline + key in metrics for key in keys):
+        rows = [("metric", "model"), *((key, format_value(key, metrics[key])) for key in keys)]
+        return _columns(rows)
     rows = [("metric", "model", baseline.rstrip("/"), "difference")]
     for key in keys:
         value, other = metrics[key], metrics.get(baseline + key)
@@ -111,7 +115,12 @@ def results_table(metrics: dict, baseline: str = "popularity/") -> str:
             rows.append(
                 (key, format_value(key, value), format_value(key, other), f"{value - other:+.4f}")
             )
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    return _columns(rows)
+
+
+def _columns(rows: list[tuple[str, ...]]) -> str:
+    """Rows as aligned columns under a rule: the first left-aligned, the others right."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = [
         "  ".join(
             c.ljust(w) if i == 0 else c.rjust(w)

@@ -45,6 +45,12 @@ def test_results_table_compares_with_the_baseline():
     assert not any(line.startswith("val/") for line in lines)  # test figures only
 
 
+def test_results_table_without_a_baseline_has_no_baseline_columns():
+    lines = results_table({"test/auroc": 0.7591, "test/logloss": 0.47}).splitlines()
+    assert lines[0].split() == ["metric", "model"]
+    assert lines[2].split() == ["test/auroc", "0.7591"]
+
+
 def test_counts_print_as_integers():
     assert format_value("test/cold_user_rows", 3.0) == "3"
     assert format_value("best_epoch", 12) == "12"
