@@ -7,7 +7,7 @@ BASE_PYTHON ?= python3
 TORCH_VERSION = 2.13.0
 TORCHREC_VERSION = 1.8.0
 FBGEMM_VERSION = 1.8.0
-# litdata's own requirements pull torchvision, which has no wheel for torch 2.13: its runtime
+# litdata's own requirements pull torchvision, which does not load beside torch 2.13: its runtime
 # requirements are in pyproject.toml
 LITDATA_VERSION = 0.2.76
 # CUDA wheels index for `make install-cuda`, e.g. CUDA_INDEX=https://download.pytorch.org/whl/cu128
