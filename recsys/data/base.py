@@ -420,30 +420,16 @@ class RecDataModule(L.LightningDataModule):
         if self.data is None:
             return None
         if which not in self._positives:
-            inter, num_items = self.data.interactions, self.spec.num_items
-            if inter is None and which == "all":  # streamed: the id columns only
-                ids = read_columns(
-                    self.processed_dir / "interactions.parquet",
-                    {"user": np.int32, "item": np.int32},
-                    batch_rows=1 << 16,
-                )
-                users, items = (torch.from_numpy(ids[c].astype(np.int64)) for c in ("user", "item"))
-                self._positives[which] = PositiveSet(users, items, num_items)
-                return self._positives[which]
-            if inter is None and which == "train":  # streamed
-                pairs = pq.read_table(self.shards_dir / "train_pairs.parquet")
-                users, items = (
-                    torch.from_numpy(pairs.column(c).to_numpy().astype(np.int64))
-                    for c in ("user", "item")
-                )
-                self._positives[which] = PositiveSet(users, items, num_items)
-                return self._positives[which]
-            if which == "all":
-                pairs = PositiveSet(inter.users, inter.items, num_items)
-            else:
-                train = self.rows["train"]
-                pairs = PositiveSet(inter.users[train], inter.items[train], num_items)
-            self._positives[which] = pairs
+            inter = self.data.interactions
+            if inter is not None:
+                rows = slice(None) if which == "all" else self.rows["train"]
+                users, items = inter.users[rows], inter.items[rows]
+            else:  # streamed: the id columns of every processed row, or of the training rows
+                folder = self.processed_dir if which == "all" else self.shards_dir
+                name = "interactions.parquet" if which == "all" else "train_pairs.parquet"
+                ids = read_columns(folder / name, {"user": np.int64, "item": np.int64}, 1 << 16)
+                users, items = torch.from_numpy(ids["user"]), torch.from_numpy(ids["item"])
+            self._positives[which] = PositiveSet(users, items, self.spec.num_items)
         return self._positives[which]
 
     def _check_supported(self, spec: FeatureSpec) -> None:
