@@ -346,11 +346,7 @@ class CSVDataModule(RecDataModule):
             sparse.append(SparseFeature(col, entity, len(vocab[col]), multi_hot=True))
         for col in feats.get("dense", []):
             table[col] = standardize(first[col])
-            # the batch puts every user column before the item columns, the row's last
-            at = sum(d.entity == "user" for d in dense) if entity == "user" else len(dense)
-            if entity == "item":
-                at = sum(d.entity != "row" for d in dense)
-            dense.insert(at, DenseFeature(col, entity))
+            dense.append(DenseFeature(col, entity))  # FeatureSpec.of_ids orders by entity
 
 
 def _key(name: str) -> str:
