@@ -225,7 +225,7 @@ def main(run: bench.Benchmark) -> None:
 
 
 def print_tables(rows: list[dict], opts: Options, modes: list[str]) -> None:
-    """The README's table, from the results' rows."""
+    """The table it prints, from the results' rows."""
     data = "ml-100k" if opts.quick else "the ml-1m subset"
     print(
         f"NeuMF on {data}, {opts.threads} threads; median ms a step over {opts.rounds} "

@@ -354,7 +354,7 @@ def main(run: bench.Benchmark) -> None:
 
 
 def print_tables(rows: list[dict], opts: Options, flops: float) -> None:
-    """The README's tables, from the results' rows."""
+    """The tables it prints, from the results' rows."""
 
     def value(system: str, metric: str, batch: int, **where) -> float | None:
         row = bench.find(rows, system=system, metric=metric, batch=batch, **where)

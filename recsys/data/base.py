@@ -52,7 +52,8 @@ class RecDataModule(ArtifactDataModule):
             val_row: previous|random}`` (`recsys.data.split.split_indices`; ``val_row`` is
             leave_one_out's validation row).
         seed: seed of the split and of the per-epoch shuffles.
-        rating_threshold, threshold_op: label = rating `op` threshold (op ``>`` or ``>=``).
+        rating_threshold: label = rating `threshold_op` rating_threshold.
+        threshold_op: ``>`` or ``>=``.
         feedback: ``explicit`` (labels from ratings) or ``implicit`` (every interaction is a
             positive; training batches add ``num_negatives`` sampled negatives per positive,
             drawn anew each epoch; validation/test rows get as many negatives, drawn once
@@ -66,7 +67,8 @@ class RecDataModule(ArtifactDataModule):
         drop_cold_start: leave out of validation and test the rows whose user or item has
             no training row (scored by untrained embeddings otherwise). Off by default: such
             rows are counted either way (``test/cold_user_rows``, ``test/cold_item_rows``).
-        num_workers, pin_memory: DataLoader options.
+        num_workers: DataLoader worker processes.
+        pin_memory: DataLoader option.
         rebuild: preprocess again even if the processed folder exists.
         streaming: read the split rows from litdata shards (`recsys.data.stream`) instead
             of memory: ``prepare_data`` writes them in blocks of ``block_rows`` rows into the
