@@ -208,17 +208,15 @@ def main(run: bench.Benchmark) -> None:
         pairs = [(mode, modes[0]) for mode in modes[1:]]
         pairs += [p for p in SHARES if p not in pairs and set(p) <= set(modes)]
         for mode, baseline in pairs:
-            steps = [r["step"] for r in runs[mode]], [r["step"] for r in runs[baseline]]
-            differences = bench.paired(*steps, operator.sub)
-            run.add(
+            run.add_paired(
+                [r["step"] for r in runs[mode]],
+                [r["step"] for r in runs[baseline]],
+                operator.sub,
                 system=mode,
                 model="NeuMF",
                 metric="step_ms_difference",
                 unit="ms",
-                value=bench.median(differences),
                 settings={**where, "baseline": baseline},
-                statistic="median",
-                runs=differences,
             )
     print_tables(run.rows, opts, modes)
     run.write()

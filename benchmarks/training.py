@@ -310,16 +310,15 @@ def main(run: bench.Benchmark) -> None:
                     runs=values,
                 )
         for baseline in [s for s in systems if s != "recsys"]:
-            ratios = bench.paired(rates["recsys"], rates[baseline], operator.truediv)
-            run.add(
+            run.add_paired(
+                rates["recsys"],
+                rates[baseline],
+                operator.truediv,
                 system="recsys",
                 model="NeuMF",
                 metric="samples_per_sec_ratio",
                 unit="x",
-                value=bench.median(ratios),
                 settings={**where, "baseline": baseline},
-                statistic="median",
-                runs=ratios,
             )
         # the first MLP layer's product, [batch, 2M] x [2M, H1]
         m = cfg.model
