@@ -11,7 +11,8 @@ from hydra.utils import instantiate
 
 from recsys.data.base import RecDataModule
 from recsys.data.criteo_synthetic import generate_criteo
-from recsys.train import instantiate_group, run
+from recsys.runs import instantiate_group
+from recsys.train import run
 from tests.conftest import CONF_DIR
 
 

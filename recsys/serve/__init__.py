@@ -50,11 +50,11 @@ from fastapi.responses import JSONResponse
 from omegaconf import DictConfig, OmegaConf
 from pydantic import BaseModel, Field
 
-from recsys.checkpoint import checkpoint_from_config
+from recsys.checkpoint import checkpoint_from_config, checkpoint_state
 from recsys.console import quiet_libraries
 from recsys.data.spec import FeatureSpec
 from recsys.errors import InputError
-from recsys.recommender import Recommender, UnknownIdError, checkpoint_state
+from recsys.recommender import Recommender, UnknownIdError
 from recsys.scoring import require_pairs
 
 log = logging.getLogger(__name__)
