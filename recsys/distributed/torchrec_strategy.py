@@ -28,6 +28,7 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 
 from recsys.checkpoint import META_FILE, load_meta, load_shards
+from recsys.errors import InputError
 from recsys.models.dlrm import tables_on
 
 log = logging.getLogger(__name__)
@@ -77,8 +78,10 @@ class TorchRecStrategy(DDPStrategy):
     materialises them whole, and `DistributedModelParallel` allocates and initialises each
     rank's own shards on its device.
 
-    Evaluation loaders give every rank the same number of rows (up to ``world_size - 1`` rows
-    are left out), because sharded lookups are collective: all ranks step together.
+    Evaluation loaders must give every rank the same number of rows, because sharded lookups
+    are collective: all ranks step together. The data module does (``data.even_eval_shards``,
+    which ``conf/trainer/torchrec.yaml`` sets; up to ``world_size - 1`` rows are left out); the
+    strategy refuses to start on more than one rank without it.
 
     Args:
         sharding_types: sharding types the planner may use for every table, e.g.
@@ -114,16 +117,26 @@ class TorchRecStrategy(DDPStrategy):
         self.model._apply(lambda t: t if t.is_meta else t.to(self.root_device))
 
     def setup(self, trainer: L.Trainer) -> None:
+        self._check_even_eval_shards(trainer.datamodule)
         self.accelerator.setup(trainer)
         self.model_to_device()
-        if trainer.datamodule is not None and hasattr(trainer.datamodule, "even_eval_shards"):
-            trainer.datamodule.even_eval_shards = True
         self.model = self._shard(self.model, fitting=trainer.state.fn == TrainerFn.FITTING)
         if trainer.state.fn == TrainerFn.FITTING:
             self.setup_optimizers(trainer)
         self.setup_precision_plugin()
         if trainer.state.fn == TrainerFn.FITTING:
             _optimizers_to_device(self.optimizers, self.root_device)
+
+    def _check_even_eval_shards(self, datamodule: L.LightningDataModule | None) -> None:
+        """Sharded lookups are collective: every rank must step through as many evaluation
+        batches, which the data module gives with ``data.even_eval_shards`` (set by
+        trainer=torchrec)."""
+        if self.world_size > 1 and not getattr(datamodule, "even_eval_shards", True):
+            raise InputError(
+                "trainer.strategy=torchrec evaluates collectively (sharded lookups), so every "
+                "rank needs as many evaluation batches: set data.even_eval_shards=true "
+                "(trainer=torchrec sets it)"
+            )
 
     def _shard(self, module: L.LightningModule, fitting: bool) -> nn.Module:
         if self._dmp is not None and self._dmp.module is module:
