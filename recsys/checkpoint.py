@@ -1,15 +1,32 @@
-"""Checkpoints back into a model and its data: what evaluate, predict and serving share."""
+"""Checkpoints: read safely, and back into a model and its data (what evaluate, predict,
+serving and the dashboard share).
+
+Every checkpoint is read with ``weights_only=True`` (`load_weights_only`, `load_meta`,
+`load_shards`): tensors and plain containers only, so a checkpoint from elsewhere never runs
+code here; anything else raises `RefusedCheckpoint`."""
 
 from __future__ import annotations
 
+import dataclasses
+import enum
+import io
 import json
 import logging
+import pickle
+import re
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import lightning as L
+import torch
+import torch.distributed.checkpoint as dcp
 from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
+from torch.distributed.checkpoint._traverse import set_element
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.planner import ReadItem
 
 from recsys.data.artifact import ArtifactDataModule
 from recsys.data.base import RecDataModule
@@ -20,11 +37,120 @@ from recsys.data.identity import (
     merge_settings,
     settings_changes,
 )
-from recsys.distributed.torchrec_strategy import load_meta, load_shards, load_weights_only
 from recsys.errors import InputError, MissingInputError
 from recsys.lit.module import RecommenderModule
 
 log = logging.getLogger(__name__)
+
+# a sharded checkpoint (trainer.strategy=torchrec) is a folder: the Lightning checkpoint
+# without its weights, and the shards that torch.distributed.checkpoint writes
+META_FILE = "meta.pt"
+DCP_METADATA_FILE = ".metadata"  # written by torch.distributed.checkpoint, read with pickle
+
+
+def load_weights_only(path: str | Path, mmap: bool = False) -> Any:
+    """``torch.load(path, weights_only=True)``: tensors and plain containers only, so a
+    checkpoint from elsewhere never runs code here.
+
+    Raises:
+        ValueError: the file holds anything else (a class instance, a function).
+    """
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as e:
+        raise RefusedCheckpoint(path, e) from e
+
+
+def load_meta(folder: str | Path) -> dict:
+    """The ``meta.pt`` of a sharded checkpoint folder (the Lightning checkpoint without its
+    weights), read with `load_weights_only`."""
+    path = Path(folder) / META_FILE
+    if not path.is_file():
+        raise ValueError(
+            f"{folder} is not a checkpoint folder of trainer.strategy=torchrec (no {META_FILE})"
+        )
+    return load_weights_only(path)
+
+
+def load_shards(state: dict, folder: str | Path) -> None:
+    """``dcp.load(state, checkpoint_id=folder)`` (each rank reads the shards it owns, in
+    place) without running code from the folder: its ``.metadata`` pickle may hold only what
+    DCP writes there, and non-tensor entries are read with ``weights_only=True``."""
+    folder = Path(folder)
+    metadata = folder / DCP_METADATA_FILE
+    if metadata.is_file():  # else dcp.load names the missing file
+        try:
+            with metadata.open("rb") as f:
+                _MetadataUnpickler(f).load()
+        except pickle.UnpicklingError as e:
+            raise RefusedCheckpoint(metadata, e) from e
+    try:
+        dcp.load(state, checkpoint_id=folder, planner=_WeightsOnlyLoadPlanner())
+    except CheckpointException as e:  # on every rank, with every rank's failure
+        refused = [exc for exc, _ in e.failures.values() if isinstance(exc, RefusedCheckpoint)]
+        if refused:
+            raise refused[0] from e
+        raise
+
+
+class RefusedCheckpoint(InputError):
+    """A checkpoint file holds something other than tensors and plain containers: loading it
+    could run code, so it is not loaded."""
+
+    def __init__(self, where: str | Path, error: Exception):
+        found = re.search(r"GLOBAL (\S+)", str(error))
+        what = found.group(1) if found else "objects other than tensors and plain containers"
+        super().__init__(
+            f"{where} holds {what}: recsys never runs code from a checkpoint "
+            "(weights_only=True); re-save it with tensors and plain containers only"
+        )
+
+
+_PATHS = {"Path", "PosixPath", "WindowsPath", "PurePath", "PurePosixPath", "PureWindowsPath"}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Unpickles DCP's ``.metadata``, refusing every global but what DCP writes there: its own
+    dataclasses and enums, ``torch.Size``, dtypes and layouts, and paths."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if "." not in name:  # no attribute chains (os.system reached through a module)
+            if module.startswith("torch.distributed.checkpoint."):
+                found = super().find_class(module, name)
+                if isinstance(found, type) and (
+                    dataclasses.is_dataclass(found) or issubclass(found, enum.Enum)
+                ):
+                    return found
+            elif (
+                (module, name) in {("torch", "Size"), ("torch.serialization", "_get_layout")}
+                or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype))
+                or (module in ("pathlib", "pathlib._local") and name in _PATHS)
+                or (module, name) == ("collections", "OrderedDict")
+            ):
+                return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"Unsupported global: GLOBAL {module}.{name}")
+
+
+class _WeightsOnlyLoadPlanner(DefaultLoadPlanner):
+    """DCP's default load planner, except that non-tensor entries (optimizer hyperparameters,
+    ...) are unpickled with ``weights_only=True``, not DCP's ``weights_only=False``."""
+
+    def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
+        fqn = read_item.dest_index.fqn
+        try:
+            obj = torch.load(value, weights_only=True)
+        except pickle.UnpicklingError as e:
+            raise RefusedCheckpoint(f"checkpoint entry {fqn!r}", e) from e
+        if self.flatten_state_dict:
+            set_element(self.original_state_dict, self.mappings[fqn], obj)
+        else:
+            self.state_dict[fqn] = obj
+
+
+def checkpoint_state(ckpt_path: Path) -> dict:
+    """The Lightning checkpoint of ``ckpt_path`` (``epoch``, ``global_step``, the data module's
+    hyperparameters, ...), memory-mapped; a sharded folder's ``meta.pt``."""
+    return load_meta(ckpt_path) if ckpt_path.is_dir() else load_weights_only(ckpt_path, mmap=True)
 
 
 def load_checkpoint(

@@ -14,11 +14,11 @@ from recsys.baselines import evaluate_with_baseline
 from recsys.checkpoint import checkpoint_from_config, load_checkpoint
 from recsys.console import describe, quiet_libraries
 from recsys.data.artifact import ArtifactDataModule
-from recsys.distributed.torchrec_strategy import TorchRecStrategy
+from recsys.distributed import TorchRecStrategy
 from recsys.lit.module import RecommenderModule
 from recsys.metrics.ranking import latency_percentiles, peak_memory_mb
+from recsys.runs import model_context, report
 from recsys.scoring import CatalogueScorer, servable
-from recsys.train import model_context, report
 
 log = logging.getLogger(__name__)
 

@@ -17,9 +17,8 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
 
-from recsys.checkpoint import load_checkpoint, run_folder
+from recsys.checkpoint import checkpoint_state, load_checkpoint, run_folder
 from recsys.data.artifact import ArtifactDataModule
-from recsys.distributed.torchrec_strategy import load_meta, load_weights_only
 from recsys.errors import InputError
 from recsys.lit.module import RecommenderModule
 from recsys.scoring import CatalogueScorer, require_pairs
@@ -34,12 +33,6 @@ class UnknownIdError(KeyError):
 
     def __str__(self) -> str:
         return f"unknown {self.kind} {', '.join(map(repr, self.ids))}: not in {self.source}"
-
-
-def checkpoint_state(ckpt_path: Path) -> dict:
-    """The Lightning checkpoint of ``ckpt_path`` (``epoch``, ``global_step``, the data module's
-    hyperparameters, ...), memory-mapped; a sharded folder's ``meta.pt``."""
-    return load_meta(ckpt_path) if ckpt_path.is_dir() else load_weights_only(ckpt_path, mmap=True)
 
 
 def checkpoint_metrics(ckpt_path: Path, state: dict) -> tuple[dict | None, str | None]:

@@ -2,40 +2,22 @@
 
 from __future__ import annotations
 
-import json
 import logging
-from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
 import lightning as L
 from hydra.utils import instantiate
-from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from recsys.allocator import set_malloc_thresholds
 from recsys.baselines import evaluate_with_baseline
 from recsys.callbacks import SamplesPerSecond, ValidationHistory
-from recsys.console import describe, format_value, quiet_libraries, results_table, stop_reason
+from recsys.checkpoint import checkpoint_state
+from recsys.console import describe, quiet_libraries, stop_reason
 from recsys.data.base import RecDataModule
-from recsys.distributed import TorchRecStrategy  # also registers trainer.strategy=torchrec
-from recsys.distributed.torchrec_strategy import load_meta, load_weights_only
+from recsys.runs import instantiate_group, model_context, report
 
 log = logging.getLogger(__name__)
-
-
-def instantiate_group(cfg: DictConfig | None) -> list:
-    """Instantiate every entry of a config group that holds several objects (callbacks,
-    loggers); entries set to null are skipped."""
-    return [instantiate(c) for c in (cfg or {}).values() if c is not None]
-
-
-def model_context(trainer: L.Trainer) -> AbstractContextManager:
-    """Where the module is built: `TorchRecStrategy.model_sharded_context` under
-    trainer=torchrec (embedding tables on the meta device, allocated shard by shard when the
-    strategy shards them); the CPU, as usual, under every other strategy."""
-    if isinstance(trainer.strategy, TorchRecStrategy):
-        return trainer.strategy.model_sharded_context()
-    return nullcontext()
 
 
 def build(cfg: DictConfig) -> tuple[RecDataModule, L.LightningModule, L.Trainer]:
@@ -116,7 +98,7 @@ def fit_figures(trainer: L.Trainer) -> dict[str, float | int]:
     ckpt = trainer.checkpoint_callback
     if ckpt is not None and ckpt.best_model_path:
         path = Path(ckpt.best_model_path)
-        state = load_meta(path) if path.is_dir() else load_weights_only(path, mmap=True)
+        state = checkpoint_state(path)
         history = state["callbacks"][ValidationHistory.__qualname__]
         for entry in history["validations"]:
             if (entry["epoch"], entry["step"]) == (state["epoch"], state["global_step"]):
@@ -135,22 +117,3 @@ def _figures(entry: dict, train_epochs: dict, source: str) -> dict[str, float | 
         f"{source}_epoch": entry["epoch"],
         f"{source}_step": entry["step"],
     }
-
-
-@rank_zero_only
-def report(metrics: dict, output_dir: Path, title: list[str]) -> None:
-    """Write ``metrics.json`` into the run folder and print the results: ``title`` (what was
-    run), the test figures against the popularity baseline (`results_table`), the validation
-    and training figures, and where the files are."""
-    output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
-    fit = [
-        f"{k} {format_value(k, v)}"
-        for k, v in sorted(metrics.items())
-        if k.startswith(("val/", "train/")) and isinstance(v, int | float)
-    ]
-    lines = [*title, "", results_table(metrics)]
-    if fit:
-        lines += ["", "  ".join(fit)]
-    lines.append(f"run folder: {output_dir} (metrics.json, checkpoints/, .hydra/config.yaml)")
-    log.info("Results\n%s", "\n".join(lines))

@@ -275,13 +275,14 @@ def test_process_start_of_this_process_is_its_age():
 
 
 def _module(**optim):
+    from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
-    from omegaconf import OmegaConf
 
     from recsys.data import FeatureSpec
     from tests.conftest import CONF_DIR
 
-    cfg = OmegaConf.load(CONF_DIR / "model" / "ncf.yaml")
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        cfg = compose(overrides=["+model=ncf"]).model  # with conf/model_common.yaml's keys
     cfg.merge_with(optim)
     spec = FeatureSpec.of_ids(num_users=5, num_items=7)
     return instantiate(cfg, spec=spec.to_dict(), _recursive_=False)

@@ -8,10 +8,12 @@ import lightning as L
 import pytest
 import torch
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
 from recsys.data.base import RecDataModule
 from recsys.data.criteo_synthetic import generate_criteo
-from recsys.train import instantiate_group, run
+from recsys.runs import instantiate_group
+from recsys.train import run
 from tests.conftest import CONF_DIR
 
 
@@ -48,6 +50,18 @@ def test_data_options(make_cfg, name, tmp_path):
     assert isinstance(dm, RecDataModule)
     dm.prepare_data()
     assert dm.spec.sparse and (dm.spec.num_users > 0 or name == "criteo")
+
+
+def test_shared_model_keys_have_one_home():
+    """``conf/model_common.yaml`` holds the keys every model shares (hidden from --help, as
+    ``conf/data_common.yaml`` is); a model sets one of them only to give it another value."""
+    group = "model"
+    common = OmegaConf.load(CONF_DIR / f"{group}_common.yaml")
+    for name in options(group):
+        own = OmegaConf.load(CONF_DIR / group / f"{name}.yaml")
+        assert f"/{group}_common@_here_" in own.defaults, name
+        repeated = [k for k in own if k in common and own[k] == common[k]]
+        assert not repeated, f"conf/{group}/{name}.yaml repeats {repeated}"
 
 
 @pytest.mark.parametrize("name", options("model"))

@@ -21,7 +21,7 @@ import torch
 from fastapi.testclient import TestClient
 
 from recsys.recommender import Recommender
-from recsys.serve import create_app
+from recsys.serve import create_app, get_recommender
 from recsys.train import run as train
 from tests.conftest import compose_cfg, compose_train
 
@@ -229,6 +229,32 @@ def test_api_key_is_required_on_every_route_but_health(rec):
         assert client.request(method, path, json=body, headers=wrong).status_code == 401
         right = {"X-API-Key": "s3cret"}
         assert client.request(method, path, json=body, headers=right).status_code == 200
+
+
+class OneUser:
+    """A recommender that knows the user ``u`` and recommends it the item ``z``: what a test
+    (or another service) hands the routes instead of a model."""
+
+    num_items = 2
+    item_records = [{"item_id": "y"}, {"item_id": "z"}]
+
+    def user_codes(self, raw_ids: list, missing_ok: bool = False) -> np.ndarray:
+        return np.array([0 if str(r) == "u" else -1 for r in raw_ids])
+
+    def recommend(self, codes: np.ndarray, k: int, exclude_seen: bool = True):
+        return np.ones((len(codes), k), dtype=np.int64), np.full((len(codes), k), 9.0)
+
+
+def test_the_recommender_is_swapped_through_dependency_overrides(rec):
+    app = create_app(rec, api_key="s3cret")
+    client, key = TestClient(app), {"X-API-Key": "s3cret"}
+    app.dependency_overrides[get_recommender] = OneUser
+    answer = client.get("/recommend?user_id=u&k=1", headers=key).json()
+    assert answer == {"user_id": "u", "source": "model", "items": [{"item_id": "z", "score": 9.0}]}
+    assert client.get("/recommend?user_id=u&k=1").status_code == 401  # still behind the key
+    app.dependency_overrides.clear()
+    assert client.get("/recommend?user_id=u", headers=key).status_code == 404  # the model's users
+    assert client.get("/recommend?user_id=1&k=1", headers=key).json()["items"][0]["title"]
 
 
 @pytest.mark.parametrize(

@@ -7,12 +7,15 @@ import pickle
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import lightning as L
 import numpy as np
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
+from hydra.utils import instantiate
+from lightning.fabric.plugins.environments import LightningEnvironment
 from lightning.fabric.utilities.data import AttributeDict
 from omegaconf import OmegaConf
 from torch import nn
@@ -20,7 +23,9 @@ from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from recsys import evaluate
+from recsys.data.identity import data_settings
 from recsys.distributed import TorchRecStrategy
+from recsys.errors import InputError
 from tests.conftest import compose_cfg
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -287,3 +292,25 @@ def test_sharded_checkpoint_with_code_is_refused(where, tmp_path, data_dir, cach
         with pytest.raises(ValueError, match=r"meta\.pt holds .* never runs code"):
             evaluate.load_checkpoint(cfg)
         assert not marker.exists()
+
+
+@pytest.mark.parametrize("name", ["train", "evaluate"])
+def test_trainer_torchrec_asks_the_data_for_even_eval_shards(name, data_dir, cache_dir, tmp_path):
+    """The data module owns ``even_eval_shards`` (a data setting that leaves the data alone);
+    ``trainer=torchrec`` sets it through the config, for training and for evaluation."""
+    plain = compose_cfg(name, data_dir, cache_dir, tmp_path)
+    sharded = compose_cfg(name, data_dir, cache_dir, tmp_path, "trainer=torchrec")
+    assert plain.data.even_eval_shards is False and sharded.data.even_eval_shards is True
+    if name == "train":
+        dm = instantiate(sharded.data)
+        assert dm.even_eval_shards and dm.protocol.even_eval_shards
+        assert "even_eval_shards" not in data_settings(dm.hparams)
+
+
+def test_torchrec_refuses_uneven_evaluation_shards_on_several_ranks():
+    two_ranks = LightningEnvironment()
+    two_ranks.set_world_size(2)
+    strategy = TorchRecStrategy(cluster_environment=two_ranks)
+    uneven = SimpleNamespace(datamodule=SimpleNamespace(even_eval_shards=False))
+    with pytest.raises(InputError, match=r"set data\.even_eval_shards=true"):
+        strategy.setup(uneven)

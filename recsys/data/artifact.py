@@ -82,6 +82,7 @@ class ArtifactDataModule(L.LightningDataModule):
         window_blocks: int = 8,
         shards_url: str | None = None,
         stream_cache_size: str = "25GB",
+        even_eval_shards: bool = False,
     ):
         super().__init__()
         # the init arguments of a subclass too; in checkpoints as datamodule_hyper_parameters
@@ -131,6 +132,7 @@ class ArtifactDataModule(L.LightningDataModule):
             num_workers=num_workers,
             pin_memory=pin_memory,
             drop_cold_start=drop_cold_start,
+            even_eval_shards=even_eval_shards,
         )
         # the processed folder this module reads (`use_processed`); `RecDataModule` names its
         # own from the settings until a checkpoint pins one
@@ -164,13 +166,10 @@ class ArtifactDataModule(L.LightningDataModule):
 
     @property
     def even_eval_shards(self) -> bool:
-        """Every rank gets as many evaluation rows (set by strategies whose steps are
-        collective)."""
+        """Every rank gets as many evaluation rows (``data.even_eval_shards``; up to
+        ``world_size - 1`` rows are left out): what strategies whose evaluation steps are
+        collective need (trainer=torchrec sets it)."""
         return self.protocol.even_eval_shards
-
-    @even_eval_shards.setter
-    def even_eval_shards(self, value: bool) -> None:
-        self.protocol.even_eval_shards = value
 
     @property
     def source(self) -> str:

@@ -78,6 +78,9 @@ class RecDataModule(ArtifactDataModule):
             `recsys.data.stream.shards_source`) holding a copy of
             the processed folder's ``shards-*`` folder; read through a local cache in
             ``<cache_dir>/stream`` of at most ``stream_cache_size``.
+        even_eval_shards: every rank gets as many validation and test rows (up to
+            ``world_size - 1`` rows are left out), as strategies whose evaluation steps are
+            collective need (``trainer=torchrec`` sets it); the data itself is the same.
     """
 
     def __init__(
@@ -103,6 +106,7 @@ class RecDataModule(ArtifactDataModule):
         window_blocks: int = 8,
         shards_url: str | None = None,
         stream_cache_size: str = "25GB",
+        even_eval_shards: bool = False,
     ):
         super().__init__(
             cache_dir=cache_dir,
@@ -122,6 +126,7 @@ class RecDataModule(ArtifactDataModule):
             window_blocks=window_blocks,
             shards_url=shards_url,
             stream_cache_size=stream_cache_size,
+            even_eval_shards=even_eval_shards,
         )
         if threshold_op not in (">", ">="):
             raise InputError(f"data.threshold_op must be '>' or '>=', got {threshold_op!r}")

@@ -30,6 +30,7 @@ FREE_KEYS = frozenset(
         "ranking",
         "ranking_negatives",
         "drop_cold_start",
+        "even_eval_shards",  # how evaluation rows are spread over ranks
         # streaming reads the same rows from shards
         "streaming",
         "block_rows",

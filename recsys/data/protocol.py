@@ -62,6 +62,7 @@ class EvaluationProtocol:
         num_workers: int = 0,
         pin_memory: bool = False,
         drop_cold_start: bool = False,
+        even_eval_shards: bool = False,
     ):
         if ranking not in (None, *RANKING_MODES):
             raise ValueError(f"data.ranking must be null, 'sampled' or 'full', got {ranking!r}")
@@ -75,8 +76,8 @@ class EvaluationProtocol:
         self.num_workers = num_workers
         self.pin_memory = pin_memory
         self.drop_cold_start = drop_cold_start
-        # every rank gets as many evaluation rows (set by strategies whose steps are collective)
-        self.even_eval_shards = False
+        # every rank gets as many evaluation rows (strategies whose steps are collective)
+        self.even_eval_shards = even_eval_shards
         self.folder: Path | None = None
         self.data: ProcessedDataset | None = None
         self.rows: dict[str, torch.Tensor] = {}

@@ -2,12 +2,7 @@
 
 from __future__ import annotations
 
-import dataclasses
-import enum
-import io
 import logging
-import pickle
-import re
 import shutil
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping
@@ -26,123 +21,19 @@ from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import nn
-from torch.distributed.checkpoint._traverse import set_element
-from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
-from torch.distributed.checkpoint.planner import ReadItem
 from torchrec.distributed.model_parallel import DistributedModelParallel, get_default_sharders
 from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
 from torchrec.distributed.types import ShardingEnv, ShardingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 
+from recsys.checkpoint import META_FILE, load_meta, load_shards
 from recsys.errors import InputError
 from recsys.models.dlrm import tables_on
 
 log = logging.getLogger(__name__)
 
-META_FILE = "meta.pt"
 SHARDING_TYPES = {t.value: t for t in ShardingType}
-DCP_METADATA_FILE = ".metadata"  # written by torch.distributed.checkpoint, read with pickle
-
-
-def load_weights_only(path: str | Path, mmap: bool = False) -> Any:
-    """``torch.load(path, weights_only=True)``: tensors and plain containers only, so a
-    checkpoint from elsewhere never runs code here.
-
-    Raises:
-        ValueError: the file holds anything else (a class instance, a function).
-    """
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except pickle.UnpicklingError as e:
-        raise RefusedCheckpoint(path, e) from e
-
-
-def load_meta(folder: str | Path) -> dict:
-    """The ``meta.pt`` of a sharded checkpoint folder (the Lightning checkpoint without its
-    weights), read with `load_weights_only`."""
-    path = Path(folder) / META_FILE
-    if not path.is_file():
-        raise ValueError(
-            f"{folder} is not a checkpoint folder of trainer.strategy=torchrec (no {META_FILE})"
-        )
-    return load_weights_only(path)
-
-
-def load_shards(state: dict, folder: str | Path) -> None:
-    """``dcp.load(state, checkpoint_id=folder)`` (each rank reads the shards it owns, in
-    place) without running code from the folder: its ``.metadata`` pickle may hold only what
-    DCP writes there, and non-tensor entries are read with ``weights_only=True``."""
-    folder = Path(folder)
-    metadata = folder / DCP_METADATA_FILE
-    if metadata.is_file():  # else dcp.load names the missing file
-        try:
-            with metadata.open("rb") as f:
-                _MetadataUnpickler(f).load()
-        except pickle.UnpicklingError as e:
-            raise RefusedCheckpoint(metadata, e) from e
-    try:
-        dcp.load(state, checkpoint_id=folder, planner=_WeightsOnlyLoadPlanner())
-    except CheckpointException as e:  # on every rank, with every rank's failure
-        refused = [exc for exc, _ in e.failures.values() if isinstance(exc, RefusedCheckpoint)]
-        if refused:
-            raise refused[0] from e
-        raise
-
-
-class RefusedCheckpoint(InputError):
-    """A checkpoint file holds something other than tensors and plain containers: loading it
-    could run code, so it is not loaded."""
-
-    def __init__(self, where: str | Path, error: Exception):
-        found = re.search(r"GLOBAL (\S+)", str(error))
-        what = found.group(1) if found else "objects other than tensors and plain containers"
-        super().__init__(
-            f"{where} holds {what}: recsys never runs code from a checkpoint "
-            "(weights_only=True); re-save it with tensors and plain containers only"
-        )
-
-
-_PATHS = {"Path", "PosixPath", "WindowsPath", "PurePath", "PurePosixPath", "PureWindowsPath"}
-
-
-class _MetadataUnpickler(pickle.Unpickler):
-    """Unpickles DCP's ``.metadata``, refusing every global but what DCP writes there: its own
-    dataclasses and enums, ``torch.Size``, dtypes and layouts, and paths."""
-
-    def find_class(self, module: str, name: str) -> Any:
-        if "." not in name:  # no attribute chains (os.system reached through a module)
-            if module.startswith("torch.distributed.checkpoint."):
-                found = super().find_class(module, name)
-                if isinstance(found, type) and (
-                    dataclasses.is_dataclass(found) or issubclass(found, enum.Enum)
-                ):
-                    return found
-            elif (
-                (module, name) in {("torch", "Size"), ("torch.serialization", "_get_layout")}
-                or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype))
-                or (module in ("pathlib", "pathlib._local") and name in _PATHS)
-                or (module, name) == ("collections", "OrderedDict")
-            ):
-                return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"Unsupported global: GLOBAL {module}.{name}")
-
-
-class _WeightsOnlyLoadPlanner(DefaultLoadPlanner):
-    """DCP's default load planner, except that non-tensor entries (optimizer hyperparameters,
-    ...) are unpickled with ``weights_only=True``, not DCP's ``weights_only=False``."""
-
-    def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
-        fqn = read_item.dest_index.fqn
-        try:
-            obj = torch.load(value, weights_only=True)
-        except pickle.UnpicklingError as e:
-            raise RefusedCheckpoint(f"checkpoint entry {fqn!r}", e) from e
-        if self.flatten_state_dict:
-            set_element(self.original_state_dict, self.mappings[fqn], obj)
-        else:
-            self.state_dict[fqn] = obj
 
 
 def _plain(value: Any) -> Any:
@@ -179,15 +70,18 @@ class TorchRecStrategy(DDPStrategy):
     each rank's table shards and fused optimizer state, plus ``meta.pt`` (the rest of the
     Lightning checkpoint: loops, dense optimizer, hyperparameters, as plain containers and
     tensors) from rank 0. Loading puts every shard back on the rank that owns it under the
-    current plan, and runs no code from the folder (`load_meta`, `load_shards`).
+    current plan, and runs no code from the folder (`recsys.checkpoint.load_meta`,
+    `recsys.checkpoint.load_shards`).
 
     Tables made inside `model_sharded_context` (``recsys.train.build`` and
     ``recsys.evaluate.run`` build the module there) start on the meta device: no rank
     materialises them whole, and `DistributedModelParallel` allocates and initialises each
     rank's own shards on its device.
 
-    Evaluation loaders give every rank the same number of rows (up to ``world_size - 1`` rows
-    are left out), because sharded lookups are collective: all ranks step together.
+    Evaluation loaders must give every rank the same number of rows, because sharded lookups
+    are collective: all ranks step together. The data module does (``data.even_eval_shards``,
+    which ``conf/trainer/torchrec.yaml`` sets; up to ``world_size - 1`` rows are left out); the
+    strategy refuses to start on more than one rank without it.
 
     Args:
         sharding_types: sharding types the planner may use for every table, e.g.
@@ -223,16 +117,26 @@ class TorchRecStrategy(DDPStrategy):
         self.model._apply(lambda t: t if t.is_meta else t.to(self.root_device))
 
     def setup(self, trainer: L.Trainer) -> None:
+        self._check_even_eval_shards(trainer.datamodule)
         self.accelerator.setup(trainer)
         self.model_to_device()
-        if trainer.datamodule is not None and hasattr(trainer.datamodule, "even_eval_shards"):
-            trainer.datamodule.even_eval_shards = True
         self.model = self._shard(self.model, fitting=trainer.state.fn == TrainerFn.FITTING)
         if trainer.state.fn == TrainerFn.FITTING:
             self.setup_optimizers(trainer)
         self.setup_precision_plugin()
         if trainer.state.fn == TrainerFn.FITTING:
             _optimizers_to_device(self.optimizers, self.root_device)
+
+    def _check_even_eval_shards(self, datamodule: L.LightningDataModule | None) -> None:
+        """Sharded lookups are collective: every rank must step through as many evaluation
+        batches, which the data module gives with ``data.even_eval_shards`` (set by
+        trainer=torchrec)."""
+        if self.world_size > 1 and not getattr(datamodule, "even_eval_shards", True):
+            raise InputError(
+                "trainer.strategy=torchrec evaluates collectively (sharded lookups), so every "
+                "rank needs as many evaluation batches: set data.even_eval_shards=true "
+                "(trainer=torchrec sets it)"
+            )
 
     def _shard(self, module: L.LightningModule, fitting: bool) -> nn.Module:
         if self._dmp is not None and self._dmp.module is module:

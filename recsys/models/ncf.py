@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from recsys.checkpoint import load_weights_only
 from recsys.data.batch import Batch
 from recsys.data.spec import FeatureSpec
 from recsys.models.common import mlp, mlp_rest, mlp_rest_weights, require_ids
@@ -327,9 +328,6 @@ class _CoalescedRows(torch.autograd.Function):
 def _tower_weights(path: str | Path, variant: str) -> dict[str, torch.Tensor]:
     """The network weights (``net.`` prefix removed) of a RecommenderModule checkpoint of a
     NeuMF ``variant``, read with ``torch.load(weights_only=True)``."""
-    # imported here: recsys.distributed imports recsys.models
-    from recsys.distributed.torchrec_strategy import load_weights_only
-
     if not Path(path).is_file():
         raise ValueError(f"model.pretrained.{variant}: {path} is not a file")
     state = load_weights_only(path)
