@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import importlib.util
 import sys
 from collections.abc import Callable
 from typing import TypeVar
@@ -46,3 +47,21 @@ def exit_on_user_error(task: Callable[..., T]) -> Callable[..., T]:
             sys.exit(2)
 
     return wrapped
+
+
+def require_extra(extra: str, *modules: str) -> None:
+    """Raise `MissingInputError` naming the extra to install when one of ``modules`` is not
+    installed (serving and the dashboard are extras of the package)."""
+    missing = []
+    for module in modules:
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except ModuleNotFoundError:
+            found = False
+        if not found:
+            missing.append(module)
+    if missing:
+        raise MissingInputError(
+            f"{', '.join(missing)} not installed: this command needs the [{extra}] extra; "
+            f"pip install -e '.[{extra}]' in a checkout, or pip install 'recsys[{extra}]'"
+        )

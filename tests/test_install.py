@@ -24,18 +24,23 @@ class Blocked:
 
 sys.meta_path.insert(0, Blocked())
 sys.argv = sys.argv[1:]
-runpy.run_path(sys.argv[0], run_name="__main__")
+if sys.argv[0] == "-m":  # python -m <module> <args>
+    sys.argv = sys.argv[1:]
+    runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
+else:
+    runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
-def _run(script: str, *args: str) -> str:
+def _run(script: str, *args: str, returncode: int = 0) -> str:
+    target = ["-m", script] if not script.endswith(".py") else [str(ROOT / script)]
     done = subprocess.run(
-        [sys.executable, "-c", WITHOUT_EXTRAS, str(ROOT / script), *args],
+        [sys.executable, "-c", WITHOUT_EXTRAS, *target, *args],
         capture_output=True,
         text=True,
         cwd=ROOT,
     )
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.returncode == returncode, done.stderr[-3000:]
     return done.stdout + done.stderr
 
 
@@ -55,3 +60,11 @@ def test_the_core_install_trains_evaluates_and_predicts(data_dir, cache_dir, tmp
     out = tmp_path / "recs.csv"
     _run("predict.py", *paths, f"ckpt_path={ckpt}", "user_ids=[1]", "k=3", f"output={out}")
     assert len(out.read_text().splitlines()) == 4
+
+
+@pytest.mark.parametrize(
+    ("module", "extra"), [("recsys.serve", "serve"), ("recsys.dashboard", "dashboard")]
+)
+def test_a_command_of_an_extra_says_which_extra_to_install(module, extra):
+    out = _run(module, "ckpt_path=none.ckpt", returncode=1)
+    assert f"needs the [{extra}] extra" in out and f"pip install -e '.[{extra}]'" in out

@@ -25,14 +25,18 @@ from urllib.parse import quote
 
 import numpy as np
 import pandas as pd
-import streamlit as st
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from recsys import compare
-from recsys.checkpoint import best_checkpoint, run_dir_from_config, run_folder
-from recsys.errors import InputError
-from recsys.recommender import Recommender
+from recsys.errors import InputError, require_extra
+
+require_extra("dashboard", "streamlit")  # before its first import
+
+import streamlit as st  # noqa: E402
+
+from recsys import compare  # noqa: E402
+from recsys.checkpoint import best_checkpoint, run_dir_from_config, run_folder  # noqa: E402
+from recsys.recommender import Recommender  # noqa: E402
 
 log = logging.getLogger(__name__)
 

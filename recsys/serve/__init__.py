@@ -33,9 +33,13 @@ Layout: `recsys.serve.app` builds the app (`create_app`) from the routers of
 `recsys.serve.workers` runs the server processes (`run`).
 """
 
-from recsys.serve.app import app_from_config, create_app
-from recsys.serve.dependencies import get_recommender
-from recsys.serve.workers import ReadyServer, listening_socket, run
+from recsys.errors import require_extra
+
+require_extra("serve", "fastapi", "uvicorn")  # before the first import of either
+
+from recsys.serve.app import app_from_config, create_app  # noqa: E402
+from recsys.serve.dependencies import get_recommender  # noqa: E402
+from recsys.serve.workers import ReadyServer, listening_socket, run  # noqa: E402
 
 __all__ = [
     "ReadyServer",

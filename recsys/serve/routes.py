@@ -1,9 +1,9 @@
 """The service's routes (see `recsys.serve`): ``public`` needs no API key (``/health``),
 ``router`` holds the others, which `recsys.serve.app.create_app` guards with the key.
 
-The handlers are coroutines that score on the event loop: a request is about 1 ms of CPU
-(ml-1m NeuMF), less than a hop to the thread pool costs under the GIL (measured: 290 against
-300 requests/s for one process). Concurrency comes from ``serve.workers``."""
+The handlers are coroutines that score on the event loop: a factorised model's request takes
+less CPU than a hop to the thread pool costs under the GIL (`docs/method-notes.md`).
+Concurrency comes from ``serve.workers``."""
 
 from __future__ import annotations
 
