@@ -165,7 +165,7 @@ class RecommenderModule(L.LightningModule):
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         logits = self(batch)
         if self.hparams.loss == "bpr":
-            loss = bpr_loss(logits, batch.labels)
+            loss = bpr_loss(logits, batch.num_negatives)
         else:
             loss = F.binary_cross_entropy_with_logits(logits, batch.labels)
         objective = loss
