@@ -5,6 +5,7 @@ would make one, so the property is checked without a GPU."""
 
 from __future__ import annotations
 
+import importlib
 import itertools
 
 import pytest
@@ -15,6 +16,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from recsys.data import loader as loader_module
 from recsys.data.identity import FREE_KEYS
 from recsys.data.loader import WINDOW, data_device
+from recsys.data.ranking import RankingBatch
 from recsys.errors import InputError
 from recsys.models import common
 from recsys.train import build
@@ -97,11 +99,24 @@ class NoHostReads(TorchDispatchMode):
         return func(*args, **kwargs)
 
 
+def _normalize_as_on_a_device(tensor, normalization):
+    """torchmetrics' `normalize_logits_if_needed` as it runs off the CPU (a ``torch.where``;
+    on the CPU it tests the range on the host)."""
+    if not normalization:
+        return tensor
+    normalized = tensor.sigmoid() if normalization == "sigmoid" else tensor.softmax(1)
+    return torch.where(((tensor < 0) | (tensor > 1)).any(), normalized, tensor)
+
+
 @pytest.fixture
 def accelerator_path(monkeypatch):
-    """The models take their accelerator path on the CPU (no ``torch.unique``, no gathers by
-    ``index_select`` chosen for CPU speed)."""
+    """The code that branches on the device takes its accelerator branch on the CPU: the
+    models (no ``torch.unique``, no gathers by ``index_select`` chosen for CPU speed) and
+    torchmetrics' probability check."""
     monkeypatch.setattr(common, "host_reads_are_free", lambda t: False)
+    for name in ("stat_scores", "precision_recall_curve"):
+        module = importlib.import_module(f"torchmetrics.functional.classification.{name}")
+        monkeypatch.setattr(module, "normalize_logits_if_needed", _normalize_as_on_a_device)
 
 
 def _kjt():
@@ -289,3 +304,27 @@ def test_batches_are_built_on_the_gpu(make_cfg, feedback):
     trainer.fit(module, datamodule=dm)
     batch = next(iter(dm.train_dataloader()))
     assert batch.labels.is_cuda and batch.sparse_features.values().is_cuda
+
+
+@pytest.mark.parametrize(
+    ("model", "ranking"), [("ncf", "sampled"), ("ncf", "full"), ("dlrm", "sampled")]
+)
+def test_evaluation_steps_read_nothing_back(make_cfg, accelerator_path, model, ranking):
+    """Validation and test steps over pointwise and ranking batches: scores, masks, top-K
+    lists and metric updates stay on the device until the epoch's end."""
+    dm, module = _fit_parts(
+        make_cfg, model, "implicit", "data.split.kind=leave_one_out", f"data.ranking={ranking}"
+    )
+    module.on_validation_epoch_start()
+    module.on_test_epoch_start()
+    for loaders, step in (
+        (dm.val_dataloader(), module.validation_step),
+        (dm.test_dataloader(), module.test_step),
+    ):
+        batches = [next(iter(loader)) for loader in loaders]
+        with torch.no_grad(), NoHostReads():
+            for i, batch in enumerate(batches):
+                step(batch, 0, dataloader_idx=i)
+                step(batch, 1, dataloader_idx=i)
+    assert isinstance(batches[1], RankingBatch)
+    assert module.val_ranking.update_called and module.test_ranking.update_called
