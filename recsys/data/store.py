@@ -50,6 +50,10 @@ def ragged_total(offsets: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     return (offsets[rows + 1] - offsets[rows]).sum()
 
 
+def _maybe_to(t: torch.Tensor | None, device: torch.device | str) -> torch.Tensor | None:
+    return None if t is None else t.to(device)
+
+
 def _moved(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
     """``t`` on ``device``; a constant column (expanded, stride 0) stays one element."""
     if t.dim() == 1 and len(t) > 1 and t.stride(0) == 0:
@@ -207,12 +211,11 @@ class FeatureStore:
         """A copy whose tables are on ``device``: batches of ids there are built there."""
         out = object.__new__(FeatureStore)
         out.spec, out.needs_row = self.spec, self.needs_row
-        moved = lambda x: None if x is None else x.to(device)  # noqa: E731
         out._tables = {
-            name: _Table(t.entity, moved(t.codes), moved(t.offsets), moved(t.values))
+            name: _Table(t.entity, *(_maybe_to(x, device) for x in (t.codes, t.offsets, t.values)))
             for name, t in self._tables.items()
         }
-        out._dense = {e: None if d is None else d.to(device) for e, d in self._dense.items()}
+        out._dense = {e: _maybe_to(d, device) for e, d in self._dense.items()}
         return out
 
     @property
