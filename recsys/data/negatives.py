@@ -174,7 +174,9 @@ class NegativeSamplingBatches(InteractionBatches):
         self.positives = positives
         self.num_negatives = num_negatives
         # once for every user, so that no batch reads it back (`PositiveSet.sample`)
-        positives.require_negatives(torch.arange(len(positives.count) + 1), 1)
+        positives.require_negatives(
+            torch.arange(len(positives.count) + 1, device=positives.count.device), 1
+        )
 
     def pairs(self, index: BatchIndex) -> BatchPairs:
         rows = index.rows
