@@ -13,7 +13,7 @@ LITDATA_VERSION = 0.2.76
 # CUDA wheels index for `make install-cuda`, e.g. CUDA_INDEX=https://download.pytorch.org/whl/cu128
 CUDA_INDEX ?= https://download.pytorch.org/whl/cu128
 
-.PHONY: install install-cuda venv test test-fast lint train
+.PHONY: install install-cuda venv test test-fast lint docs train
 
 ## venv: the virtual environment in $(VENV) (Debian: `apt-get install python3-venv` first)
 venv:
@@ -41,6 +41,11 @@ test-fast:
 
 lint:
 	$(PYTHON) -m ruff check . && $(PYTHON) -m ruff format --check .
+
+## docs: the performance page from benchmarks/results, then the MkDocs site into site/ (strict)
+docs:
+	$(PYTHON) benchmarks/report.py
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
 
 train:
 	$(PYTHON) train.py

@@ -64,9 +64,9 @@ ROOT = Path(__file__).resolve().parents[1]
 class Options(Settings):
     rows: list[int] = field(default_factory=lambda: [1_000_000, 10_000_000, 50_000_000])
     models: list[str] = field(default_factory=lambda: ["ncf", "dlrm"])
-    # the plot, relative to the working directory. Default: the README's docs/images/scale.png,
-    # and with quick=true logs/benchmarks/scale_quick.png (a smoke test, as CI runs it, must not
-    # overwrite the README's plot)
+    # the plot, relative to the working directory. Default: docs/images/scale.png, and with
+    # quick=true logs/benchmarks/scale_quick.png (a smoke test, as CI runs it, must not
+    # overwrite the docs' plot)
     out: str | None = None
     batch_size: int = 4096
     cache_dir: str | None = None

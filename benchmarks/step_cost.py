@@ -208,24 +208,22 @@ def main(run: bench.Benchmark) -> None:
         pairs = [(mode, modes[0]) for mode in modes[1:]]
         pairs += [p for p in SHARES if p not in pairs and set(p) <= set(modes)]
         for mode, baseline in pairs:
-            steps = [r["step"] for r in runs[mode]], [r["step"] for r in runs[baseline]]
-            differences = bench.paired(*steps, operator.sub)
-            run.add(
+            run.add_paired(
+                [r["step"] for r in runs[mode]],
+                [r["step"] for r in runs[baseline]],
+                operator.sub,
                 system=mode,
                 model="NeuMF",
                 metric="step_ms_difference",
                 unit="ms",
-                value=bench.median(differences),
                 settings={**where, "baseline": baseline},
-                statistic="median",
-                runs=differences,
             )
     print_tables(run.rows, opts, modes)
     run.write()
 
 
 def print_tables(rows: list[dict], opts: Options, modes: list[str]) -> None:
-    """The README's table, from the results' rows."""
+    """The table it prints, from the results' rows."""
     data = "ml-100k" if opts.quick else "the ml-1m subset"
     print(
         f"NeuMF on {data}, {opts.threads} threads; median ms a step over {opts.rounds} "

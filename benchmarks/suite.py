@@ -1,4 +1,4 @@
-"""Every benchmark of the Performance section of the README, one after the other.
+"""Every benchmark, one after the other (their figures: docs/performance.md).
 
     python benchmarks/suite.py [quick=true] [only=[<script>,...]] [results=<folder>]
 

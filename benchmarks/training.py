@@ -310,16 +310,15 @@ def main(run: bench.Benchmark) -> None:
                     runs=values,
                 )
         for baseline in [s for s in systems if s != "recsys"]:
-            ratios = bench.paired(rates["recsys"], rates[baseline], operator.truediv)
-            run.add(
+            run.add_paired(
+                rates["recsys"],
+                rates[baseline],
+                operator.truediv,
                 system="recsys",
                 model="NeuMF",
                 metric="samples_per_sec_ratio",
                 unit="x",
-                value=bench.median(ratios),
                 settings={**where, "baseline": baseline},
-                statistic="median",
-                runs=ratios,
             )
         # the first MLP layer's product, [batch, 2M] x [2M, H1]
         m = cfg.model
@@ -354,7 +353,7 @@ def main(run: bench.Benchmark) -> None:
 
 
 def print_tables(rows: list[dict], opts: Options, flops: float) -> None:
-    """The README's tables, from the results' rows."""
+    """The tables it prints, from the results' rows."""
 
     def value(system: str, metric: str, batch: int, **where) -> float | None:
         row = bench.find(rows, system=system, metric=metric, batch=batch, **where)

@@ -28,10 +28,9 @@ def set_malloc_thresholds(
     ``trim_threshold`` bytes are free there, and serves requests of ``mmap_threshold`` bytes
     or more with their own mappings, unmapped on free; both start small (128 KiB) and grow
     with what the process frees. Memory given back is faulted in again, page by page, by the
-    next step: at 20,480 samples a NeuMF step on ml-1m took 1,400-2,200 page faults and 6-10
-    ms of system time (of about 80 ms) with glibc's defaults on this project's CPU, and 2-100
-    faults and under 1 ms with a 32 MiB mmap threshold and a 512 MiB trim threshold. The
-    cost: up to ``trim_threshold`` bytes of freed memory stay with the process.
+    next step, which costs a large step system time; thresholds above a step's allocations
+    keep it with the process (`docs/method-notes.md`). The cost: up to ``trim_threshold``
+    bytes of freed memory stay with the process.
 
     Args:
         mmap_threshold: requests of this many bytes or more get their own mapping (large

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import lightning as L
 
-from recsys.data.base import RecDataModule
+from recsys.data.artifact import ArtifactDataModule
 from recsys.lit.module import RecommenderModule
 from recsys.loggers import nested_run
 
 
-def popularity_module(dm: RecDataModule, like: RecommenderModule) -> RecommenderModule:
+def popularity_module(dm: ArtifactDataModule, like: RecommenderModule) -> RecommenderModule:
     """The popularity baseline (items ranked by training interactions, Platt-scaled into
     probabilities on the training examples: `item_label_counts`), evaluated with the ranking
     settings of ``like`` and reporting its figures (beside a BPR model, no logloss or
@@ -30,7 +30,7 @@ def popularity_module(dm: RecDataModule, like: RecommenderModule) -> Recommender
 
 
 def evaluate_with_baseline(
-    trainer: L.Trainer, model: RecommenderModule, dm: RecDataModule, ckpt_path: str | None
+    trainer: L.Trainer, model: RecommenderModule, dm: ArtifactDataModule, ckpt_path: str | None
 ) -> dict[str, float]:
     """Test ``model`` (from ``ckpt_path`` when given), then the popularity baseline on the same
     pairs and candidates; returns both sets of metrics and the test split's cold-start counts.

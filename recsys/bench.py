@@ -217,6 +217,20 @@ class Benchmark:
         self.rows.append(row)
         return row
 
+    def add_paired(
+        self,
+        values: Sequence[float],
+        baseline: Sequence[float],
+        op: Callable[[float, float], float],
+        *,
+        settings: dict,
+        **row: Any,
+    ) -> dict:
+        """Appends the median over rounds of ``op(value, baseline value)`` (a ratio, a
+        difference: `paired`), with every round's figure as its runs."""
+        runs = paired(values, baseline, op)
+        return self.add(value=median(runs), settings=settings, statistic="median", runs=runs, **row)
+
     def document(self) -> dict:
         return {
             "schema": SCHEMA,

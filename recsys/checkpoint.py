@@ -11,8 +11,15 @@ import lightning as L
 from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
+from recsys.data.artifact import ArtifactDataModule
 from recsys.data.base import RecDataModule
-from recsys.data.identity import DataMismatchError, describe_changes, merge_settings
+from recsys.data.identity import (
+    DataMismatchError,
+    data_settings,
+    describe_changes,
+    merge_settings,
+    settings_changes,
+)
 from recsys.distributed.torchrec_strategy import load_meta, load_shards, load_weights_only
 from recsys.errors import InputError, MissingInputError
 from recsys.lit.module import RecommenderModule
@@ -22,7 +29,7 @@ log = logging.getLogger(__name__)
 
 def load_checkpoint(
     cfg: DictConfig, unshard: bool = True
-) -> tuple[RecDataModule, RecommenderModule]:
+) -> tuple[ArtifactDataModule, RecommenderModule]:
     """The model of ``cfg.ckpt_path`` and its data module (prepared and set up).
 
     The checkpoint is read once, with ``weights_only=True`` (one from elsewhere never runs code
@@ -30,10 +37,9 @@ def load_checkpoint(
     ``unshard`` its shards load into one plain model, else the weights are left to the strategy
     (``trainer.test(ckpt_path=...)`` puts each shard on its rank).
 
-    The data module is rebuilt from the checkpoint's hyperparameters with this run's ``paths``
-    and the changes in ``cfg.data`` (keys set to null keep the checkpoint's value), on the
-    processed folder that the checkpoint names in ``paths.cache_dir``: the raw files are not
-    needed. Changes of the data
+    The data is the processed folder that the checkpoint names in ``paths.cache_dir``, read
+    with the checkpoint's data hyperparameters and the changes in ``cfg.data`` (keys set to
+    null keep the checkpoint's value): the raw files are not needed. Changes of the data
     settings are refused unless ``cfg.allow_new_data`` (`data_from_checkpoint`).
     """
     path = Path(cfg.ckpt_path)
@@ -145,13 +151,16 @@ def run_folder(ckpt_path: Path) -> Path | None:
 
 def data_from_checkpoint(
     checkpoint: dict, overrides: dict | None = None, allow_new_data: bool = False
-) -> RecDataModule:
-    """The data module a checkpoint was trained with, on the processed folder it names.
+) -> ArtifactDataModule:
+    """The data a checkpoint was trained with: its processed folder (`ArtifactDataModule`),
+    read without the raw files or the dataset's module.
 
     ``overrides`` (this run's paths, loader settings, evaluation protocol) replace saved
     hyperparameters. Overrides that change the data settings raise `DataMismatchError`, unless
-    ``allow_new_data``: the module is then built as for training, from the files the overrides
-    point at. Call `prepare_data` and `setup` next.
+    ``allow_new_data``: the dataset's module (the checkpoint's ``data_class``) is then built as
+    for training, from the files the overrides point at. It is built too, pinned to the
+    checkpoint's folder, when that folder is not in ``cache_dir``: it rebuilds the folder from
+    raw files that give the same one, and refuses others. Call `prepare_data` and `setup` next.
     """
     hparams = checkpoint.get(L.LightningDataModule.CHECKPOINT_HYPER_PARAMS_KEY)
     state = next(
@@ -162,11 +171,24 @@ def data_from_checkpoint(
             "the checkpoint holds no data module (datamodule_hyper_parameters and its "
             "state): it was written by an older recsys or not by train.py; train it again"
         )
+    settings = merge_settings(hparams, overrides or {})
+    changes = settings_changes(state.get("settings", {}), data_settings(settings))
+    if changes and not allow_new_data:
+        raise DataMismatchError(
+            f"the checkpoint was trained on other data than this config asks for: "
+            f"{describe_changes(changes)}. Drop these overrides to evaluate it on its own "
+            f"data (processed folder {state['processed']} in paths.cache_dir), or pass "
+            "allow_new_data=true to score it on this data anyway."
+        )
+    if not allow_new_data:
+        try:
+            return ArtifactDataModule.open(state["processed"], settings)
+        except MissingInputError:
+            pass  # not in cache_dir: the dataset's module rebuilds it from the raw files
     cls = get_class(state["data_class"])
     if not (isinstance(cls, type) and issubclass(cls, RecDataModule)):
         raise InputError(f"data_class {state['data_class']} is not a RecDataModule")
-    dm = cls(**merge_settings(hparams, overrides or {}))
-    changes = dm.settings_changes(state)
+    dm = cls(**settings)
     if allow_new_data:
         dm.check_data = False
         log.warning(
@@ -178,12 +200,5 @@ def data_from_checkpoint(
             "the raw files are read and preprocessed as for training",
         )
         return dm
-    if changes:
-        raise DataMismatchError(
-            f"the checkpoint was trained on other data than this config asks for: "
-            f"{describe_changes(changes)}. Drop these overrides to evaluate it on its own "
-            f"data (processed folder {state['processed']} in paths.cache_dir), or pass "
-            "allow_new_data=true to score it on this data anyway."
-        )
     dm.use_processed(state["processed"])
     return dm

@@ -13,7 +13,7 @@ from omegaconf import DictConfig
 from recsys.baselines import evaluate_with_baseline
 from recsys.checkpoint import checkpoint_from_config, load_checkpoint
 from recsys.console import describe, quiet_libraries
-from recsys.data.base import RecDataModule
+from recsys.data.artifact import ArtifactDataModule
 from recsys.distributed.torchrec_strategy import TorchRecStrategy
 from recsys.lit.module import RecommenderModule
 from recsys.metrics.ranking import latency_percentiles, peak_memory_mb
@@ -23,7 +23,7 @@ from recsys.train import model_context, report
 log = logging.getLogger(__name__)
 
 
-def request_latency(model: RecommenderModule, dm: RecDataModule, repeats: int) -> dict:
+def request_latency(model: RecommenderModule, dm: ArtifactDataModule, repeats: int) -> dict:
     """Latency of one recommendation request as serving answers it (`CatalogueScorer`): one
     user's top-10 among every item, known items excluded (``test/latency_p50_ms``,
     ``test/latency_p99_ms``)."""

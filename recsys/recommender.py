@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 
 from recsys.checkpoint import load_checkpoint, run_folder
-from recsys.data.base import RecDataModule
+from recsys.data.artifact import ArtifactDataModule
 from recsys.distributed.torchrec_strategy import load_meta, load_weights_only
 from recsys.errors import InputError
 from recsys.lit.module import RecommenderModule
@@ -89,7 +89,7 @@ class Recommender:
 
     def __init__(
         self,
-        dm: RecDataModule,
+        dm: ArtifactDataModule,
         model: RecommenderModule,
         ckpt_path: str | Path,
         task: str = "recommending",

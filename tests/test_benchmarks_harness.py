@@ -107,6 +107,22 @@ def test_paired_compares_within_rounds():
         bench.paired([1.0, 2.0], [1.0], operator.sub)
 
 
+def test_a_paired_row_is_the_median_of_the_rounds_figures():
+    run = bench.Benchmark("x", Settings())
+    row = run.add_paired(
+        [2.0, 9.0, 6.0],
+        [1.0, 3.0, 3.0],
+        operator.truediv,
+        system="a",
+        model="m",
+        metric="ratio",
+        unit="x",
+        settings={"baseline": "b"},
+    )
+    assert row["runs"] == [2.0, 3.0, 2.0] and row["value"] == 2.0
+    assert row["statistic"] == "median" and run.rows == [row]
+
+
 def _git(root: Path, *args: str) -> str:
     return subprocess.run(
         ["git", "-C", str(root), *args], capture_output=True, text=True, check=True

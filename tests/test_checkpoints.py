@@ -14,8 +14,9 @@ import pytest
 import torch
 
 from recsys import evaluate, predict
-from recsys.checkpoint import latest_run
+from recsys.checkpoint import data_from_checkpoint, latest_run
 from recsys.data import MovieLensDataModule
+from recsys.data.artifact import ArtifactDataModule
 from recsys.data.movielens import FILES
 from recsys.train import run as train
 from tests.conftest import compose_cfg, compose_train
@@ -79,6 +80,26 @@ def test_evaluate_without_raw_files_reproduces_training(run_without_raw, tmp_pat
     monkeypatch.setattr(torch, "load", lambda *a, **k: reads.append(a) or load(*a, **k))
     metrics = _evaluate(run_without_raw, tmp_path)
     assert len(reads) == 1  # the checkpoint file is read once
+    for name in COMPARED:
+        assert metrics[name] == run_without_raw["metrics"][name], name
+
+
+def test_evaluate_reads_the_processed_folder_not_the_datasets_module(run_without_raw, tmp_path):
+    """The checkpoint's processed folder is the whole data of evaluation: its split rows are
+    saved in it, and the dataset's module (``data_class``) is never imported or built."""
+    ckpt = torch.load(run_without_raw["metrics"]["best_model_path"], weights_only=True)
+    state = ckpt["MovieLensDataModule"]
+    state["data_class"] = "nowhere.GoneDataModule"  # an import of it would fail
+    path = tmp_path / "moved.ckpt"
+    torch.save(ckpt, path)
+    dm = data_from_checkpoint(ckpt, {"cache_dir": str(run_without_raw["cache"])})
+    assert type(dm) is ArtifactDataModule
+    dm.prepare_data()
+    dm.setup("test")
+    (split_file,) = (run_without_raw["cache"] / state["processed"]).glob("split-*.npz")
+    assert dm.split_path == split_file and dm.source == "ml-100k"
+    assert sum(len(r) for r in dm.rows.values()) == len(dm.data.interactions) == 100_000
+    metrics = _evaluate(run_without_raw, tmp_path, checkpoint=f"ckpt_path={path}")
     for name in COMPARED:
         assert metrics[name] == run_without_raw["metrics"][name], name
 

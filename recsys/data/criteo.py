@@ -28,7 +28,7 @@ from recsys.data.clicklog import (
     resolve_layout,
     split_bounds,
 )
-from recsys.data.preprocess import FORMAT_VERSION, META_FILE
+from recsys.data.preprocess import FORMAT_VERSION, INTERACTIONS_FILE, META_FILE
 from recsys.data.spec import DenseFeature, FeatureSpec, SparseFeature
 from recsys.data.store import Interactions, RowFeatures
 from recsys.data.stream import SPLITS, ShardWriter
@@ -174,9 +174,9 @@ class CriteoDataModule(RecDataModule):
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
-    def prepare_data(self) -> None:
-        super().prepare_data()
-        path = self.processed_dir / "interactions.parquet"
+    def _prepare_processed(self) -> None:
+        super()._prepare_processed()
+        path = self.processed_dir / INTERACTIONS_FILE
         if not self.streaming and not path.exists():
             self._write_parquet(path)
 

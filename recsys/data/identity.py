@@ -41,6 +41,13 @@ FREE_KEYS = frozenset(
 )
 
 
+def data_settings(hparams: Mapping[str, Any]) -> dict[str, Any]:
+    """The data module hyperparameters that make the data what it is (all but `FREE_KEYS`),
+    the split with its defaults filled in: what a checkpoint saves and compares."""
+    settings = {k: v for k, v in hparams.items() if k not in FREE_KEYS}
+    return {**settings, "split": {**SPLIT_DEFAULTS, **(hparams.get("split") or {})}}
+
+
 class DataMismatchError(InputError):
     """A checkpoint meets data other than the data it was trained on."""
 

@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 FORMAT_VERSION = 3
 INFO = "info_"  # prefix of the text columns for display (`ProcessedDataset.item_info`)
 META_FILE = "meta.json"
+INTERACTIONS_FILE = "interactions.parquet"
 
 
 def cache_key(source: str, settings: dict) -> str:
@@ -215,7 +216,7 @@ class ProcessedData:
         folder.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
         try:
-            self.interactions.to_parquet(tmp / "interactions.parquet", index=False)
+            self.interactions.to_parquet(tmp / INTERACTIONS_FILE, index=False)
             self.users.to_parquet(tmp / "users.parquet", index=False)
             self.items.to_parquet(tmp / "items.parquet", index=False)
             meta = {

@@ -16,7 +16,7 @@ import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from recsys.data.batch import Batch
-from recsys.data.preprocess import INFO, META_FILE
+from recsys.data.preprocess import INFO, INTERACTIONS_FILE, META_FILE
 from recsys.data.spec import FeatureSpec
 
 
@@ -389,10 +389,8 @@ class ProcessedDataset:
         """The folder's data; without ``interactions`` (streamed data) all but those."""
         meta = read_meta(folder)
         spec = FeatureSpec.from_dict(meta["spec"])
-        if interactions:
-            interactions = read_interactions(folder / "interactions.parquet", spec)
-        else:
-            interactions = None
+        path = folder / INTERACTIONS_FILE
+        interactions = read_interactions(path, spec) if interactions else None
         if not spec.has_ids:
             return cls(meta, spec, interactions, FeatureStore(spec, None, None), *_NO_IDS)
         users = pq.read_table(folder / "users.parquet")

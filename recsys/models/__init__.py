@@ -4,6 +4,7 @@ from recsys.models.dlrm import DLRM
 from recsys.models.hybrid import Hybrid
 from recsys.models.linear import LogisticRegression
 from recsys.models.ncf import NeuMF
+from recsys.models.neighbors import EASE, ItemKNN
 from recsys.models.popularity import Popularity
 
-__all__ = ["DLRM", "Hybrid", "LogisticRegression", "NeuMF", "Popularity"]
+__all__ = ["DLRM", "EASE", "Hybrid", "ItemKNN", "LogisticRegression", "NeuMF", "Popularity"]

@@ -1,0 +1,57 @@
+"""The core install, without the extras (`[serve]`, `[dashboard]`, `[mlflow]`, `[bench]`,
+`[docs]`), trains, evaluates and predicts: each entry point runs in a process where the
+extras' packages cannot be imported."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+EXTRAS = ("fastapi", "uvicorn", "streamlit", "mlflow", "aiohttp", "httpx", "mkdocs")
+# runs a script as `python <script> <args>` would, with the extras' packages unimportable
+WITHOUT_EXTRAS = f"""
+import runpy, sys
+
+class Blocked:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in {EXTRAS!r}:
+            raise ModuleNotFoundError(f"No module named {{name!r}} (an extra)", name=name)
+
+sys.meta_path.insert(0, Blocked())
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def _run(script: str, *args: str) -> str:
+    done = subprocess.run(
+        [sys.executable, "-c", WITHOUT_EXTRAS, str(ROOT / script), *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout + done.stderr
+
+
+@pytest.mark.slow
+def test_the_core_install_trains_evaluates_and_predicts(data_dir, cache_dir, tmp_path):
+    paths = [f"paths.data_dir={data_dir}", f"paths.cache_dir={cache_dir}"]
+    _run(
+        "train.py",
+        *paths,
+        f"paths.log_dir={tmp_path / 'logs'}",
+        "trainer.max_epochs=1",
+        "+trainer.limit_train_batches=3",
+    )
+    (run,) = (tmp_path / "logs" / "train" / "runs").iterdir()
+    ckpt = json.loads((run / "metrics.json").read_text())["best_model_path"]
+    _run("evaluate.py", *paths, f"ckpt_path={ckpt}", f"hydra.run.dir={tmp_path / 'eval'}")
+    out = tmp_path / "recs.csv"
+    _run("predict.py", *paths, f"ckpt_path={ckpt}", "user_ids=[1]", "k=3", f"output={out}")
+    assert len(out.read_text().splitlines()) == 4
