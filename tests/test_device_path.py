@@ -297,6 +297,7 @@ def test_batches_are_built_on_the_gpu(make_cfg, feedback):
         "data.variant=100k",
         f"data.feedback={feedback}",
         "trainer=gpu",
+        "trainer.accelerator=gpu",  # after make_cfg's trainer.accelerator=cpu
         "data.device=cuda",
         "trainer.max_steps=3",
     )
