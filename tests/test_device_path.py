@@ -329,3 +329,22 @@ def test_evaluation_steps_read_nothing_back(make_cfg, accelerator_path, model, r
                 step(batch, 1, dataloader_idx=i)
     assert isinstance(batches[1], RankingBatch)
     assert module.val_ranking.update_called and module.test_ranking.update_called
+
+
+def test_copies_moved_to_a_device_build_the_same_batches(make_cfg):
+    """What ``train_dataloader`` moves to a GPU (`FeatureStore.to`, `Interactions.to`,
+    `PositiveSet.to`), here moved to the CPU: every table comes along, and the batches match."""
+    from recsys.data.loader import BatchIndexSampler
+    from recsys.data.negatives import NegativeSamplingBatches
+
+    dm, _ = _fit_parts(make_cfg, "dlrm", "implicit")
+    data, positives = dm.data, dm.train_positives
+    moved = NegativeSamplingBatches(
+        data.interactions.to("cpu"), data.features.to("cpu"), positives.to("cpu"), 4
+    )
+    original = NegativeSamplingBatches(data.interactions, data.features, positives, 4)
+    indices = list(itertools.islice(BatchIndexSampler(dm.rows["train"], 64, shuffle=True), 3))
+    pairs = zip(moved.batches(indices), original.batches(indices), strict=True)
+    assert all(_same(a, b) for a, b in pairs)
+    assert data.interactions.to("cpu").ratings.stride(0) == data.interactions.ratings.stride(0)
+    assert data.features.nbytes > 0 and positives.nbytes > 0 and data.interactions.nbytes > 0
