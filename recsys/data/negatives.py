@@ -60,14 +60,15 @@ class PositiveSet:
         known = users.clamp_max(len(self.count))  # past the last user: the empty padding row
         if len(users) == 1:  # one user (a serving request): a slice
             start, end = self._offsets[known[0] : known[0] + 2].tolist()
-            return torch.tensor([end - start]), self._items[start:end]
+            return torch.tensor([end - start], device=users.device), self._items[start:end]
         return ragged_gather(self._offsets, self._items, known)
 
     def mask(self, users: torch.Tensor) -> torch.Tensor:
         """bool [B, num_items]: True where the user has the item."""
         lengths, items = self.items_of(users)
-        out = torch.zeros(len(users), self.num_items, dtype=torch.bool)
-        out[torch.arange(len(users)).repeat_interleave(lengths), items] = True
+        out = torch.zeros(len(users), self.num_items, dtype=torch.bool, device=users.device)
+        rows = torch.arange(len(users), device=users.device)
+        out[rows.repeat_interleave(lengths, output_size=len(items)), items] = True
         return out
 
     def positives_of(self, users: torch.Tensor) -> torch.Tensor:
