@@ -28,6 +28,7 @@ HERE = Path(__file__).resolve().parent
 SCRIPTS = [
     "training",
     "step_cost",
+    "batch_building",
     "ncf_table",
     "ranking",
     "scale",

@@ -144,13 +144,15 @@ def test_the_suite_runs_quick(data_dir, cache_dir, tmp_path):
     )
     assert done.returncode == 0, done.stderr[-5000:]
     out = done.stdout
-    names = ("training", "step_cost", "ncf_table", "ranking", "scale", "criteo_scale")
+    names = ("training", "step_cost", "batch_building", "ncf_table", "ranking", "scale")
+    names += ("criteo_scale",)
     names += ("table_rows", "serve")
     for name in names:
         assert f"## {name}:" in out
     assert "| effective batch | bare loop | RecBole 1.2.1 | recsys |" in out
     assert "| 1,280 |" in out and "| 4,096 |" in out
     assert "| platform, no progress bar |" in out  # step_cost
+    assert "1,280: 490,570 samples in" in out  # batch_building: one epoch of ml-100k
     assert "| NeuMF pretrained" in out  # the NCF table
     assert "users/s" in out  # ranking
     assert "| tables of (users x items) | ids drawn from |" in out  # table_rows

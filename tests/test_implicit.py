@@ -143,12 +143,13 @@ def test_sampled_ranking_candidates_are_distinct(make_cfg):
 def test_bpr_loss_by_hand():
     # 2 positives with 2 negatives each: pairs (2-1), (2-0), (0-1), (0-(-1))
     logits = torch.tensor([2.0, 0.0, 1.0, 0.0, 1.0, -1.0])
-    labels = torch.tensor([1.0, 1.0, 0.0, 0.0, 0.0, 0.0])
     diffs = [1.0, 2.0, -1.0, 1.0]
     expected = sum(math.log1p(math.exp(-d)) for d in diffs) / 4
-    assert bpr_loss(logits, labels).item() == pytest.approx(expected, rel=1e-6)
-    with pytest.raises(ValueError, match="data.feedback=implicit"):
-        bpr_loss(logits, torch.tensor([1.0, 0.0, 1.0, 0.0, 1.0, 0.0]))
+    assert bpr_loss(logits, 2).item() == pytest.approx(expected, rel=1e-6)
+    # the layout is the batch's (`Batch.num_negatives`): plain rows, or a size that is not it
+    for num_negatives in (0, 3):
+        with pytest.raises(ValueError, match="data.feedback=implicit"):
+            bpr_loss(logits, num_negatives)
 
 
 @pytest.mark.parametrize("model", ["ncf", "hybrid", "dlrm"])

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 
 from recsys.data.artifact import ArtifactDataModule
 from recsys.data.identity import DataMismatchError
-from recsys.data.loader import BatchLoader, InteractionBatches, batch_sampler
+from recsys.data.loader import BatchLoader, InteractionBatches, batch_sampler, data_device
 from recsys.data.negatives import NegativeSamplingBatches, negative_batch
 from recsys.data.preprocess import META_FILE, ProcessedData, cache_key, cached_digest
 from recsys.data.store import ProcessedDataset, read_meta
@@ -69,6 +69,11 @@ class RecDataModule(ArtifactDataModule):
             rows are counted either way (``test/cold_user_rows``, ``test/cold_item_rows``).
         num_workers: DataLoader worker processes.
         pin_memory: DataLoader option.
+        device: where the training data lives and its batches are built: ``cpu``, ``cuda``
+            (the run's GPU: interactions, features and training pairs moved there once,
+            batches built there without reading back from the device per step) or ``auto``
+            (``cuda`` when the run has a GPU and the data takes under a quarter of its
+            memory; `recsys.data.loader.data_device`).
         rebuild: preprocess again even if the processed folder exists.
         streaming: read the split rows from litdata shards (`recsys.data.stream`) instead
             of memory: ``prepare_data`` writes them in blocks of ``block_rows`` rows into the
@@ -100,6 +105,7 @@ class RecDataModule(ArtifactDataModule):
         drop_cold_start: bool = False,
         num_workers: int = 0,
         pin_memory: bool = False,
+        device: str = "auto",
         rebuild: bool = False,
         streaming: bool = False,
         block_rows: int = 65536,
@@ -134,6 +140,7 @@ class RecDataModule(ArtifactDataModule):
         self.rating_threshold = rating_threshold
         self.threshold_op = threshold_op
         self.rebuild = rebuild
+        self.data_device = device
         self._digests: dict[str, str] | None = None
         self._announced: set[Path] = set()
 
@@ -278,24 +285,30 @@ class RecDataModule(ArtifactDataModule):
             raise RuntimeError(f"{self.source}: call setup() before asking for a loader")
         # Lightning's overfit_batches trains on the same first batches every epoch
         overfit = self.trainer is not None and self.trainer.overfit_batches > 0
+        cpu = torch.device("cpu")
+        accelerator = self.trainer.strategy.root_device if self.trainer is not None else cpu
         if self.streaming:
+            data_device(self.data_device, accelerator, 0, streaming=True)  # refuses cuda
             sample = None
             if self.feedback == "implicit":
                 sample = partial(
                     negative_batch, self.data.features, self.train_positives, self.num_negatives
                 )
             return self._stream("train", shuffle=not overfit, even=True, sample=sample)
-        features = self.data.features
-        if self.feedback == "implicit":
-            dataset = NegativeSamplingBatches(
-                self.data.interactions, features, self.train_positives, self.num_negatives
-            )
+        features, inter, rows = self.data.features, self.data.interactions, self.rows["train"]
+        positives = self.train_positives if self.feedback == "implicit" else None
+        nbytes = inter.nbytes + features.nbytes + (positives.nbytes if positives else 0)
+        device = data_device(self.data_device, accelerator, nbytes, self.num_workers)
+        if device != cpu:  # every rank holds the data on its own device
+            features, inter, rows = features.to(device), inter.to(device), rows.to(device)
+            positives = None if positives is None else positives.to(device)
+        if positives is not None:
+            dataset = NegativeSamplingBatches(inter, features, positives, self.num_negatives)
         else:
-            dataset = InteractionBatches(self.data.interactions, features)
-        sampler = batch_sampler(
-            self.rows["train"], self.batch_size, shuffle=not overfit, seed=self.seed
-        )
-        return BatchLoader(dataset, sampler, self.num_workers, self.pin_memory)
+            dataset = InteractionBatches(inter, features)
+        sampler = batch_sampler(rows, self.batch_size, shuffle=not overfit, seed=self.seed)
+        pin = self.pin_memory and device == cpu
+        return BatchLoader(dataset, sampler, self.num_workers, pin)
 
     # --- streaming --------------------------------------------------------------------------
     def _prepare_shards(self) -> None:

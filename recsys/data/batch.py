@@ -20,11 +20,16 @@ class Batch:
             `FeatureSpec` (``user_id`` and ``item_id`` first), each of stride B; multi-hot
             features have variable lengths.
         labels: float tensor [B] of 0/1 targets.
+        num_negatives: n > 0 when the batch is in the negative-sampling layout (B / (1 + n)
+            positives first, then n sampled negatives per positive: what BPR pairs), 0 for
+            plain rows. A number on the host, so a loss reads the layout without reading the
+            labels back from the device.
     """
 
     dense_features: torch.Tensor
     sparse_features: KeyedJaggedTensor
     labels: torch.Tensor
+    num_negatives: int = 0
 
     def __len__(self) -> int:
         return self.labels.shape[0]
@@ -38,6 +43,7 @@ class Batch:
             dense_features=self.dense_features.to(device=device, non_blocking=non_blocking),
             sparse_features=self.sparse_features.to(device=device, non_blocking=non_blocking),
             labels=self.labels.to(device=device, non_blocking=non_blocking),
+            num_negatives=self.num_negatives,
         )
 
     def pin_memory(self) -> Batch:
@@ -45,4 +51,5 @@ class Batch:
             dense_features=self.dense_features.pin_memory(),
             sparse_features=self.sparse_features.pin_memory(),
             labels=self.labels.pin_memory(),
+            num_negatives=self.num_negatives,
         )

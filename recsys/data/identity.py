@@ -27,6 +27,7 @@ FREE_KEYS = frozenset(
         "eval_batch_size",
         "num_workers",
         "pin_memory",
+        "device",  # where the same batches are built
         "ranking",
         "ranking_negatives",
         "drop_cold_start",

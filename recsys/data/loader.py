@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 from collections.abc import Iterator
 from typing import Any, NamedTuple
 
@@ -12,6 +13,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, SequentialSampler
 
 from recsys.data.batch import Batch
 from recsys.data.store import FeatureStore, Interactions
+from recsys.errors import InputError
 
 
 def derived_seed(*parts: int | str) -> int:
@@ -20,6 +22,46 @@ def derived_seed(*parts: int | str) -> int:
     exactly on resume."""
     digest = hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+# the share of the accelerator's memory that the training data may take under
+# data.device=auto (interactions, features, positive pairs); more stays on the CPU
+AUTO_SHARE = 0.25
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def data_device(
+    setting: str, accelerator: torch.device, nbytes: int, workers: int = 0, streaming: bool = False
+) -> torch.device:
+    """Where the training data lives and its batches are built (``data.device``).
+
+    ``cpu``: in memory on the CPU, batches copied to the accelerator. ``cuda``: on the run's
+    CUDA device, in the training process (no loader workers, no streaming). ``auto``: the
+    CUDA device when the run has one, the data (``nbytes``) takes under `AUTO_SHARE` of its
+    memory and neither workers nor streaming are asked for; the CPU otherwise.
+    """
+    cpu = torch.device("cpu")
+    if setting not in DEVICES:
+        raise InputError(f"data.device must be one of {DEVICES}, got {setting!r}")
+    if setting == "cpu":
+        return cpu
+    if setting == "cuda":
+        if accelerator.type != "cuda":
+            raise InputError(
+                f"data.device=cuda needs a CUDA accelerator; this run trains on {accelerator}: "
+                "use trainer=gpu, or data.device=auto|cpu"
+            )
+        if workers or streaming:
+            raise InputError(
+                "data.device=cuda builds batches in the training process from data in memory: "
+                f"set data.num_workers=0 (got {workers}) and data.streaming=false (got "
+                f"{str(streaming).lower()}), or data.device=cpu"
+            )
+        return accelerator
+    if accelerator.type != "cuda" or workers or streaming:
+        return cpu
+    memory = torch.cuda.get_device_properties(accelerator).total_memory
+    return accelerator if nbytes < AUTO_SHARE * memory else cpu
 
 
 class BatchIndex(NamedTuple):
@@ -74,8 +116,10 @@ class BatchIndexSampler(Sampler[BatchIndex]):
     def _rank_rows(self) -> torch.Tensor:
         rows = self.rows
         if self.shuffle:
+            # drawn on the CPU whatever the rows' device (the same order there and on a GPU),
+            # and moved once per epoch
             g = torch.Generator().manual_seed(self.seed + self.epoch)
-            rows = rows[torch.randperm(len(rows), generator=g)]
+            rows = rows[torch.randperm(len(rows), generator=g).to(rows.device)]
         rank, world = _rank_and_world()
         if world > 1:
             if self.even_shards:
@@ -119,8 +163,25 @@ def batch_sampler(rows: torch.Tensor, batch_size: int, shuffle: bool, **kwargs: 
     return OrderedBatchIndexSampler(rows, batch_size, **kwargs)
 
 
+class BatchPairs(NamedTuple):
+    """A batch before its features: the (user, item) pairs and labels, the interaction rows
+    whose own features it carries (None: pairs without rows, or data without row features),
+    and `Batch.num_negatives`."""
+
+    users: torch.Tensor | None
+    items: torch.Tensor | None
+    labels: torch.Tensor
+    rows: torch.Tensor | None = None
+    num_negatives: int = 0
+
+
 class InteractionBatches(Dataset):
-    """Map-style dataset whose "index" is a `BatchIndex`: ``ds[index]`` is a whole `Batch`."""
+    """Map-style dataset whose "index" is a `BatchIndex`: ``ds[index]`` is a whole `Batch`.
+
+    The one builder of training and pointwise batches, on whatever device the interactions
+    and features are: `batches` builds several with a single read back from the device (the
+    value counts of multi-hot features, the only sizes a batch's data decides), none when the
+    data has no multi-hot feature."""
 
     def __init__(self, interactions: Interactions, features: FeatureStore):
         self.inter = interactions
@@ -130,12 +191,55 @@ class InteractionBatches(Dataset):
         return len(self.inter)
 
     def __getitem__(self, index: BatchIndex) -> Batch:
-        return self.inter.take(index.rows).batch(self.features)
+        return self.batches([index])[0]
+
+    def pairs(self, index: BatchIndex) -> BatchPairs:
+        """The pairs of one batch: the rows ``index.rows`` as they are."""
+        rows, inter = index.rows, self.inter
+        users = None if inter.users is None else inter.users[rows]
+        items = None if inter.items is None else inter.items[rows]
+        return BatchPairs(users, items, inter.labels[rows], rows)
+
+    def batches(self, indices: list[BatchIndex]) -> list[Batch]:
+        """The batches of ``indices``, built together: their multi-hot value counts come back
+        from the device in one read."""
+        plans = [self.pairs(index) for index in indices]
+        sizes = [self._list_sizes(p) for p in plans]
+        names = list(sizes[0])
+        if names:  # one read for every batch
+            read = torch.stack([torch.stack(list(s.values())) for s in sizes]).tolist()
+            sizes = [dict(zip(names, counts, strict=True)) for counts in read]
+        return [self._batch(p, s) for p, s in zip(plans, sizes, strict=True)]
+
+    def _list_sizes(self, p: BatchPairs) -> dict[str, torch.Tensor]:
+        sizes = {}
+        if p.users is not None:
+            sizes |= self.features.list_sizes(p.users, p.items)
+        row = self.inter.row
+        if row is not None and p.rows is not None:
+            sizes |= dict(zip(row.lists, row.list_sizes(p.rows), strict=True))
+        return sizes
+
+    def _batch(self, p: BatchPairs, sizes: dict[str, int]) -> Batch:
+        row = self.inter.row
+        row = None if row is None or p.rows is None else row.take(p.rows, sizes)
+        return self.features.make_batch(
+            p.users, p.items, p.labels, row, sizes=sizes, num_negatives=p.num_negatives
+        )
+
+
+# batches that `BatchLoader` builds together (in its own process): one read back from the
+# device per this many batches when the data has multi-hot features
+WINDOW = 16
 
 
 class BatchLoader(DataLoader):
     """DataLoader over whole batches (``batch_size=None``: no per-sample collate) that
     resumes mid-epoch.
+
+    Without worker processes the batches are built `WINDOW` at a time
+    (`InteractionBatches.batches`), in this process and on the data's device; workers build
+    one each, the same batches.
 
     ``state_dict`` holds the epoch and how many batches of it were taken; Lightning saves it
     in every checkpoint and hands it back on resume, and ``load_state_dict`` makes the next
@@ -165,9 +269,19 @@ class BatchLoader(DataLoader):
 
     def __iter__(self) -> Iterator[Any]:
         self._taken = self.sampler.start
-        for batch in super().__iter__():
+        for batch in self._batches():
             self._taken += 1
             yield batch
+
+    def _batches(self) -> Iterator[Any]:
+        if self.num_workers or not hasattr(self.dataset, "batches"):
+            yield from super().__iter__()
+            return
+        pin = self.pin_memory and torch.cuda.is_available()  # as the DataLoader's own
+        indices = iter(self.sampler)
+        while window := list(itertools.islice(indices, WINDOW)):
+            for batch in self.dataset.batches(window):
+                yield batch.pin_memory() if pin and batch.labels.is_cpu else batch
 
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.sampler.epoch, "batches": self._taken}

@@ -83,7 +83,7 @@ class SampledRanking(Dataset):
     def __getitem__(self, index: BatchIndex) -> RankingBatch:
         users, items = self.users[index.rows], self.candidates[index.rows]
         q, c = items.shape
-        relevant = torch.zeros(q, c, dtype=torch.bool)
+        relevant = torch.zeros(q, c, dtype=torch.bool, device=items.device)
         relevant[:, 0] = True
         pairs = self.features.make_batch(users.repeat_interleave(c), items.flatten())
         return RankingBatch(pairs, users, items, relevant, torch.ones_like(relevant))
@@ -118,5 +118,5 @@ class FullRanking(Dataset):
         q, c = len(users), self.num_items
         relevant = self.held_out.mask(users)
         valid = ~self.seen.mask(users)
-        items = torch.arange(c).expand(q, c)
+        items = torch.arange(c, device=users.device).expand(q, c)
         return RankingBatch(None, users, items, relevant, valid, features=self.features)

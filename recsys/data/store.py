@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from itertools import accumulate
 from pathlib import Path
 
 import numpy as np
@@ -19,24 +20,45 @@ from recsys.data.preprocess import INFO, INTERACTIONS_FILE, META_FILE
 from recsys.data.spec import FeatureSpec
 
 
-def ragged_gather(offsets: torch.Tensor, values: torch.Tensor, rows: torch.Tensor):
+def ragged_gather(
+    offsets: torch.Tensor, values: torch.Tensor, rows: torch.Tensor, total: int | None = None
+):
     """Gather variable-length rows of a CSR table without a Python loop.
 
     Args:
         offsets: [N + 1] row starts into ``values``.
         values: [nnz] concatenated row contents.
         rows: [B] rows to gather.
+        total: sum(lengths) when known on the host (`ragged_total`); None reads it from the
+            tensors, a host synchronisation on an accelerator.
 
     Returns:
         (lengths [B], values [sum(lengths)]) of the gathered rows, in order.
     """
     starts = offsets[rows]
     lengths = offsets[rows + 1] - starts
-    total = int(lengths.sum())
+    if total is None:
+        total = int(lengths.sum())
     # position of each output element inside its row: arange(total) - (start of its row in out)
     out_starts = torch.cumsum(lengths, 0) - lengths
     shift = torch.repeat_interleave(starts - out_starts, lengths, output_size=total)
-    return lengths, values[torch.arange(total) + shift]
+    return lengths, values[torch.arange(total, device=values.device) + shift]
+
+
+def ragged_total(offsets: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """int64 scalar on the tables' device: how many values `ragged_gather` of ``rows`` gives."""
+    return (offsets[rows + 1] - offsets[rows]).sum()
+
+
+def _maybe_to(t: torch.Tensor | None, device: torch.device | str) -> torch.Tensor | None:
+    return None if t is None else t.to(device)
+
+
+def _moved(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """``t`` on ``device``; a constant column (expanded, stride 0) stays one element."""
+    if t.dim() == 1 and len(t) > 1 and t.stride(0) == 0:
+        return t[:1].to(device).expand(len(t))
+    return t.to(device)
 
 
 @dataclass
@@ -71,16 +93,29 @@ class RowFeatures:
     def __len__(self) -> int:
         return self.dense.shape[0]
 
-    def take(self, rows: torch.Tensor) -> RowFeatures:
-        """The features of ``rows`` (indices into these), in that order."""
+    def take(self, rows: torch.Tensor, sizes: dict[str, int] | None = None) -> RowFeatures:
+        """The features of ``rows`` (indices into these), in that order; ``sizes``: the values
+        each multi-hot feature gives, when known on the host (`list_sizes`)."""
         lists = {}
         for name, (offsets, values) in self.lists.items():
-            lengths, taken = ragged_gather(offsets, values, rows)
+            total = None if sizes is None else sizes[name]
+            lengths, taken = ragged_gather(offsets, values, rows, total)
             lists[name] = (torch.cat([lengths.new_zeros(1), torch.cumsum(lengths, 0)]), taken)
         return RowFeatures(
             codes={name: c[rows] for name, c in self.codes.items()},
             lists=lists,
             dense=self.dense[rows],
+        )
+
+    def list_sizes(self, rows: torch.Tensor) -> list[torch.Tensor]:
+        """Scalars on the device: the values of each multi-hot feature that ``rows`` give."""
+        return [ragged_total(offsets, rows) for offsets, _ in self.lists.values()]
+
+    def to(self, device: torch.device | str) -> RowFeatures:
+        return RowFeatures(
+            codes={n: c.to(device) for n, c in self.codes.items()},
+            lists={n: (o.to(device), v.to(device)) for n, (o, v) in self.lists.items()},
+            dense=self.dense.to(device),
         )
 
     @classmethod
@@ -172,21 +207,55 @@ class FeatureStore:
             for ent in ("user", "item")
         }
 
+    def to(self, device: torch.device | str) -> FeatureStore:
+        """A copy whose tables are on ``device``: batches of ids there are built there."""
+        out = object.__new__(FeatureStore)
+        out.spec, out.needs_row = self.spec, self.needs_row
+        out._tables = {
+            name: _Table(t.entity, *(_maybe_to(x, device) for x in (t.codes, t.offsets, t.values)))
+            for name, t in self._tables.items()
+        }
+        out._dense = {e: _maybe_to(d, device) for e, d in self._dense.items()}
+        return out
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the feature tables."""
+        tensors = [x for t in self._tables.values() for x in (t.codes, t.offsets, t.values)]
+        tensors += list(self._dense.values())
+        return sum(x.nbytes for x in tensors if x is not None)
+
+    def list_sizes(self, users: torch.Tensor, items: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Scalars on the device: the values each multi-hot user or item feature gives for
+        these pairs, what `make_batch` takes as ``sizes`` once read on the host."""
+        ids = {"user": users, "item": items}
+        return {
+            name: ragged_total(t.offsets, ids[t.entity])
+            for name, t in self._tables.items()
+            if t.offsets is not None
+        }
+
     def make_batch(
         self,
         users: torch.Tensor | None,
         items: torch.Tensor | None,
         labels: torch.Tensor | None = None,
         row: RowFeatures | None = None,
+        sizes: dict[str, int] | None = None,
+        num_negatives: int = 0,
     ) -> Batch:
         """Batch for the pairs (users[b], items[b]) with the features of their rows; labels
-        default to zeros.
+        default to zeros. Built where the ids are (CPU or accelerator); with ``sizes`` known,
+        without reading anything back from the device.
 
         Args:
             users: int64 user codes [B] (None: data without ids).
             items: int64 item codes [B] (None: data without ids).
             labels: float [B] or None.
             row: the rows' features [B] (data with row features only).
+            sizes: values of each multi-hot user or item feature for these pairs
+                (`list_sizes`, read on the host); None reads them from the tensors.
+            num_negatives: `Batch.num_negatives` (the negative-sampling layout).
         """
         if row is None and self.needs_row:
             raise ValueError(
@@ -194,9 +263,10 @@ class FeatureStore:
                 "without an observed row, such as sampled negatives, have none)"
             )
         size = len(users) if users is not None else len(row)
+        device = users.device if users is not None else row.dense.device
         ids = {"user": users, "item": items}
         lengths, values = [], []
-        ones = torch.ones(size, dtype=torch.long)
+        ones = torch.ones(size, dtype=torch.long, device=device)
         for name, t in self._tables.items():
             if t.entity == "row":
                 if name in row.codes:
@@ -215,19 +285,33 @@ class FeatureStore:
                 lengths.append(ones)
                 values.append(t.codes[rows])
             else:
-                ln, vals = ragged_gather(t.offsets, t.values, rows)
+                total = None if sizes is None else sizes[name]
+                ln, vals = ragged_gather(t.offsets, t.values, rows, total)
                 lengths.append(ln)
                 values.append(vals)
-        kjt = KeyedJaggedTensor.from_lengths_sync(
-            keys=list(self._tables), values=torch.cat(values), lengths=torch.cat(lengths)
+        # every key's length is a shape known on the host: the KJT needs no read of its lengths
+        # (`KeyedJaggedTensor.from_lengths_sync` sums them on the host)
+        per_key = [len(v) for v in values]
+        kjt = KeyedJaggedTensor(
+            keys=list(self._tables),
+            values=torch.cat(values),
+            lengths=torch.cat(lengths),
+            stride=size,
+            length_per_key=per_key,
+            offset_per_key=[0, *accumulate(per_key)],
         )
         dense = [self._dense[e][ids[e]] for e in ("user", "item") if self._dense[e] is not None]
         if row is not None and row.dense.shape[1]:
             dense.append(row.dense)
-        dense = torch.cat(dense, dim=1) if dense else torch.zeros(size, 0)
+        dense = torch.cat(dense, dim=1) if dense else torch.zeros(size, 0, device=device)
         if labels is None:
-            labels = torch.zeros(size)
-        return Batch(dense_features=dense, sparse_features=kjt, labels=labels.float())
+            labels = torch.zeros(size, device=device)
+        return Batch(
+            dense_features=dense,
+            sparse_features=kjt,
+            labels=labels.float(),
+            num_negatives=num_negatives,
+        )
 
 
 @dataclass
@@ -255,6 +339,30 @@ class Interactions:
             ratings=self.ratings[rows],
             timestamps=self.timestamps[rows],
             row=None if self.row is None else self.row.take(rows),
+        )
+
+    def to(self, device: torch.device | str) -> Interactions:
+        """These rows on ``device``."""
+        return Interactions(
+            users=None if self.users is None else self.users.to(device),
+            items=None if self.items is None else self.items.to(device),
+            labels=self.labels.to(device),
+            ratings=_moved(self.ratings, device),
+            timestamps=_moved(self.timestamps, device),
+            row=None if self.row is None else self.row.to(device),
+        )
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the tensors (a constant column counts one element)."""
+        tensors = [self.users, self.items, self.labels, self.ratings, self.timestamps]
+        if self.row is not None:
+            tensors += [*self.row.codes.values(), self.row.dense]
+            tensors += [x for pair in self.row.lists.values() for x in pair]
+        return sum(
+            t.element_size() * (1 if t.dim() == 1 and t.stride(0) == 0 else t.numel())
+            for t in tensors
+            if t is not None
         )
 
     def batch(self, features: FeatureStore) -> Batch:

@@ -113,8 +113,10 @@ class RecommenderModule(L.LightningModule):
         # the pointwise figures that the loss gives a meaning (`pointwise_loss`)
         self.val_metrics = self._metrics("val/")
         self.test_metrics = self._metrics("test/")
-        self.val_loss = MeanMetric() if self.pointwise_loss else None
-        self.test_logloss = MeanMetric() if self.pointwise_loss else None
+        # NaN losses count (a NaN figure) rather than being dropped: testing for them at each
+        # update would read back from the device
+        self.val_loss = MeanMetric(nan_strategy="disable") if self.pointwise_loss else None
+        self.test_logloss = MeanMetric(nan_strategy="disable") if self.pointwise_loss else None
         # the epoch's loss summed over samples, and its samples: their ratio is the epoch's mean
         # (MeanMetric(nan_strategy="disable") ignores weights in torchmetrics 1.9, and its other
         # strategies test for NaN at every update, a device sync per step on a GPU). Each step
@@ -126,7 +128,8 @@ class RecommenderModule(L.LightningModule):
         self._epoch_loss: torch.Tensor | None = None
         self._epoch_samples = 0
         self.val_ranking, self.test_ranking = RankingMetrics(ranking_ks), RankingMetrics(ranking_ks)
-        self.test_lists = CatMetric()  # top-K lists of full-ranking tests, flattened
+        # top-K lists of full-ranking tests, flattened (item codes: no NaN to test for)
+        self.test_lists = CatMetric(nan_strategy="disable")
         self.scoring = {"users": 0, "seconds": 0.0}
         self._catalogue: CatalogueScorer | None = None  # full ranking, per evaluation
         # item statistics of the training data (`set_item_statistics`), saved in checkpoints:
@@ -153,9 +156,10 @@ class RecommenderModule(L.LightningModule):
         return self.hparams.loss == "bce"
 
     def _metrics(self, prefix: str) -> MetricCollection:
-        metrics = {"auroc": BinaryAUROC()}
+        # the batches' labels are 0/1 by construction; checking them reads back from the device
+        metrics = {"auroc": BinaryAUROC(validate_args=False)}
         if self.pointwise_loss:
-            metrics["accuracy"] = BinaryAccuracy()
+            metrics["accuracy"] = BinaryAccuracy(validate_args=False)
         return MetricCollection(metrics, prefix=prefix)
 
     def forward(self, batch: Batch) -> torch.Tensor:
@@ -165,7 +169,7 @@ class RecommenderModule(L.LightningModule):
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         logits = self(batch)
         if self.hparams.loss == "bpr":
-            loss = bpr_loss(logits, batch.labels)
+            loss = bpr_loss(logits, batch.num_negatives)
         else:
             loss = F.binary_cross_entropy_with_logits(logits, batch.labels)
         objective = loss
@@ -269,7 +273,7 @@ class RecommenderModule(L.LightningModule):
         self.scoring["seconds"] += time.perf_counter() - start
         self.scoring["users"] += len(batch)
         self.test_ranking.update(scores, batch.relevant)
-        if not bool(batch.valid.all()):  # full ranking: these are recommendation lists
+        if batch.pairs is None:  # full ranking: these are recommendation lists
             top = scores.topk(min(self.hparams.list_k, scores.shape[1]), dim=1).indices
             self.test_lists.update(batch.items.gather(1, top).flatten())
 

@@ -92,6 +92,9 @@ class RankingMetrics(Metric):
         self.add_state("recall", default=torch.zeros(n), dist_reduce_fx="sum")
         self.add_state("reciprocal_rank", default=torch.tensor(0.0), dist_reduce_fx="sum")
         self.add_state("users", default=torch.tensor(0.0), dist_reduce_fx="sum")
+        # users whose scores hold NaN, refused in `compute`: testing each batch would read
+        # back from the device
+        self.add_state("nan_users", default=torch.tensor(0.0), dist_reduce_fx="sum")
 
     def update(self, scores: torch.Tensor, relevant: torch.Tensor) -> None:
         _check_ranking_inputs(scores, relevant, max(self.ks))
@@ -117,12 +120,21 @@ class RankingMetrics(Metric):
         self.recall += (hits / r.unsqueeze(1).to(torch.float32) * w.unsqueeze(1)).sum(0)
         self.reciprocal_rank += (w / (first.to(torch.float32) + 1.0)).sum()
         self.users += w.sum()
+        self.nan_users += torch.isnan(scores).any(1).sum()
 
     def compute(self) -> dict[str, torch.Tensor]:
         """Returns: ``{"hr@K", "ndcg@K", "recall@K"}`` for each K, and ``"mrr"``; 0-dim tensors.
 
         All are 0 when no user with a relevant candidate was seen (as torchmetrics does).
+
+        Raises:
+            ValueError: scores of some user held NaN.
         """
+        if self.nan_users > 0:
+            raise ValueError(
+                f"scores of {int(self.nan_users)} users contain NaN, which has no rank; check "
+                "the model's outputs"
+            )
         users = self.users.clamp(min=1.0)
         out: dict[str, torch.Tensor] = {}
         for name, total in (("hr", self.hits), ("ndcg", self.ndcg), ("recall", self.recall)):
@@ -147,8 +159,6 @@ def _check_ranking_inputs(scores: torch.Tensor, relevant: torch.Tensor, max_k: i
             f"K={max_k} exceeds the {scores.shape[1]} candidates per user; lower ks or score "
             "more candidates"
         )
-    if torch.isnan(scores).any():
-        raise ValueError("scores contain NaN, which has no rank; check the model's outputs")
 
 
 def _ranked_relevance(scores: torch.Tensor, relevant: torch.Tensor) -> torch.Tensor:

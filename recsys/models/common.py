@@ -21,6 +21,13 @@ def require_ids(spec: FeatureSpec, model: str) -> None:
         )
 
 
+def host_reads_are_free(t: torch.Tensor) -> bool:
+    """Whether ops whose output size depends on the data (``torch.unique``, boolean masks) are
+    cheap where ``t`` lives: on the CPU. On an accelerator they wait for the device, so the
+    models take a path without them there (the tests switch this off to check that path)."""
+    return not t.is_cuda
+
+
 def mlp(in_features: int, layers: Sequence[int], dropout: float = 0.0) -> nn.Sequential:
     """Linear -> ReLU (-> Dropout) for each width in ``layers``; [B, in] -> [B, layers[-1]]."""
     blocks: list[nn.Module] = []

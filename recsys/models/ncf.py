@@ -14,6 +14,7 @@ from torch import nn
 from recsys.checkpoint import load_weights_only
 from recsys.data.batch import Batch
 from recsys.data.spec import FeatureSpec
+from recsys.models import common
 from recsys.models.common import mlp, mlp_rest, mlp_rest_weights, require_ids
 
 VARIANTS = ("gmf", "mlp", "neumf", "mf")
@@ -192,7 +193,7 @@ class NeuMF(nn.Module):
             names = (f"gmf_{side}", f"mlp_{side}", f"{side}_bias")
             tables = [getattr(self, n) for n in names if hasattr(self, n)]
             ids = batch.ids(key)
-            if ids.is_cuda:  # the embedding op, as `_rows` takes there
+            if not common.host_reads_are_free(ids):  # the embedding op, as `_rows` takes
                 penalty += [table(ids).square().sum() for table in tables]
                 continue
             distinct, counts = torch.unique(ids, return_counts=True)
@@ -273,7 +274,7 @@ class _Ids(NamedTuple):
 
     @classmethod
     def of(cls, ids: torch.Tensor, distinct: bool) -> _Ids:
-        if not distinct or ids.is_cuda:  # on a GPU, unique waits for the device
+        if not distinct or not common.host_reads_are_free(ids):  # unique waits for a GPU
             return cls(ids)
         return cls(ids, *torch.unique(ids, return_inverse=True))
 
@@ -288,7 +289,7 @@ def _rows(table: nn.Embedding, ids: _Ids) -> torch.Tensor:
     - on a GPU the embedding op: an index_add's atomics would make the gradients
       order-dependent.
     """
-    if ids.pairs.is_cuda:
+    if not common.host_reads_are_free(ids.pairs):
         return table(ids.pairs)
     if table.sparse:
         return _distinct_rows(table, ids).index_select(0, ids.inverse)
