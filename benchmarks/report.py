@@ -32,6 +32,7 @@ TITLES = {
     "ncf_table": "The NCF paper's table (leave-one-out, 99 sampled negatives)",
     "ncf_table_seeds": "The NCF table over seeds",
     "criteo_scale": "Criteo-layout click logs: streamed and in memory",
+    "batch_building": "Batch building alone",
     "step_cost": "The framework's cost per step",
     "ranking": "Full-catalogue ranking",
     "scale": "Training at 1M-50M rows",

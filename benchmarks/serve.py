@@ -37,7 +37,7 @@ from omegaconf import OmegaConf
 
 from recsys import bench
 from recsys.bench import Settings
-from recsys.checkpoint import load_checkpoint
+from recsys.runs import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 CASES = {  # name: training overrides

@@ -11,13 +11,13 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from recsys.baselines import evaluate_with_baseline
-from recsys.checkpoint import checkpoint_from_config, load_checkpoint
+from recsys.checkpoint import checkpoint_from_config
 from recsys.console import describe, quiet_libraries
 from recsys.data.artifact import ArtifactDataModule
 from recsys.distributed import TorchRecStrategy
 from recsys.lit.module import RecommenderModule
 from recsys.metrics.ranking import latency_percentiles, peak_memory_mb
-from recsys.runs import model_context, report
+from recsys.runs import load_checkpoint, model_context, report
 from recsys.scoring import CatalogueScorer, servable
 
 log = logging.getLogger(__name__)

@@ -17,10 +17,11 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
 
-from recsys.checkpoint import checkpoint_state, load_checkpoint, run_folder
+from recsys.checkpoint import checkpoint_state, run_folder
 from recsys.data.artifact import ArtifactDataModule
 from recsys.errors import InputError
 from recsys.lit.module import RecommenderModule
+from recsys.runs import load_checkpoint
 from recsys.scoring import CatalogueScorer, require_pairs
 
 
@@ -118,7 +119,7 @@ class Recommender:
     @classmethod
     def from_config(cls, cfg: DictConfig, task: str = "recommending") -> Recommender:
         """From ``cfg.ckpt_path`` (with ``paths``, ``data`` changes and ``allow_new_data``
-        as for evaluate and predict: `recsys.checkpoint.load_checkpoint`)."""
+        as for evaluate and predict: `recsys.runs.load_checkpoint`)."""
         dm, model = load_checkpoint(cfg)
         return cls(dm, model, cfg.ckpt_path, task)
 

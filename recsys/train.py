@@ -37,6 +37,8 @@ def build(cfg: DictConfig) -> tuple[RecDataModule, L.LightningModule, L.Trainer]
         model = instantiate(cfg.model, spec=dm.spec.to_dict(), _recursive_=False)
     dm.setup()  # the training split's item statistics (novelty, diversity)
     model.set_item_statistics(**dm.protocol.item_statistics())
+    if model.closed_form:  # EASE, ItemKNN: fitted here; the Trainer then steps nothing
+        model.net.fit(*dm.training_pairs())
     config = OmegaConf.to_container(cfg, resolve=True)
     for lg in trainer.loggers:
         lg.log_hyperparams(config)

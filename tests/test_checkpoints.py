@@ -14,10 +14,11 @@ import pytest
 import torch
 
 from recsys import evaluate, predict
-from recsys.checkpoint import data_from_checkpoint, latest_run
+from recsys.checkpoint import latest_run
 from recsys.data import MovieLensDataModule
 from recsys.data.artifact import ArtifactDataModule
 from recsys.data.movielens import FILES
+from recsys.runs import data_from_checkpoint
 from recsys.train import run as train
 from tests.conftest import compose_cfg, compose_train
 

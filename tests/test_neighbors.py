@@ -29,7 +29,7 @@ def _matrix(users, items, spec):
 
 def test_ease_is_a_ridge_regression_of_each_item_on_the_others(pairs):
     spec, users, items = pairs
-    net = EASE(spec, l2=3.0).fit(users, items)
+    net = EASE(spec, l2_reg=3.0).fit(users, items)
     x = _matrix(users, items, spec)
     for j in range(spec.num_items):
         others = [i for i in range(spec.num_items) if i != j]

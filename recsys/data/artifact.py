@@ -338,6 +338,19 @@ class ArtifactDataModule(L.LightningDataModule):
             self._positives[which] = PositiveSet(users, items, self.spec.num_items)
         return self._positives[which]
 
+    def training_pairs(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(users, items) int64 [N] of the training rows with a positive label: what a model
+        fitted in closed form (`recsys.models.common.ClosedForm`) learns from."""
+        inter = self.data.interactions
+        if inter is None:
+            raise InputError(
+                "a model fitted in closed form (EASE, ItemKNN) needs the training rows in "
+                "memory: set data.streaming=false"
+            )
+        rows = self.rows["train"]
+        rows = rows[inter.labels[rows] > 0]
+        return inter.users[rows], inter.items[rows]
+
     def _check_supported(self, spec: FeatureSpec) -> None:
         """Refuse settings this data cannot have: ranking and sampled negatives need user
         and item ids; ranking needs every interaction in memory."""

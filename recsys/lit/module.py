@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -15,6 +16,7 @@ from torchmetrics.classification import BinaryAccuracy, BinaryAUROC
 from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
+from recsys.checkpoint import load_weights_only
 from recsys.config import plain
 from recsys.data.batch import Batch
 from recsys.data.negatives import bpr_loss
@@ -29,6 +31,7 @@ from recsys.metrics.ranking import (
     novelty,
     personalization,
 )
+from recsys.models.common import ClosedForm
 from recsys.scoring import CatalogueScorer
 
 LOSSES = ("bce", "bpr")
@@ -153,7 +156,13 @@ class RecommenderModule(L.LightningModule):
         fixes the differences between a user's logits, not their offset. AUROC and the ranking
         metrics depend on the logits' order alone; accuracy and the binary cross-entropy
         (``val/loss``, ``test/logloss``) are reported only under a pointwise loss."""
-        return self.hparams.loss == "bce"
+        return self.hparams.loss == "bce" and not self.closed_form
+
+    @property
+    def closed_form(self) -> bool:
+        """Whether the network is fitted in closed form (`ClosedForm`): no optimizer steps,
+        scores that only rank."""
+        return isinstance(self.net, ClosedForm)
 
     def _metrics(self, prefix: str) -> MetricCollection:
         # the batches' labels are 0/1 by construction; checking them reads back from the device
@@ -166,7 +175,9 @@ class RecommenderModule(L.LightningModule):
         """Logits [B] for the pairs of the batch."""
         return self.net(batch)
 
-    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor | None:
+        if self.closed_form:  # fitted before the fit (`recsys.train.build`): nothing to step
+            return None
         logits = self(batch)
         if self.hparams.loss == "bpr":
             loss = bpr_loss(logits, batch.num_negatives)
@@ -192,7 +203,9 @@ class RecommenderModule(L.LightningModule):
         the epoch, or the one whose optimizer step ends the fit (``trainer.max_steps``). Here,
         after the step, rather than in ``training_step``, where every batch of the last
         accumulation window (``trainer.accumulate_grad_batches``) sees the same global step."""
-        if not (self.trainer.is_last_batch or 0 < self.trainer.max_steps <= self.global_step):
+        if self.closed_form or not (
+            self.trainer.is_last_batch or 0 < self.trainer.max_steps <= self.global_step
+        ):
             return
         self.train_loss_sum.update(self._epoch_loss)
         self.train_samples.update(float(self._epoch_samples))
@@ -352,13 +365,20 @@ class RecommenderModule(L.LightningModule):
         (``load_pretrained``: NeuMF's ``model.pretrained``). Here rather than in the
         network's constructor, so that ``load_from_checkpoint`` never reads those files; a
         resumed fit reads them too, then Lightning puts the checkpoint's weights over them."""
-        if stage == "fit" and hasattr(self.net, "load_pretrained"):
-            self.net.load_pretrained()
+        sources = getattr(self.net, "pretrained", None)
+        if stage == "fit" and sources:
+            for variant, path in sources.items():
+                if not Path(path).is_file():
+                    raise ValueError(f"model.pretrained.{variant}: {path} is not a file")
+            self.net.load_pretrained({k: load_weights_only(p) for k, p in sources.items()})
 
     def configure_optimizers(self) -> torch.optim.Optimizer | dict[str, Any]:
         """One optimizer as Lightning sees it (a `CombinedOptimizer` of the tables' and the
         other parameters' optimizers when ``sparse_optimizer`` is set), and the optional
-        per-step ``lr_scheduler``."""
+        per-step ``lr_scheduler``. None for a network fitted in closed form: Lightning then
+        runs the loop (validation, checkpoints, early stopping) without an optimizer."""
+        if self.closed_form:
+            return None
         if self.hparams.optimizer is None:
             raise ValueError("training needs model.optimizer (a partial torch optimizer config)")
         named = list(self.named_parameters())

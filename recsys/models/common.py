@@ -21,6 +21,17 @@ def require_ids(spec: FeatureSpec, model: str) -> None:
         )
 
 
+class ClosedForm(nn.Module):
+    """A network fitted in closed form on the training (user, item) pairs, not by gradient
+    steps (`recsys.models.EASE`, `recsys.models.ItemKNN`): `recsys.train.build` calls `fit`
+    before the Trainer starts, and the LightningModule then takes no optimizer step. Its
+    scores rank items; they are no logits of a probability."""
+
+    def fit(self, users: torch.Tensor, items: torch.Tensor) -> ClosedForm:
+        """Fit on the training pairs (int64 codes [N] each)."""
+        raise NotImplementedError
+
+
 def host_reads_are_free(t: torch.Tensor) -> bool:
     """Whether ops whose output size depends on the data (``torch.unique``, boolean masks) are
     cheap where ``t`` lives: on the CPU. On an accelerator they wait for the device, so the

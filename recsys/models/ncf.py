@@ -4,14 +4,12 @@ and plain matrix factorisation (the dot-product baseline of Rendle et al., RecSy
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from recsys.checkpoint import load_weights_only
 from recsys.data.batch import Batch
 from recsys.data.spec import FeatureSpec
 from recsys.models import common
@@ -114,6 +112,18 @@ class NeuMF(nn.Module):
         for name in ("user_bias", "item_bias"):
             if hasattr(self, name):
                 nn.init.zeros_(getattr(self, name).weight)
+
+    def _tower_weights(self, state: dict, variant: str) -> dict[str, torch.Tensor]:
+        """The network weights (``net.`` prefix removed) of a RecommenderModule checkpoint of
+        a NeuMF ``variant``."""
+        hparams = state.get("hyper_parameters", {})
+        net, found = hparams.get("net"), hparams.get("variant")
+        if net != "recsys.models.NeuMF" or found != variant:
+            raise ValueError(
+                f"model.pretrained.{variant}: {self.pretrained[variant]} is a checkpoint of "
+                f"{net} variant {found!r}, not of NeuMF variant {variant!r}"
+            )
+        return {k[4:]: v for k, v in state["state_dict"].items() if k.startswith("net.")}
 
     def item_embeddings(self) -> torch.Tensor:
         """Item vectors [num_items, G + M] (the towers' item tables side by side)."""
@@ -229,18 +239,17 @@ class NeuMF(nn.Module):
         return logits
 
     @torch.no_grad()
-    def load_pretrained(self) -> None:
-        """Initialise from the ``pretrained`` GMF and MLP checkpoints (see the class notes);
-        nothing to do without them.
+    def load_pretrained(self, checkpoints: Mapping[str, dict]) -> None:
+        """Initialise from the ``pretrained`` GMF and MLP checkpoints (see the class notes),
+        read by the LightningModule: ``{"gmf": checkpoint, "mlp": checkpoint}`` as
+        ``torch.load`` gives them.
 
         Raises:
             ValueError: a file is not a checkpoint of that variant, or one of its tensors
                 differs in shape from this network's (other data, other dims or layers).
         """
-        if self.pretrained is None:
-            return
-        gmf = _tower_weights(self.pretrained["gmf"], "gmf")
-        mlp_ = _tower_weights(self.pretrained["mlp"], "mlp")
+        gmf = self._tower_weights(checkpoints["gmf"], "gmf")
+        mlp_ = self._tower_weights(checkpoints["mlp"], "mlp")
         a = self.alpha
         head = {
             "head.weight": torch.cat([a * gmf["head.weight"], (1 - a) * mlp_["head.weight"]], 1),
@@ -324,19 +333,3 @@ class _CoalescedRows(torch.autograd.Function):
         return torch.sparse_coo_tensor(
             rows[None], grad, ctx.size, is_coalesced=True, check_invariants=False
         ), None
-
-
-def _tower_weights(path: str | Path, variant: str) -> dict[str, torch.Tensor]:
-    """The network weights (``net.`` prefix removed) of a RecommenderModule checkpoint of a
-    NeuMF ``variant``, read with ``torch.load(weights_only=True)``."""
-    if not Path(path).is_file():
-        raise ValueError(f"model.pretrained.{variant}: {path} is not a file")
-    state = load_weights_only(path)
-    found = state.get("hyper_parameters", {}).get("variant")
-    if state.get("hyper_parameters", {}).get("net") != "recsys.models.NeuMF" or found != variant:
-        raise ValueError(
-            f"model.pretrained.{variant}: {path} is a checkpoint of "
-            f"{state.get('hyper_parameters', {}).get('net')} variant {found!r}, not of NeuMF "
-            f"variant {variant!r}"
-        )
-    return {k[4:]: v for k, v in state["state_dict"].items() if k.startswith("net.")}

@@ -4,34 +4,37 @@ ItemKNN (item-item cosine with shrinkage, k neighbours).
 Both score a (user, item) pair as ``sum over j in the user's training items of W[j, item]``
 with an item-item weight matrix W [I, I]: EASE's solution of a ridge regression of each item
 on the others, ItemKNN's shrunk cosine similarities kept for each item's k nearest neighbours.
-They take no gradient steps: `fit` computes W from the training (user, item) pairs, and W and
-the users' training items are buffers, so a checkpoint reloads them fitted. Their score is a
-ranking score, not a logit: they report ranking metrics and AUROC, no log loss.
+They take no gradient steps (`recsys.models.common.ClosedForm`): `fit` computes W from the
+training (user, item) pairs, and W and the users' training items are buffers, so a checkpoint
+reloads them fitted. Their score is a ranking score, not a logit: they report ranking metrics
+and AUROC, no log loss.
 """
 
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from recsys.data.batch import Batch
 from recsys.data.spec import FeatureSpec
 from recsys.data.store import ragged_gather
-from recsys.models.common import require_ids
+from recsys.models.common import ClosedForm, require_ids
 
 
-class ItemItem(nn.Module):
+class ItemItem(ClosedForm):
     """The scoring shared by `EASE` and `ItemKNN`: the users' training items (CSR buffers
     ``offsets`` [U + 1] and ``history`` [nnz]) and the weights ``W`` [I, I]."""
 
-    # fitted by `fit`, not by gradient steps (`recsys.lit.RecommenderModule` takes none)
-    closed_form = True
     # the score of users against every item is X_u W: `recsys.scoring.CatalogueScorer`
     factorised = True
 
-    def __init__(self, spec: FeatureSpec):
+    def __init__(self, spec: FeatureSpec, sparse_grad: bool = False):
         super().__init__()
         require_ids(spec, type(self).__name__)
+        if sparse_grad:
+            raise ValueError(
+                f"model.sparse_grad=true: {type(self).__name__} is fitted in closed form and "
+                "has no tables to update; set model.sparse_grad=false"
+            )
         self.num_users, self.num_items = spec.num_users, spec.num_items
         self.register_buffer("offsets", torch.zeros(spec.num_users + 1, dtype=torch.long))
         self.register_buffer("history", torch.zeros(0, dtype=torch.long))
@@ -84,9 +87,9 @@ class ItemItem(nn.Module):
 class EASE(ItemItem):
     """EASE (Steck, "Embarrassingly Shallow Autoencoders for Sparse Data", WWW 2019).
 
-    With G = X^T X + l2 I and P = G^-1: W = I - P diag(1 / diag(P)), i.e. W[i, j] =
+    With G = X^T X + l2_reg I and P = G^-1: W = I - P diag(1 / diag(P)), i.e. W[i, j] =
     -P[i, j] / P[j, j] off the diagonal and 0 on it: the least-squares weights that predict
-    each item's column of X from the other items', with an L2 penalty of ``l2``. Memory and
+    each item's column of X from the other items', with an L2 penalty of ``l2_reg``. Memory and
     time: an [I, I] matrix and its inverse, so catalogues of tens of thousands of items.
 
     Example::
@@ -96,22 +99,22 @@ class EASE(ItemItem):
             >>> from recsys.data.store import FeatureStore
             >>> spec = FeatureSpec.of_ids(num_users=3, num_items=4)
             >>> users, items = torch.tensor([0, 0, 1, 2]), torch.tensor([0, 1, 0, 2])
-            >>> net = EASE(spec, l2=1.0).fit(users, items)
+            >>> net = EASE(spec, l2_reg=1.0).fit(users, items)
             >>> pairs = torch.tensor([1, 1]), torch.tensor([1, 3])  # user 1 has item 0
             >>> scores = net(FeatureStore(spec, None, None).make_batch(*pairs))
             >>> bool(scores[0] > scores[1])  # item 1 goes with item 0; item 3 with none
             True
     """
 
-    def __init__(self, spec: FeatureSpec, l2: float = 500.0):
-        super().__init__(spec)
-        if l2 <= 0:
-            raise ValueError(f"model.l2={l2}: EASE's regularisation must be > 0")
-        self.l2 = l2
+    def __init__(self, spec: FeatureSpec, l2_reg: float = 500.0, **kwargs):
+        super().__init__(spec, **kwargs)
+        if l2_reg <= 0:
+            raise ValueError(f"model.l2_reg={l2_reg}: EASE's regularisation must be > 0")
+        self.l2_reg = l2_reg
 
     def weights(self, x: torch.Tensor) -> torch.Tensor:
         gram = x.T @ x
-        gram.diagonal().add_(self.l2)
+        gram.diagonal().add_(self.l2_reg)
         p = torch.linalg.inv(gram)
         w = -p / p.diagonal()
         w.fill_diagonal_(0.0)
@@ -137,8 +140,8 @@ class ItemKNN(ItemItem):
             [[0, 1], [1, 0]]
     """
 
-    def __init__(self, spec: FeatureSpec, k: int = 100, shrink: float = 10.0):
-        super().__init__(spec)
+    def __init__(self, spec: FeatureSpec, k: int = 100, shrink: float = 10.0, **kwargs):
+        super().__init__(spec, **kwargs)
         if k < 1 or shrink < 0:
             raise ValueError(f"model.k={k} must be >= 1 and model.shrink={shrink} >= 0")
         self.k, self.shrink = k, shrink
