@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 from omegaconf import DictConfig
 
+from recsys.checkpoint import checkpoint_from_config
 from recsys.console import quiet_libraries
 from recsys.errors import InputError
 from recsys.recommender import Recommender
@@ -17,10 +18,12 @@ log = logging.getLogger(__name__)
 
 
 def run(cfg: DictConfig) -> dict[str, str | int]:
-    """Write and print recommendations (or similar items); returns the output path and rows."""
+    """Write and print recommendations (or similar items); returns the output path, its rows
+    and the checkpoint."""
     quiet_libraries()
     # a sharded checkpoint's tables are gathered whole; data without ids or with row
     # features is refused (`recsys.scoring.require_pairs`)
+    cfg.ckpt_path = checkpoint_from_config(cfg)
     rec = Recommender.from_config(cfg, "predict.py")
     if cfg.similar_to is not None:
         frame = _similar(rec, cfg.similar_to, cfg.k)
@@ -37,7 +40,7 @@ def run(cfg: DictConfig) -> dict[str, str | int]:
     log.info(
         "%s\n(%d rows written to %s)", frame.head(50).to_string(index=False), len(frame), output
     )
-    return {"output": str(output), "rows": len(frame)}
+    return {"output": str(output), "rows": len(frame), "ckpt_path": str(cfg.ckpt_path)}
 
 
 def _similar(rec: Recommender, raw_item, k: int) -> pd.DataFrame:

@@ -127,6 +127,9 @@ def test_predict_without_raw_files(run_without_raw, tmp_path):
     )
     assert predict.run(cfg)["rows"] == 8
     assert pd.read_csv(out).title.str.len().gt(0).all()
+    # run_dir= predicts from the checkpoint the run tested, as evaluate does
+    cfg.ckpt_path, cfg.run_dir = None, str(run_without_raw["out"])
+    assert predict.run(cfg)["ckpt_path"] == run_without_raw["metrics"]["best_model_path"]
 
 
 def test_evaluate_with_other_data_is_refused_or_explicitly_allowed(

@@ -7,10 +7,14 @@ import numpy as np
 import pytest
 import torch
 
+from recsys import evaluate
 from recsys.data import FeatureSpec
 from recsys.data.store import FeatureStore
 from recsys.models import EASE, ItemKNN
 from recsys.scoring import CatalogueScorer
+from recsys.train import build
+from recsys.train import run as train
+from tests.conftest import compose_cfg, compose_train
 
 
 @pytest.fixture
@@ -71,3 +75,30 @@ def test_pairs_and_the_catalogue_score_alike_and_a_checkpoint_reloads_fitted(pai
     again.load_state_dict(net.state_dict())
     torch.testing.assert_close(again.W, net.W)
     assert torch.equal(again.history, net.history)
+
+
+@pytest.mark.parametrize("model", ["ease", "itemknn"])
+def test_trained_tested_and_evaluated_like_every_model(model, data_dir, cache_dir, tmp_path):
+    """Through train.py's loop: fitted before the fit, no optimizer step, the best checkpoint
+    tested against popularity, and evaluate.py reproduces it from the checkpoint."""
+    cfg = compose_train(
+        data_dir,
+        cache_dir,
+        tmp_path / "train",
+        f"model={model}",
+        "data.feedback=implicit",
+        "data.split.kind=leave_one_out",
+        "data.ranking=sampled",
+        "trainer.max_epochs=1",
+    )
+    metrics = train(cfg)
+    assert metrics["test/hr@10"] > metrics["popularity/test/hr@10"] + 0.1
+    assert "test/logloss" not in metrics  # scores that rank, not logits
+    # the tested weights are the fit's, untouched by the loop
+    ckpt = torch.load(metrics["best_model_path"], weights_only=True)
+    _, fitted, _ = build(cfg)
+    assert torch.equal(ckpt["state_dict"]["net.W"], fitted.net.W)
+    path = f"ckpt_path={metrics['best_model_path']}"
+    again = evaluate.run(compose_cfg("evaluate", data_dir, cache_dir, tmp_path / "eval", path))
+    for name in ("test/hr@10", "test/ndcg@10", "test/auroc"):
+        assert again[name] == metrics[name], name
