@@ -17,7 +17,7 @@ from recsys.data.artifact import ArtifactDataModule
 from recsys.distributed import TorchRecStrategy
 from recsys.lit.module import RecommenderModule
 from recsys.metrics.ranking import latency_percentiles, peak_memory_mb
-from recsys.runs import load_checkpoint, model_context, report
+from recsys.runs import load_checkpoint, model_context, report, write_test_results
 from recsys.scoring import CatalogueScorer, servable
 
 log = logging.getLogger(__name__)
@@ -68,4 +68,5 @@ def run(cfg: DictConfig) -> dict[str, float | str]:
     metrics["test/peak_memory_mb"] = peak_memory_mb()
     metrics["ckpt_path"] = str(cfg.ckpt_path)
     report(metrics, Path(cfg.paths.output_dir), [describe(dm, model), f"tested: {cfg.ckpt_path}"])
+    write_test_results(model, dm, Path(cfg.paths.output_dir), str(cfg.ckpt_path))
     return metrics

@@ -12,6 +12,9 @@ from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
 import lightning as L
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 from hydra.utils import get_class, instantiate
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
@@ -66,6 +69,50 @@ def report(metrics: dict, output_dir: Path, title: list[str]) -> None:
         lines += ["", "  ".join(fit)]
     lines.append(f"run folder: {output_dir} (metrics.json, checkpoints/, .hydra/config.yaml)")
     log.info("Results\n%s", "\n".join(lines))
+
+
+# beside metrics.json: the test's figures per ranking query and per pointwise row
+QUERIES_FILE, ROWS_FILE = "test_queries.parquet", "test_rows.parquet"
+RESULTS_KEY = b"recsys"  # the files' metadata: what the figures were measured on
+
+
+@rank_zero_only
+def write_test_results(
+    model: RecommenderModule, dm: ArtifactDataModule, output_dir: Path, ckpt_path: str | None
+) -> list[Path]:
+    """Write the last test's figures per ranking query (``test_queries.parquet``) and per
+    pointwise row (``test_rows.parquet``, with the model's logit) into the run folder, raw
+    ids beside the codes. Their metadata (`read_test_results`) names the processed data, the
+    split and the evaluation protocol (candidates included) they were measured on, and the
+    checkpoint: runs compare user by user only where these agree (`recsys.compare`)."""
+    about = {
+        "data": {"processed": dm.processed_dir.name, **dm.split_settings()},
+        "protocol": dm.protocol.describe(),
+        "checkpoint": ckpt_path,
+    }
+    written = []
+    for name, frame in model.test_results.items():
+        frame = frame.copy()
+        if dm.spec.has_ids:
+            for entity, raw in (("user", dm.data.user_ids), ("item", dm.data.item_ids)):
+                codes = frame[entity].to_numpy()
+                frame.insert(frame.columns.get_loc(entity) + 1, f"{entity}_id", None)
+                known = codes >= 0
+                frame.loc[known, f"{entity}_id"] = raw[codes[known]].astype(str)
+        table = pa.Table.from_pandas(frame, preserve_index=False)
+        meta = {**(table.schema.metadata or {}), RESULTS_KEY: json.dumps(about, default=str)}
+        path = output_dir / (QUERIES_FILE if name == "queries" else ROWS_FILE)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        pq.write_table(table.replace_schema_metadata(meta), path)
+        written.append(path)
+    return written
+
+
+def read_test_results(path: Path) -> tuple[pd.DataFrame, dict]:
+    """A file of `write_test_results` and what it was measured on."""
+    table = pq.read_table(path)
+    about = json.loads((table.schema.metadata or {}).get(RESULTS_KEY, b"{}"))
+    return table.to_pandas(), about
 
 
 def load_checkpoint(

@@ -15,7 +15,7 @@ from recsys.callbacks import SamplesPerSecond, ValidationHistory
 from recsys.checkpoint import checkpoint_state
 from recsys.console import describe, quiet_libraries, stop_reason
 from recsys.data.base import RecDataModule
-from recsys.runs import instantiate_group, model_context, report
+from recsys.runs import instantiate_group, model_context, report, write_test_results
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +84,7 @@ def run(cfg: DictConfig) -> dict[str, float | int | str]:
     if reason:
         title[-1] += f"; training stopped: {reason}"
     report(metrics, Path(cfg.paths.output_dir), title)
+    write_test_results(model, dm, Path(cfg.paths.output_dir), best or None)
     return metrics
 
 

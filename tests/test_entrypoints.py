@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
+from torchmetrics.functional.classification import binary_auroc
 
 from recsys import evaluate, predict
+from recsys.runs import QUERIES_FILE, ROWS_FILE, read_test_results
 from recsys.train import run as train
 from tests.conftest import compose_cfg, compose_train
 
@@ -118,3 +122,20 @@ def test_predict_similar_items(trained, data_dir, cache_dir, tmp_path):
     recs = pd.read_csv(predict.run(cfg)["output"], dtype={"item_id": str})
     assert len(recs) == 5 and "1" not in set(recs.item_id)
     assert recs.similarity.is_monotonic_decreasing
+
+
+def test_the_test_figures_per_query_and_per_row_average_to_the_reported_ones(trained):
+    """test_queries.parquet and test_rows.parquet hold each query's and row's figures: their
+    means are the reported metrics, the rows' AUROC is test/auroc, each user once."""
+    metrics, ckpt = trained
+    run = Path(ckpt).parents[1]
+    queries, about = read_test_results(run / QUERIES_FILE)
+    assert about["protocol"]["ranking"] == "sampled" and about["checkpoint"] == ckpt
+    assert queries["user"].is_unique  # leave-one-out: one held-out item a user
+    for name in ("hr@10", "ndcg@10", "recall@5", "mrr"):
+        assert queries[name].mean() == pytest.approx(metrics[f"test/{name}"], abs=1e-6), name
+    assert ((queries["rank"] <= 10) == (queries["hr@10"] == 1)).all()
+    rows, _ = read_test_results(run / ROWS_FILE)
+    auroc = binary_auroc(torch.tensor(rows["logit"].values), torch.tensor(rows["label"].values))
+    assert float(auroc) == pytest.approx(metrics["test/auroc"], abs=1e-6)
+    assert rows["user_id"].notna().all() and (rows["label"] == 1).sum() == len(queries)

@@ -264,6 +264,21 @@ class EvaluationProtocol:
         held_out = rows[inter.labels[rows] > 0]
         return inter.users[held_out], inter.items[held_out]
 
+    def describe(self) -> dict:
+        """What decides the rows and candidates the test scores: feedback, negatives, the
+        ranking mode and, sampled, the file of the test's saved candidates."""
+        out = {
+            "feedback": self.feedback,
+            "num_negatives": self.num_negatives if self.feedback == "implicit" else None,
+            "seed": self.seed,
+            "ranking": self.ranking,
+            "drop_cold_start": self.drop_cold_start,
+        }
+        if self.ranking == "sampled":
+            out["ranking_negatives"] = self.ranking_negatives
+            out["candidates"] = self.candidates_path(Path("."), "test").name
+        return out
+
     # --- item statistics --------------------------------------------------------------------
     def item_popularity(self) -> torch.Tensor:
         """Training interactions per item [num_items] (popularity baseline, novelty)."""

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import pandas as pd
 import torch
 import torch.nn.functional as F
 from hydra.utils import get_class, instantiate
@@ -29,6 +30,7 @@ from recsys.metrics.ranking import (
     catalogue_coverage,
     intra_list_diversity,
     novelty,
+    per_user,
     personalization,
 )
 from recsys.models.common import ClosedForm
@@ -133,6 +135,11 @@ class RecommenderModule(L.LightningModule):
         self.val_ranking, self.test_ranking = RankingMetrics(ranking_ks), RankingMetrics(ranking_ks)
         # top-K lists of full-ranking tests, flattened (item codes: no NaN to test for)
         self.test_lists = CatMetric(nan_strategy="disable")
+        # the test's figures of each query and of each pointwise row (`per_query_results`),
+        # gathered across ranks; float64 keeps user and item codes exact
+        self.test_queries = CatMetric(nan_strategy="disable").set_dtype(torch.float64)
+        self.test_rows = CatMetric(nan_strategy="disable").set_dtype(torch.float64)
+        self.test_results: dict[str, pd.DataFrame] = {}
         self.scoring = {"users": 0, "seconds": 0.0}
         self._catalogue: CatalogueScorer | None = None  # full ranking, per evaluation
         # item statistics of the training data (`set_item_statistics`), saved in checkpoints:
@@ -225,12 +232,22 @@ class RecommenderModule(L.LightningModule):
             "train/lr_sparse": parts["sparse"].param_groups[0]["lr"],
         }
 
-    def _eval_step(self, batch: Batch, metrics: MetricCollection, loss: MeanMetric | None) -> None:
+    def _eval_step(
+        self,
+        batch: Batch,
+        metrics: MetricCollection,
+        loss: MeanMetric | None,
+        rows: CatMetric | None = None,
+    ) -> None:
         logits = self(batch)
         labels = batch.labels
         if loss is not None:
             loss.update(F.binary_cross_entropy_with_logits(logits, labels, reduction="none"))
         metrics.update(torch.sigmoid(logits), labels.long())
+        if rows is not None:
+            ids = [batch.ids(f"{e}_id") if self.spec.has_ids else None for e in ("user", "item")]
+            ids = [torch.full_like(logits, -1) if i is None else i for i in ids]
+            rows.update(torch.stack([ids[0], ids[1], labels, logits], dim=1).double())
 
     def rank(self, batch: RankingBatch) -> torch.Tensor:
         """Scores [Q, C] of each query's candidates; -inf where a candidate is not valid.
@@ -279,13 +296,20 @@ class RecommenderModule(L.LightningModule):
 
     def test_step(self, batch: Batch | RankingBatch, batch_idx: int, dataloader_idx=0):
         if not isinstance(batch, RankingBatch):
-            self._eval_step(batch, self.test_metrics, self.test_logloss)
+            self._eval_step(batch, self.test_metrics, self.test_logloss, self.test_rows)
             return
         start = time.perf_counter()
         scores = self.rank(batch)
         self.scoring["seconds"] += time.perf_counter() - start
         self.scoring["users"] += len(batch)
-        self.test_ranking.update(scores, batch.relevant)
+        queries = per_user(scores, batch.relevant, self.test_ranking.ks)
+        self.test_ranking.update(scores, batch.relevant, queries)
+        # the held-out item of a sampled query (its one relevant candidate); -1 in full ranking
+        item = batch.items.gather(1, batch.relevant.to(torch.uint8).argmax(1, keepdim=True))[:, 0]
+        if batch.pairs is None:
+            item = torch.full_like(item, -1)
+        columns = [batch.users, item, *(queries[c] for c in self.query_columns)]
+        self.test_queries.update(torch.stack([c.double() for c in columns], dim=1))
         if batch.pairs is None:  # full ranking: these are recommendation lists
             top = scores.topk(min(self.hparams.list_k, scores.shape[1]), dim=1).indices
             self.test_lists.update(batch.items.gather(1, top).flatten())
@@ -302,8 +326,36 @@ class RecommenderModule(L.LightningModule):
         if self.test_lists.update_called:
             out.update(self._list_metrics(self.test_lists.compute()))
         self.log_dict({self.metric_prefix + k: v for k, v in out.items()})
+        self.test_results = self._per_query_results()
         for m in (self.test_metrics, self.test_ranking, self.test_lists):
             m.reset()
+
+    @property
+    def query_columns(self) -> list[str]:
+        """The figures of each ranking query collected by `test_step` (``evaluated``: it has
+        a held-out positive)."""
+        ks = self.test_ranking.ks
+        metrics = [f"{m}@{k}" for m in ("hr", "ndcg", "recall") for k in ks]
+        return ["evaluated", "rank", *metrics, "mrr"]
+
+    def _per_query_results(self) -> dict[str, pd.DataFrame]:
+        """The last test's figures per ranking query (``queries``: user, held-out item, rank
+        of the held-out item, each metric) and per pointwise row (``rows``: user, item,
+        label, logit), gathered from every rank; codes are -1 where the data has none. Only
+        queries with a held-out positive are kept (the others count in no mean)."""
+        out = {}
+        if self.test_queries.update_called:
+            table = self.test_queries.compute().cpu().numpy()
+            frame = pd.DataFrame(table, columns=["user", "item", *self.query_columns])
+            frame = frame[frame.pop("evaluated") > 0].reset_index(drop=True)
+            out["queries"] = frame.astype({"user": "int64", "item": "int64", "rank": "int64"})
+            self.test_queries.reset()
+        if self.test_rows.update_called:
+            table = self.test_rows.compute().cpu().numpy()
+            frame = pd.DataFrame(table, columns=["user", "item", "label", "logit"])
+            out["rows"] = frame.astype({"user": "int64", "item": "int64", "label": "int8"})
+            self.test_rows.reset()
+        return out
         self.scoring = {"users": 0, "seconds": 0.0}
 
     def set_item_statistics(

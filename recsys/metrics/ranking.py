@@ -96,29 +96,23 @@ class RankingMetrics(Metric):
         # back from the device
         self.add_state("nan_users", default=torch.tensor(0.0), dist_reduce_fx="sum")
 
-    def update(self, scores: torch.Tensor, relevant: torch.Tensor) -> None:
+    def update(
+        self,
+        scores: torch.Tensor,
+        relevant: torch.Tensor,
+        users: dict[str, torch.Tensor] | None = None,
+    ) -> None:
+        """Adds a batch of users; ``users``: their figures if already computed (`per_user`
+        of the same scores, relevance and ks)."""
         _check_ranking_inputs(scores, relevant, max(self.ks))
-        ranked = _ranked_relevance(scores, relevant)  # [U, C] bool, column 0 = rank 1
-        num_relevant = relevant.sum(1)  # [U]
-        evaluated = num_relevant > 0  # masks instead of indexing: no host sync
-        r = num_relevant.clamp(min=1)  # [U], 1 for skipped users to avoid 0 / 0
-
-        top = ranked[:, : self.ks[-1]].to(torch.float32)  # [U, Kmax]
-        discount = 1.0 / torch.log2(
-            torch.arange(self.ks[-1], device=top.device, dtype=torch.float32) + 2.0
-        )  # [Kmax], 1 / log2(rank + 1)
-        cut = torch.tensor(self.ks, device=top.device) - 1  # [n] column of rank K
-        hits = top.cumsum(1)[:, cut]  # [U, n] relevant candidates in the top K
-        dcg = (top * discount).cumsum(1)[:, cut]  # [U, n]
-        ideal = torch.minimum(r.unsqueeze(1), cut + 1) - 1  # [U, n]
-        idcg = discount.cumsum(0)[ideal]  # [U, n]
-        first = ranked.to(torch.uint8).argmax(1)  # [U] 0-based rank of the best relevant
-
-        w = evaluated.to(torch.float32)
-        self.hits += ((hits > 0).to(torch.float32) * w.unsqueeze(1)).sum(0)
-        self.ndcg += (dcg / idcg * w.unsqueeze(1)).sum(0)
-        self.recall += (hits / r.unsqueeze(1).to(torch.float32) * w.unsqueeze(1)).sum(0)
-        self.reciprocal_rank += (w / (first.to(torch.float32) + 1.0)).sum()
+        if users is None:
+            users = per_user(scores, relevant, self.ks)
+        w = users["evaluated"].to(torch.float32)  # masks instead of indexing: no host sync
+        for name in ("hits", "ndcg", "recall"):
+            column = "hr" if name == "hits" else name
+            stacked = torch.stack([users[f"{column}@{k}"] for k in self.ks], dim=1)  # [U, n]
+            setattr(self, name, getattr(self, name) + (stacked * w.unsqueeze(1)).sum(0))
+        self.reciprocal_rank += (users["mrr"] * w).sum()
         self.users += w.sum()
         self.nan_users += torch.isnan(scores).any(1).sum()
 
@@ -142,6 +136,37 @@ class RankingMetrics(Metric):
                 out[f"{name}@{k}"] = total[i] / users
         out["mrr"] = self.reciprocal_rank / users
         return out
+
+
+def per_user(
+    scores: torch.Tensor, relevant: torch.Tensor, ks: Iterable[int]
+) -> dict[str, torch.Tensor]:
+    """Each user's figures, float [U] each, by `RankingMetrics`' definitions: ``hr@K``,
+    ``ndcg@K`` and ``recall@K`` for each K, ``mrr``, ``rank`` (1-based rank of the best-ranked
+    relevant candidate, ties broken pessimistically) and ``evaluated`` (bool: the user has a
+    relevant candidate; the figures of the others are 0 and count in no mean)."""
+    ks = tuple(sorted(ks))
+    ranked = _ranked_relevance(scores, relevant)  # [U, C] bool, column 0 = rank 1
+    num_relevant = relevant.sum(1)  # [U]
+    r = num_relevant.clamp(min=1)  # [U], 1 for skipped users to avoid 0 / 0
+    top = ranked[:, : ks[-1]].to(torch.float32)  # [U, Kmax]
+    discount = 1.0 / torch.log2(
+        torch.arange(ks[-1], device=top.device, dtype=torch.float32) + 2.0
+    )  # [Kmax], 1 / log2(rank + 1)
+    cut = torch.tensor(ks, device=top.device) - 1  # [n] column of rank K
+    hits = top.cumsum(1)[:, cut]  # [U, n] relevant candidates in the top K
+    dcg = (top * discount).cumsum(1)[:, cut]  # [U, n]
+    ideal = torch.minimum(r.unsqueeze(1), cut + 1) - 1  # [U, n]
+    idcg = discount.cumsum(0)[ideal]  # [U, n]
+    evaluated = num_relevant > 0
+    w = evaluated.to(torch.float32)
+    rank = ranked.to(torch.uint8).argmax(1).to(torch.float32) + 1.0  # [U]
+    out = {"evaluated": evaluated, "rank": rank, "mrr": w / rank}
+    for i, k in enumerate(ks):
+        out[f"hr@{k}"] = (hits[:, i] > 0).to(torch.float32) * w
+        out[f"ndcg@{k}"] = dcg[:, i] / idcg[:, i] * w
+        out[f"recall@{k}"] = hits[:, i] / r.to(torch.float32) * w
+    return out
 
 
 def _check_ranking_inputs(scores: torch.Tensor, relevant: torch.Tensor, max_k: int) -> None:
