@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -46,17 +47,17 @@ def test_grid_sweep_and_compare(tmp_path, data_dir, cache_dir):
     runs = sorted(sweep.glob("*/metrics.json"))
     assert len(runs) == 4
 
-    chart = tmp_path / "chart.png"
+    chart, output = tmp_path / "chart.png", tmp_path / "compare.json"
     out = subprocess.run(
         [
             sys.executable,
             "-m",
             "recsys.compare",
-            str(sweep),
-            "--metric",
-            "val/auroc",
-            "--output",
-            str(chart),
+            f"runs=[{sweep}]",
+            "metrics=[val/auroc,test/auroc]",
+            f"chart={chart}",
+            f"output={output}",
+            f"paths.log_dir={tmp_path / 'logs'}",
         ],
         cwd=ROOT,
         capture_output=True,
@@ -64,9 +65,12 @@ def test_grid_sweep_and_compare(tmp_path, data_dir, cache_dir):
         timeout=120,
     )
     assert out.returncode == 0, out.stderr[-3000:]
-    header, *rows = out.stdout.strip().splitlines()[:5]
-    assert "model" in header and "data.batch_size" in header and "val/auroc" in header
-    assert len(rows) == 4 and sum("hybrid" in r for r in rows) == 2
+    document = json.loads(output.read_text())
+    assert len(document["runs"]) == 4 and sum(r["model"] == "hybrid" for r in document["runs"]) == 2
+    assert {"data.batch_size", "val/auroc"} <= set(document["runs"][0])
+    # every run against the first on the same test rows: DeLong's test of the AUROCs
+    tested = [r for r in document["statistics"] if r["metric"] == "test/auroc" and r["p_value"]]
+    assert len(tested) == 3 and all(r["test"] == "DeLong" for r in tested)
     assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

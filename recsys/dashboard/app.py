@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from torchmetrics.functional.classification import binary_auroc
 
 from recsys import compare, dashboard
+from recsys.errors import InputError
 from recsys.recommender import Recommender
 
 # the headline figures of the Performance page, where the run has them
@@ -358,8 +359,28 @@ def compare_page(cfg: DictConfig) -> None:
     st.caption(f"{len(runs)} runs; the overrides that differ between them, then the metrics")
     table = compare.table(runs, [*columns, *([] if metric in columns else [metric])])
     st.dataframe(table.sort_values(metric, ascending=False, na_position="last"), hide_index=True)
+    result = comparison(runs, metric)
     with tempfile.TemporaryDirectory() as tmp:
-        st.image(compare.chart(runs, metric, Path(tmp) / "chart.png").read_bytes())
+        st.image(compare.chart(runs, metric, Path(tmp) / "chart.png", result).read_bytes())
+
+
+def comparison(runs, metric: str):
+    """`recsys.compare.statistics` of ``metric``, shown as `python -m recsys.compare` gives
+    it: intervals over users and each run against the first; unpaired, and said so, where
+    the runs were tested on other data or candidates."""
+    try:
+        result = compare.statistics(runs, [metric], resamples=2000)
+    except InputError as e:
+        st.info(f"{e}. The tests below are unpaired.")
+        result = compare.statistics(runs, [metric], unpaired=True, resamples=2000)
+    shown = result.drop(columns=["metric"]).dropna(axis=1, how="all")
+    if {"mean", "difference"} & set(shown):
+        st.caption(
+            f"{metric}: mean over users with its 95% bootstrap interval; against the first run "
+            "the difference, its interval and the p-values (Holm-corrected across the runs)"
+        )
+        st.dataframe(shown, hide_index=True)
+    return result
 
 
 # page name in the address (?page=...) -> (title, page)
