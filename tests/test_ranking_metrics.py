@@ -26,6 +26,8 @@ from recsys.metrics import (
     peak_memory_mb,
     personalization,
 )
+from recsys.metrics.ranking import per_user
+from recsys.train import build
 
 
 def _values(metric: RankingMetrics) -> dict[str, float]:
@@ -344,3 +346,45 @@ def test_latency_percentiles_and_peak_memory():
     assert peak_memory_mb() > 0
     with pytest.raises(ValueError, match="repeats=0"):
         latency_percentiles(calls.append, inputs=1, repeats=0)
+
+
+@pytest.mark.parametrize("mode", ["sampled", "full"])
+def test_real_top_k_lists_against_trec_eval(mode, make_cfg):
+    """Each user's HR@K, NDCG@K, Recall@K and reciprocal rank of EASE's test rankings on
+    ml-100k equal trec_eval's (pytrec_eval: success_K, ndcg_cut_K, recall_K, recip_rank),
+    user by user. Users whose relevant items tie with another candidate are left out: there
+    trec_eval breaks ties by document name, this platform pessimistically."""
+    pytrec_eval = pytest.importorskip("pytrec_eval")
+    split = "leave_one_out" if mode == "sampled" else "random"
+    dm, module, _ = build(
+        make_cfg(
+            "model=ease",
+            "data.feedback=implicit",
+            f"data.split.kind={split}",
+            f"data.ranking={mode}",
+        )
+    )
+    qrels, run, ours = {}, {}, {}
+    for batch in dm.protocol.ranking_loader("test"):
+        scores = module.rank(batch)
+        figures = per_user(scores, batch.relevant, (5, 10, 20))
+        for q in range(len(batch)):
+            valid = batch.valid[q]
+            s, items, rel = scores[q][valid], batch.items[q][valid], batch.relevant[q][valid]
+            if rel.sum() == 0 or len(set(s[rel].tolist()) & set(s[~rel].tolist())):
+                continue
+            name = f"q{len(qrels)}"
+            qrels[name] = {str(int(i)): 1 for i in items[rel]}
+            run[name] = {str(int(i)): float(v) for i, v in zip(items, s, strict=True)}
+            ours[name] = {k: float(v[q]) for k, v in figures.items() if k != "evaluated"}
+    assert len(qrels) > 300
+    measures = {"success_5,10,20", "ndcg_cut_5,10,20", "recall_5,10,20", "recip_rank"}
+    trec = pytrec_eval.RelevanceEvaluator(qrels, measures).evaluate(run)
+    names = {"hr": "success", "ndcg": "ndcg_cut", "recall": "recall"}
+    for query, figures in ours.items():
+        for k in (5, 10, 20):
+            for ours_name, trec_name in names.items():
+                assert figures[f"{ours_name}@{k}"] == pytest.approx(
+                    trec[query][f"{trec_name}_{k}"], abs=1e-6
+                ), (query, ours_name, k)
+        assert figures["mrr"] == pytest.approx(trec[query]["recip_rank"], abs=1e-6)
