@@ -18,7 +18,13 @@ test of the best checkpoint, the popularity baseline beside it):
 - MF: dot product plus biases, L2, 8 negatives (Rendle et al. 2020);
 - GMF, MLP, NeuMF without pretraining;
 - NeuMF pretrained: initialised from the best checkpoints of this table's GMF and MLP runs
-  (``model.pretrained``); its wall time is its own run's, and ``+ sources`` adds theirs.
+  (``model.pretrained``); its wall time is its own run's, and ``+ sources`` adds theirs;
+- EASE and ItemKNN (``experiment=ncf_ease``, ``ncf_itemknn``), fitted in closed form, each
+  tuned like the others on validation: one run per setting of `GRIDS`, the one with the best
+  val/ndcg@10 kept (its setting is a row of the results; the wall time is the grid's).
+
+Beside each model's HR@10 and NDCG@10, the p-value of a paired t-test over the test users of
+its HR@10 against NeuMF's (`recsys.stats.paired`, on the runs' ``test_queries.parquet``).
 
 NeuMF runs first, so its time to quality counts from the process's start
 (`recsys.bench.process_start`: the interpreter's start-up and the imports of torch, Lightning
@@ -51,13 +57,15 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import pandas as pd
 import torch
 from hydra import compose, initialize_config_dir
 from lightning.pytorch.callbacks import Callback
 
-from recsys import bench
+from recsys import bench, stats
 from recsys.bench import Settings
 from recsys.metrics import RankingMetrics
+from recsys.runs import QUERIES_FILE, read_test_results
 from recsys.train import run
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -79,6 +87,13 @@ LABELS = {
     "mlp": "MLP",
     "neumf": "NeuMF",
     "neumf_pretrained": "NeuMF pretrained",
+    "ease": "EASE (Steck 2019)",
+    "itemknn": "ItemKNN",
+}
+# the settings each closed-form model is tuned over, on validation
+GRIDS = {
+    "ease": {"model.l2_reg": [100.0, 500.0, 2000.0]},
+    "itemknn": {"model.k": [20, 100, 400]},
 }
 POPULARITY = "popularity"
 METRICS = ("test/hr@10", "test/ndcg@10")
@@ -171,7 +186,35 @@ def one_table(root: Path, overrides: list[str], start: float) -> tuple[dict, dic
     runs["neumf_pretrained"] = _train(
         "neumf_pretrained", root / "neumf_pretrained", [*overrides, f"model.pretrained={sources}"]
     )
+    for name, grid in GRIDS.items():
+        ((key, values),) = grid.items()
+        tried = [
+            _train(name, root / name / f"{key.split('.')[-1]}_{v}", [*overrides, f"{key}={v}"])
+            for v in values
+        ]
+        best = max(range(len(values)), key=lambda i: tried[i][0]["val/ndcg@10"])
+        metrics, _ = tried[best]
+        metrics["chosen"] = {key: values[best]}
+        runs[name] = metrics, sum(wall for _, wall in tried)
+    for name in runs:
+        if name != "neumf":
+            runs[name][0]["p_vs_neumf/test/hr@10"] = p_against_neumf(runs, name)
     return runs, ttq
+
+
+def p_against_neumf(runs: dict, name: str, metric: str = "hr@10") -> float:
+    """The paired t-test's p-value over the test users of ``metric`` of run ``name`` against
+    NeuMF's (the runs' ``test_queries.parquet``, the same users and candidates)."""
+
+    def figures(run: str) -> pd.Series:
+        folder = Path(runs[run][0]["best_model_path"]).parents[1]
+        frame, _ = read_test_results(folder / QUERIES_FILE)
+        return frame.set_index(["user", "item"])[metric].sort_index()
+
+    ours, neumf = figures(name), figures("neumf")
+    if not ours.index.equals(neumf.index):
+        raise RuntimeError(f"{name} and NeuMF were tested on other queries")
+    return stats.paired(ours.to_numpy(), neumf.to_numpy(), resamples=1000).t_pvalue
 
 
 def add_rows(bench_run: bench.Benchmark, runs: dict, ttq: dict, where: dict) -> None:
@@ -190,6 +233,10 @@ def add_rows(bench_run: bench.Benchmark, runs: dict, ttq: dict, where: dict) -> 
         if name == "neumf_pretrained":
             sources = wall + runs["gmf"][1] + runs["mlp"][1]
             figures.append(("wall_s_with_sources", "s", sources))
+        if "p_vs_neumf/test/hr@10" in m:
+            figures.append(("p_vs_neumf/test/hr@10", "", m["p_vs_neumf/test/hr@10"]))
+        for key, value in m.get("chosen", {}).items():
+            figures.append((key, "", value))
         for metric, unit, value in figures:
             bench_run.add(
                 system="recsys", model=label, metric=metric, unit=unit, value=value, settings=where
@@ -209,22 +256,26 @@ def print_table(rows: list[dict], seed: int) -> None:
     """One seed's table, from its rows."""
 
     def value(model: str, metric: str) -> float | None:
-        return bench.find(rows, model=model, metric=metric, seed=seed)["value"]
+        row = bench.find(rows, model=model, metric=metric, seed=seed)
+        return None if row is None else row["value"]
 
     lines = [
         f"| {POPULARITY} | {value(POPULARITY, METRICS[0]):.4f} | "
-        f"{value(POPULARITY, METRICS[1]):.4f} | - | - |"
+        f"{value(POPULARITY, METRICS[1]):.4f} | - | - | - |"
     ]
-    for label in LABELS.values():
+    for name, label in LABELS.items():
         seconds = f"{value(label, 'wall_s'):.0f}"
         if label == LABELS["neumf_pretrained"]:
             seconds += f" (+ sources {value(label, 'wall_s_with_sources'):.0f})"
+        p = value(label, "p_vs_neumf/test/hr@10")
+        p = "-" if p is None else f"{p:.3g}"
+        chosen = ", ".join(f"{k}={value(label, k)}" for k in GRIDS.get(name, {}))
         lines.append(
-            f"| {label} | {value(label, METRICS[0]):.4f} | {value(label, METRICS[1]):.4f} | "
-            f"{value(label, 'best_epoch')} | {seconds} |"
+            f"| {label}{f' ({chosen})' if chosen else ''} | {value(label, METRICS[0]):.4f} | "
+            f"{value(label, METRICS[1]):.4f} | {p} | {value(label, 'best_epoch')} | {seconds} |"
         )
-    print("| model | HR@10 | NDCG@10 | best epoch | wall s |")
-    print("| --- | --- | --- | --- | --- |")
+    print("| model | HR@10 | NDCG@10 | p vs NeuMF (HR@10) | best epoch | wall s |")
+    print("| --- | --- | --- | --- | --- | --- |")
     print("\n".join(lines))
     reached = {}
     for key in ("test/hr@10", "val/hr@10"):

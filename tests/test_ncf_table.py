@@ -127,8 +127,18 @@ def test_the_table_command_runs(data_dir, cache_dir, tmp_path):
         check=False,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    for label in ("popularity", "MF", "GMF", "MLP", "NeuMF", "NeuMF pretrained"):
+    for label in ("popularity", "MF", "GMF", "MLP", "NeuMF", "NeuMF pretrained", "EASE", "ItemKNN"):
         assert f"| {label}" in done.stdout
+    # the closed-form models: the setting of their grid with the best val/ndcg@10
+    grid = {v: tmp_path / "ease" / f"l2_reg_{v}" / "metrics.json" for v in (100.0, 500.0, 2000.0)}
+    grid = {v: json.loads(path.read_text()) for v, path in grid.items()}
+    best = max(grid, key=lambda v: grid[v]["val/ndcg@10"])
+    results = bench.read_results(tmp_path / "ncf_table.json")["rows"]
+    assert bench.find(results, model="EASE (Steck 2019)", metric="model.l2_reg")["value"] == best
+    ease = bench.find(results, model="EASE (Steck 2019)", metric="test/hr@10")["value"]
+    assert ease == pytest.approx(grid[best]["test/hr@10"])
+    p = bench.find(results, model="EASE (Steck 2019)", metric="p_vs_neumf/test/hr@10")["value"]
+    assert 0 <= p <= 1
     assert "NeuMF time to HR@10 >= 0.7 on the test items" in done.stdout
     # the clock's test HR@10 after the one validation is the test of the checkpoint it saved
     (entry,) = [json.loads(x) for x in (tmp_path / "neumf" / "validation_clock.jsonl").open()]
@@ -162,6 +172,7 @@ def _fake_table(module, monkeypatch, reached: list[float]) -> None:
             after = {"time": reached[-1], "epoch": 1, "val/hr@10": 0.8, "test/hr@10": 0.71}
             clock.write_text(f"{json.dumps(before)}\n{json.dumps(after)}\n")
         metrics = {
+            "val/ndcg@10": 0.5,
             "test/hr@10": 0.7,
             "test/ndcg@10": 0.4,
             "best_epoch": 1,
@@ -172,6 +183,7 @@ def _fake_table(module, monkeypatch, reached: list[float]) -> None:
         return metrics, 2.0
 
     monkeypatch.setattr(module, "_train", train)
+    monkeypatch.setattr(module, "p_against_neumf", lambda runs, name: 0.5)  # no files here
 
 
 def test_the_time_to_quality_counts_from_the_process_start(tmp_path, monkeypatch, capsys):
