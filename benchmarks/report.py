@@ -180,13 +180,21 @@ def headline(docs: dict[str, dict]) -> str:
                     "training",
                 )
     if (doc := docs.get("ncf_table")) is not None:
-        for model in ("MF (Rendle et al. 2020)", "NeuMF", "popularity"):
+        for model in (
+            "NeuMF",
+            "MF (Rendle et al. 2020)",
+            "EASE (Steck 2019)",
+            "ItemKNN",
+            "popularity",
+        ):
             hr = _value(doc, model=model, metric="test/hr@10")
             ndcg = _value(doc, model=model, metric="test/ndcg@10")
+            p = _value(doc, model=model, metric="p_vs_neumf/test/hr@10")
             if hr is not None:
+                against = "" if p is None else f" (p = {p:.2g} against NeuMF)"
                 add(
                     f"ml-1m leave-one-out, {model}: HR@10 / NDCG@10",
-                    f"{hr:.4f} / {ndcg:.4f}",
+                    f"{hr:.4f} / {ndcg:.4f}{against}",
                     "ncf_table",
                 )
     if (doc := docs.get("criteo_scale")) is not None:
