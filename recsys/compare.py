@@ -96,6 +96,9 @@ def per_user_values(run: str, metric: str) -> tuple[np.ndarray, pd.DataFrame, di
     if not path.is_file():
         return None
     frame, about = read_test_results(path)
+    # in the order of their keys, so that runs whose ranks wrote them in another order pair
+    keys = ["user", "item", "label"] if per_row else ["user", "item"]
+    frame = frame.sort_values(keys, kind="stable", ignore_index=True)
     if per_row:
         logits, labels = frame["logit"].to_numpy(), frame["label"].to_numpy()
         if name == "logloss":
@@ -104,10 +107,10 @@ def per_user_values(run: str, metric: str) -> tuple[np.ndarray, pd.DataFrame, di
             values = ((logits >= 0) == (labels > 0)).astype(np.float64)
         else:  # AUROC has no per-row value: the rows go to DeLong's test
             values = logits
-        return values, frame[["user", "item", "label"]], about
+        return values, frame[keys], about
     if name not in frame:
         return None
-    return frame[name].to_numpy(np.float64), frame[["user", "item"]], about
+    return frame[name].to_numpy(np.float64), frame[keys], about
 
 
 def pairing_problem(base: tuple, other: tuple) -> str | None:
