@@ -59,8 +59,42 @@ class ArtifactDataModule(L.LightningDataModule):
 
     Built by `open` on the folder a checkpoint names (evaluate, predict, serving, the
     dashboard), or as the base of `recsys.data.base.RecDataModule`, which builds the folder
-    from raw files first. The arguments are `RecDataModule`'s (see there) that decide which
-    rows are scored and how they are loaded.
+    from raw files first.
+
+    Args:
+        cache_dir: root folder of processed datasets.
+        batch_size: training batch size.
+        eval_batch_size: validation/test batch size (default: 4 x batch_size).
+        split: ``{kind: random|temporal|leave_one_out, val: fraction, test: fraction,
+            val_row: previous|random}`` (`recsys.data.split.split_indices`; ``val_row`` is
+            leave_one_out's validation row).
+        seed: seed of the split and of the per-epoch shuffles.
+        feedback: ``explicit`` (labels from ratings) or ``implicit`` (every interaction is a
+            positive; training batches add ``num_negatives`` sampled negatives per positive,
+            drawn anew each epoch; validation/test rows get as many negatives, drawn once
+            with ``seed``).
+        num_negatives: negatives per positive under implicit feedback.
+        ranking: ranking evaluation beside the pointwise one: ``sampled`` (each held-out
+            positive against ``ranking_negatives`` negatives sampled once with ``seed`` and
+            saved beside the processed data: the NCF protocol), ``full`` (every item not in
+            the user's training interactions) or None.
+        ranking_negatives: negatives per held-out positive in ``sampled`` ranking.
+        drop_cold_start: leave out of validation and test the rows whose user or item has
+            no training row (scored by untrained embeddings otherwise). Off by default: such
+            rows are counted either way (``test/cold_user_rows``, ``test/cold_item_rows``).
+        num_workers: DataLoader worker processes.
+        pin_memory: DataLoader option.
+        streaming: read the split rows from litdata shards (`recsys.data.stream`) instead
+            of memory: ``prepare_data`` writes them in blocks of ``block_rows`` rows into the
+            processed folder; training reads ``window_blocks`` blocks at a time, shuffled.
+        shards_url: where the shards are read from, if not from the processed folder: a
+            folder, a ``file://`` URL or an object-store URL (``s3://...``, ``gs://...``,
+            `recsys.data.stream.shards_source`) holding a copy of
+            the processed folder's ``shards-*`` folder; read through a local cache in
+            ``<cache_dir>/stream`` of at most ``stream_cache_size``.
+        even_eval_shards: every rank gets as many validation and test rows (up to
+            ``world_size - 1`` rows are left out), as strategies whose evaluation steps are
+            collective need (``trainer=torchrec`` sets it); the data itself is the same.
     """
 
     def __init__(

@@ -46,46 +46,16 @@ class RecDataModule(ArtifactDataModule):
     Args:
         data_dir: root folder of the raw datasets.
         cache_dir: root folder of processed datasets.
-        batch_size: training batch size.
-        eval_batch_size: validation/test batch size (default: 4 x batch_size).
-        split: ``{kind: random|temporal|leave_one_out, val: fraction, test: fraction,
-            val_row: previous|random}`` (`recsys.data.split.split_indices`; ``val_row`` is
-            leave_one_out's validation row).
-        seed: seed of the split and of the per-epoch shuffles.
         rating_threshold: label = rating `threshold_op` rating_threshold.
         threshold_op: ``>`` or ``>=``.
-        feedback: ``explicit`` (labels from ratings) or ``implicit`` (every interaction is a
-            positive; training batches add ``num_negatives`` sampled negatives per positive,
-            drawn anew each epoch; validation/test rows get as many negatives, drawn once
-            with ``seed``).
-        num_negatives: negatives per positive under implicit feedback.
-        ranking: ranking evaluation beside the pointwise one: ``sampled`` (each held-out
-            positive against ``ranking_negatives`` negatives sampled once with ``seed`` and
-            saved beside the processed data: the NCF protocol), ``full`` (every item not in
-            the user's training interactions) or None.
-        ranking_negatives: negatives per held-out positive in ``sampled`` ranking.
-        drop_cold_start: leave out of validation and test the rows whose user or item has
-            no training row (scored by untrained embeddings otherwise). Off by default: such
-            rows are counted either way (``test/cold_user_rows``, ``test/cold_item_rows``).
-        num_workers: DataLoader worker processes.
-        pin_memory: DataLoader option.
         device: where the training data lives and its batches are built: ``cpu``, ``cuda``
             (the run's GPU: interactions, features and training pairs moved there once,
             batches built there without reading back from the device per step) or ``auto``
             (``cuda`` when the run has a GPU and the data takes under a quarter of its
             memory; `recsys.data.loader.data_device`).
         rebuild: preprocess again even if the processed folder exists.
-        streaming: read the split rows from litdata shards (`recsys.data.stream`) instead
-            of memory: ``prepare_data`` writes them in blocks of ``block_rows`` rows into the
-            processed folder; training reads ``window_blocks`` blocks at a time, shuffled.
-        shards_url: where the shards are read from, if not from the processed folder: a
-            folder, a ``file://`` URL or an object-store URL (``s3://...``, ``gs://...``,
-            `recsys.data.stream.shards_source`) holding a copy of
-            the processed folder's ``shards-*`` folder; read through a local cache in
-            ``<cache_dir>/stream`` of at most ``stream_cache_size``.
-        even_eval_shards: every rank gets as many validation and test rows (up to
-            ``world_size - 1`` rows are left out), as strategies whose evaluation steps are
-            collective need (``trainer=torchrec`` sets it); the data itself is the same.
+        **kwargs: what reads the processed folder back: `ArtifactDataModule`'s arguments
+            (batch sizes, split, seed, feedback, ranking, loaders, streaming).
     """
 
     def __init__(
