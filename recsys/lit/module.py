@@ -135,7 +135,7 @@ class RecommenderModule(L.LightningModule):
         self.val_ranking, self.test_ranking = RankingMetrics(ranking_ks), RankingMetrics(ranking_ks)
         # top-K lists of full-ranking tests, flattened (item codes: no NaN to test for)
         self.test_lists = CatMetric(nan_strategy="disable")
-        # the test's figures of each query and of each pointwise row (`per_query_results`),
+        # the test's figures of each query and of each pointwise row (`_per_query_results`),
         # gathered across ranks; float64 keeps user and item codes exact
         self.test_queries = CatMetric(nan_strategy="disable").set_dtype(torch.float64)
         self.test_rows = CatMetric(nan_strategy="disable").set_dtype(torch.float64)
@@ -304,15 +304,15 @@ class RecommenderModule(L.LightningModule):
         self.scoring["users"] += len(batch)
         queries = per_user(scores, batch.relevant, self.test_ranking.ks)
         self.test_ranking.update(scores, batch.relevant, queries)
-        # the held-out item of a sampled query (its one relevant candidate); -1 in full ranking
-        item = batch.items.gather(1, batch.relevant.to(torch.uint8).argmax(1, keepdim=True))[:, 0]
-        if batch.pairs is None:
-            item = torch.full_like(item, -1)
-        columns = [batch.users, item, *(queries[c] for c in self.query_columns)]
-        self.test_queries.update(torch.stack([c.double() for c in columns], dim=1))
         if batch.pairs is None:  # full ranking: these are recommendation lists
             top = scores.topk(min(self.hparams.list_k, scores.shape[1]), dim=1).indices
             self.test_lists.update(batch.items.gather(1, top).flatten())
+            item = torch.full_like(batch.users, -1)  # no one held-out item
+        else:  # sampled: the held-out item is the query's one relevant candidate
+            first = batch.relevant.to(torch.uint8).argmax(1, keepdim=True)
+            item = batch.items.gather(1, first)[:, 0]
+        columns = [batch.users, item, *(queries[c] for c in self.query_columns)]
+        self.test_queries.update(torch.stack([c.double() for c in columns], dim=1))
 
     def on_test_epoch_end(self) -> None:
         out = dict(self.test_metrics.compute())
@@ -329,6 +329,7 @@ class RecommenderModule(L.LightningModule):
         self.test_results = self._per_query_results()
         for m in (self.test_metrics, self.test_ranking, self.test_lists):
             m.reset()
+        self.scoring = {"users": 0, "seconds": 0.0}
 
     @property
     def query_columns(self) -> list[str]:
@@ -356,7 +357,6 @@ class RecommenderModule(L.LightningModule):
             out["rows"] = frame.astype({"user": "int64", "item": "int64", "label": "int8"})
             self.test_rows.reset()
         return out
-        self.scoring = {"users": 0, "seconds": 0.0}
 
     def set_item_statistics(
         self, popularity: torch.Tensor, vectors: torch.Tensor | None = None
