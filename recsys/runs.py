@@ -91,6 +91,7 @@ def write_test_results(
         "checkpoint": ckpt_path,
     }
     written = []
+    output_dir.mkdir(parents=True, exist_ok=True)
     for name, frame in model.test_results.items():
         frame = frame.copy()
         if dm.spec.has_ids:
@@ -102,7 +103,6 @@ def write_test_results(
         table = pa.Table.from_pandas(frame, preserve_index=False)
         meta = {**(table.schema.metadata or {}), RESULTS_KEY: json.dumps(about, default=str)}
         path = output_dir / (QUERIES_FILE if name == "queries" else ROWS_FILE)
-        output_dir.mkdir(parents=True, exist_ok=True)
         pq.write_table(table.replace_schema_metadata(meta), path)
         written.append(path)
     return written
