@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import importlib
 import io
 import json
 import pickle
 import re
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -77,10 +79,14 @@ def load_shards(state: dict, folder: str | Path) -> None:
 
 
 class RefusedCheckpoint(InputError):
-    """A checkpoint file holds something other than tensors and plain containers: loading it
-    could run code, so it is not loaded."""
+    """A checkpoint file holds something other than tensors and plain containers, or names a
+    class from outside the platform (`check_classes`): loading it could run code, so it is
+    not loaded."""
 
-    def __init__(self, where: str | Path, error: Exception):
+    def __init__(self, where: str | Path, error: Exception | None = None, reason: str = ""):
+        if reason:
+            super().__init__(f"{where} names {reason}")
+            return
         found = re.search(r"GLOBAL (\S+)", str(error))
         what = found.group(1) if found else "objects other than tensors and plain containers"
         super().__init__(
@@ -128,6 +134,82 @@ class _WeightsOnlyLoadPlanner(DefaultLoadPlanner):
             set_element(self.original_state_dict, self.mappings[fqn], obj)
         else:
             self.state_dict[fqn] = obj
+
+
+# where the classes and functions a checkpoint names may live, by what it names them for
+PLATFORM = {
+    "net": ("recsys.models",),
+    "optimizer": ("torch.optim", "recsys.lit.optim"),  # optimizers and schedules
+    "data_class": ("recsys.data",),
+}
+# the names of earlier versions, as a checkpoint may still give them: old name -> current
+RENAMED: dict[str, str] = {}
+
+
+def check_classes(checkpoint: dict, where: str | Path, trusted: Collection[str] = ()) -> None:
+    """Refuse a checkpoint that names a class or function outside this platform.
+
+    A checkpoint names the class of its network (``net``), its optimizers' and schedule's
+    ``_target_``s and its dataset's module (``data_class``), and loading it imports and builds
+    them. Each must be a class (or a schedule function) of `PLATFORM`'s packages, checked by
+    name before any import and then by the object found: its own module lies there too (no
+    attribute chains out of them). Names of earlier versions (`RENAMED`) are rewritten to the
+    current ones in ``checkpoint``. ``trusted``: names accepted wherever they live (a user's
+    own network, optimizer or data module).
+
+    Raises:
+        RefusedCheckpoint: a name outside `PLATFORM` and ``trusted``.
+    """
+    hparams = checkpoint.get("hyper_parameters") or {}
+    named: list[tuple[str, Mapping, str]] = []  # (kind, where the name is, its key)
+    if "net" in hparams:
+        named.append(("net", hparams, "net"))
+    for key, value in hparams.items():
+        for target in _targets(value):
+            kind = "optimizer" if key in ("optimizer", "sparse_optimizer", "lr_scheduler") else key
+            named.append((kind, target, "_target_"))
+    for state in checkpoint.values():
+        if isinstance(state, Mapping) and "data_class" in state:
+            named.append(("data_class", state, "data_class"))
+    for kind, holder, key in named:
+        name = RENAMED.get(holder[key], holder[key])
+        if name not in trusted:
+            _check_platform_name(name, PLATFORM.get(kind, ()), kind, where)
+        if name != holder[key]:
+            holder[key] = name
+
+
+def _targets(value: Any) -> list[dict]:
+    """The mappings with a ``_target_`` in a hyperparameter's value, nested ones included."""
+    if isinstance(value, Mapping):
+        found = [value] if "_target_" in value else []
+        return found + [t for v in value.values() for t in _targets(v)]
+    if isinstance(value, list | tuple):
+        return [t for v in value for t in _targets(v)]
+    return []
+
+
+def _check_platform_name(name: Any, packages: tuple[str, ...], kind: str, where) -> None:
+    def within(module: str) -> bool:
+        return any(module == p or module.startswith(p + ".") for p in packages)
+
+    module, _, attr = name.rpartition(".") if isinstance(name, str) else ("", "", "")
+    found = None
+    if within(module):
+        try:
+            found = getattr(importlib.import_module(module), attr, None)
+        except ImportError:
+            found = None
+    if found is None or not callable(found) or not within(getattr(found, "__module__", "")):
+        allowed = " or ".join(packages) or "no package"
+        raise RefusedCheckpoint(
+            where,
+            reason=(
+                f"{kind} {name!r}, which is not a class of {allowed}: recsys builds only its "
+                f"own classes from a checkpoint. If you trust the file and wrote that class, "
+                f"pass trusted_classes=[{name}]"
+            ),
+        )
 
 
 def checkpoint_state(ckpt_path: Path) -> dict:

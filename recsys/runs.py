@@ -19,7 +19,7 @@ from hydra.utils import get_class, instantiate
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from recsys.checkpoint import load_meta, load_shards, load_weights_only
+from recsys.checkpoint import check_classes, load_meta, load_shards, load_weights_only
 from recsys.console import format_value, results_table
 from recsys.data.artifact import ArtifactDataModule
 from recsys.data.base import RecDataModule
@@ -120,8 +120,9 @@ def load_checkpoint(
 ) -> tuple[ArtifactDataModule, RecommenderModule]:
     """The model of ``cfg.ckpt_path`` and its data module (prepared and set up).
 
-    The checkpoint is read once, with ``weights_only=True`` (one from elsewhere never runs code
-    here). A sharded checkpoint folder (trainer=torchrec) is read through its ``meta.pt``; with
+    The checkpoint is read once, with ``weights_only=True``, and the classes it names are
+    checked before any is imported (`check_classes`: the platform's own, or those of
+    ``cfg.trusted_classes``), so one from elsewhere never runs code here. A sharded checkpoint folder (trainer=torchrec) is read through its ``meta.pt``; with
     ``unshard`` its shards load into one plain model, else the weights are left to the strategy
     (``trainer.test(ckpt_path=...)`` puts each shard on its rank).
 
@@ -137,6 +138,7 @@ def load_checkpoint(
         checkpoint = load_weights_only(path)
     else:
         raise MissingInputError(f"ckpt_path={path} does not exist; pass a training checkpoint")
+    check_classes(checkpoint, path, trusted=cfg.get("trusted_classes") or ())
     overrides = {"data_dir": str(cfg.paths.data_dir), "cache_dir": str(cfg.paths.cache_dir)}
     data = cfg.get("data")
     changes = OmegaConf.to_container(data, resolve=True) if data is not None else {}
