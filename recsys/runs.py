@@ -122,9 +122,10 @@ def load_checkpoint(
 
     The checkpoint is read once, with ``weights_only=True``, and the classes it names are
     checked before any is imported (`check_classes`: the platform's own, or those of
-    ``cfg.trusted_classes``), so one from elsewhere never runs code here. A sharded checkpoint folder (trainer=torchrec) is read through its ``meta.pt``; with
-    ``unshard`` its shards load into one plain model, else the weights are left to the strategy
-    (``trainer.test(ckpt_path=...)`` puts each shard on its rank).
+    ``cfg.trusted_classes``), so one from elsewhere never runs code here. A sharded checkpoint
+    folder (trainer=torchrec) is read through its ``meta.pt``; with ``unshard`` its shards load
+    into one plain model, else the weights are left to the strategy (``trainer.test(ckpt_path=
+    ...)`` puts each shard on its rank).
 
     The data is the processed folder that the checkpoint names in ``paths.cache_dir``, read
     with the checkpoint's data hyperparameters and the changes in ``cfg.data`` (keys set to
