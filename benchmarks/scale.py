@@ -64,9 +64,8 @@ ROOT = Path(__file__).resolve().parents[1]
 class Options(Settings):
     rows: list[int] = field(default_factory=lambda: [1_000_000, 10_000_000, 50_000_000])
     models: list[str] = field(default_factory=lambda: ["ncf", "dlrm"])
-    # the plot, relative to the working directory. Default: docs/images/scale.png, and with
-    # quick=true logs/benchmarks/scale_quick.png (a smoke test, as CI runs it, must not
-    # overwrite the docs' plot)
+    # the plot, relative to the working directory (default: logs/benchmarks/scale.png, with
+    # quick=true scale_quick.png)
     out: str | None = None
     batch_size: int = 4096
     cache_dir: str | None = None
@@ -380,10 +379,8 @@ def main(run: bench.Benchmark) -> None:
         )
     if args.out is not None:
         out = Path(args.out)
-    elif args.quick:
-        out = Path("logs/benchmarks/scale_quick.png")
     else:
-        out = ROOT / "docs" / "images" / "scale.png"
+        out = Path("logs/benchmarks") / ("scale_quick.png" if args.quick else "scale.png")
     plot(results, out, title)
     print(f"\nplot: {out}; whole command: {time.perf_counter() - start:.0f} s")
     run.write()
