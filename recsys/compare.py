@@ -20,8 +20,10 @@ t interval. Writes the tables as JSON (``output``) and a bar chart with the inte
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import hydra
@@ -86,19 +88,28 @@ def table(runs: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
     return out
 
 
-def per_user_values(run: str, metric: str) -> tuple[np.ndarray, pd.DataFrame, dict] | None:
+def sorted_results(path: Path) -> tuple[pd.DataFrame, dict]:
+    """A file of `recsys.runs.write_test_results` in the order of its keys (user, item and, for
+    rows, label), so that runs whose ranks wrote them in another order pair."""
+    frame, about = read_test_results(path)
+    keys = ["user", "item", "label"] if path.name == ROWS_FILE else ["user", "item"]
+    return frame.sort_values(keys, kind="stable", ignore_index=True), about
+
+
+def per_user_values(
+    run: str, metric: str, read: Callable[[Path], tuple] = sorted_results
+) -> tuple[np.ndarray, pd.DataFrame, dict] | None:
     """A run's figure of ``metric`` (``test/hr@10``, ``test/auroc``, ...) per query or per
     row, the keys that pair them with another run's, and what they were measured on; None
-    when the run wrote no such file."""
+    when the run wrote no such file. ``read``: how a file is read (`sorted_results`, or a
+    cache of it)."""
     name = metric.removeprefix("test/")
     per_row = name in ROW_METRICS
     path = Path(run) / (ROWS_FILE if per_row else QUERIES_FILE)
     if not path.is_file():
         return None
-    frame, about = read_test_results(path)
-    # in the order of their keys, so that runs whose ranks wrote them in another order pair
+    frame, about = read(path)
     keys = ["user", "item", "label"] if per_row else ["user", "item"]
-    frame = frame.sort_values(keys, kind="stable", ignore_index=True)
     if per_row:
         logits, labels = frame["logit"].to_numpy(), frame["label"].to_numpy()
         if name == "logloss":
@@ -149,9 +160,10 @@ def statistics(
     if base not in names:
         raise InputError(f"baseline={base} is not one of the compared runs: {names}")
     out = []
+    read = functools.cache(sorted_results)  # each file read once, whatever the metrics
     for metric in metrics:
         name = metric.removeprefix("test/")
-        values = {run: per_user_values(run, metric) for run in names}
+        values = {run: per_user_values(run, metric, read) for run in names}
         rows = []
         for run in names:
             row = {"metric": metric, "run": run, "reported": _reported(runs, run, metric)}
