@@ -91,6 +91,16 @@ def write_test_results(
         "checkpoint": ckpt_path,
     }
     written = []
+    if not model.test_results:  # tested in other processes (ddp_spawn): they kept the figures
+        log.warning(
+            "no per-query or per-row test results in this process (the test ran in processes "
+            "of trainer.strategy=ddp_spawn): %s and %s are not written; python evaluate.py "
+            "run_dir=%s writes them",
+            QUERIES_FILE,
+            ROWS_FILE,
+            output_dir,
+        )
+        return written
     output_dir.mkdir(parents=True, exist_ok=True)
     for name, frame in model.test_results.items():
         frame = frame.copy()

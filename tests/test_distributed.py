@@ -102,7 +102,7 @@ class RecordTrainingPairs(L.Callback):
 
 
 @pytest.mark.slow
-def test_two_process_ddp_matches_one_process(make_cfg, tmp_path):
+def test_two_process_ddp_matches_one_process(make_cfg, tmp_path, caplog):
     common = [
         "data=movielens",
         "data.variant=100k",
@@ -133,6 +133,8 @@ def test_two_process_ddp_matches_one_process(make_cfg, tmp_path):
     keys1 = set((r1[:, 0] * 10_000 + r1[:, 1]).tolist())
     assert len(r0) == len(r1) and not keys0 & keys1  # disjoint shares of the epoch
     assert len(keys0 | keys1) >= 0.99 * 80_000  # together the whole training split
+    # the per-query figures stayed in the spawned processes: said, not silently missing
+    assert "test_queries.parquet and test_rows.parquet are not written" in caplog.text
     # checkpoints and metrics.json written once, by rank 0
     assert (
         json.loads((tmp_path / "two" / "metrics.json").read_text())["test/auroc"]
