@@ -35,7 +35,7 @@ Layout: `recsys.serve.app` builds the app (`create_app`) from the routers of
 
 from recsys.errors import require_extra
 
-require_extra("serve", "fastapi", "uvicorn")  # before the first import of either
+require_extra("serve", "fastapi", "uvicorn", "prometheus_client")  # before the first import of any
 
 from recsys.serve.app import app_from_config, create_app  # noqa: E402
 from recsys.serve.dependencies import get_recommender  # noqa: E402

@@ -260,7 +260,8 @@ def data_identity(ckpt_path: str | Path) -> tuple[str | None, dict]:
 def data_changes(served: str | Path, new: str | Path) -> dict:
     """`settings_changes` from the served checkpoint's data to the new one's (or the processed
     folders, when the settings agree and the folders differ); empty for the same data."""
-    (old_folder, old_settings), (new_folder, new_settings) = data_identity(served), data_identity(new)
+    old_folder, old_settings = data_identity(served)
+    new_folder, new_settings = data_identity(new)
     changes = settings_changes(old_settings, new_settings)
     if not changes and old_folder != new_folder:
         changes = {"processed data": (old_folder, new_folder)}
@@ -277,6 +278,10 @@ class Worker:
     config_yaml: str
     role: str = "current"
     ready: bool = False
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
 
 
 class Supervisor:
@@ -418,7 +423,7 @@ class Supervisor:
         for worker in self.workers:
             worker.process.join(max(0.0, deadline - time.monotonic()))
             if worker.process.is_alive():
-                log.error("worker %d (pid %d) did not stop: killed", worker.slot, worker.process.pid)
+                log.error("worker %d (pid %d) did not stop: killed", worker.slot, worker.pid)
                 worker.process.kill()
                 worker.process.join()
 
