@@ -241,8 +241,8 @@ def _other_data(src: Path, dst: Path) -> Path:
 class Server:
     """``python -m recsys.serve`` with 2 workers in a subprocess; its log in ``log``."""
 
-    def __init__(self, tmp: Path, cache_dir: Path, *overrides: str):
-        self.port, self.log = _free_port(), tmp / "server.out"
+    def __init__(self, tmp: Path, cache_dir: Path, *overrides: str, port: int | None = None):
+        self.port, self.log = port or _free_port(), tmp / "server.out"
         self.base = f"http://127.0.0.1:{self.port}"
         self.env = {**os.environ, "RECSYS_API_KEY": "k1", "RECSYS_CACHE_DIR": str(cache_dir)}
         self.cmd = [sys.executable, "-m", "recsys.serve", f"serve.port={self.port}"]
@@ -299,7 +299,7 @@ def server(tmp_path_factory, data_dir, cache_dir) -> Iterator[Server]:
 
 @pytest.mark.slow
 def test_a_second_server_on_the_port_exits_and_the_first_still_answers(server, cache_dir, tmp_path):
-    second = Server(tmp_path, cache_dir, f"ckpt_path={NEUMF}")
+    second = Server(tmp_path, cache_dir, f"ckpt_path={NEUMF}", port=server.port)
     assert second.process.wait(timeout=120) == 2
     assert f"error: 127.0.0.1:{server.port} is in use" in second.text()
     assert "serve.port=" in second.text()
