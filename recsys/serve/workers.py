@@ -45,7 +45,7 @@ from recsys.checkpoint import checkpoint_from_config, checkpoint_state
 from recsys.console import quiet_libraries
 from recsys.data.identity import describe_changes, settings_changes
 from recsys.data.spec import FeatureSpec
-from recsys.errors import InputError, UserError
+from recsys.errors import InputError
 from recsys.scoring import require_pairs
 from recsys.serve import ops
 from recsys.serve.app import app_from_config
@@ -435,7 +435,7 @@ class Supervisor:
         try:
             ckpt = servable_checkpoint(self.source)
             changes = data_changes(served, ckpt)
-        except (UserError, OSError, KeyError, RuntimeError) as e:
+        except Exception as e:  # a file that is not a checkpoint fails in many ways
             log.error("reload refused: %s; still serving %s", e, served)
             return
         if changes:
