@@ -174,9 +174,10 @@ def _port_lock(port: int) -> Iterator[None]:
 
 
 def bind_port(host: str, port: int, count: int) -> list[socket.socket]:
-    """``count`` `listening_socket` s on ``host:port``, once a socket without SO_REUSEPORT
-    could bind there: a port that another process listens on (another recsys.serve
-    included, whose sockets would otherwise take this one's into their group) is refused.
+    """``count`` sockets of `listening_socket` on ``host:port``, once a socket without
+    SO_REUSEPORT could bind there: a port that another process listens on (another
+    recsys.serve included, whose sockets would otherwise take this one's into their group)
+    is refused.
 
     Raises:
         InputError: naming ``host:port`` and what to do.
@@ -333,7 +334,7 @@ class Supervisor:
                 self.start(slot, config_yaml)
 
     def ready(self, pid: int, summary: str) -> None:
-        worker = next((w for w in self.workers if w.process.pid == pid), None)
+        worker = next((w for w in self.workers if w.pid == pid), None)
         if worker is None:
             return
         worker.ready, self.summary = True, summary
@@ -352,7 +353,7 @@ class Supervisor:
     def exited(self, worker: Worker) -> None:
         worker.process.join()
         self.workers.remove(worker)
-        pid, code = worker.process.pid, worker.process.exitcode
+        pid, code = worker.pid, worker.process.exitcode
         mark_process_dead(pid)
         if worker.role != "current" or self.stopping:
             return  # a retired worker, a reload's failed worker (`roll` says), or a stop
@@ -416,7 +417,7 @@ class Supervisor:
         self.stopping = True
         for worker in self.workers:
             if worker.process.is_alive():
-                os.kill(worker.process.pid, signal.SIGTERM)
+                os.kill(worker.pid, signal.SIGTERM)
         for sock in self.sockets:
             sock.close()
         deadline = time.monotonic() + (self.cfg.serve.timeout_graceful_shutdown or 30) + 10
@@ -482,7 +483,7 @@ class Supervisor:
             if old is not None:
                 old.role = "retiring"
                 if old.process.is_alive():
-                    os.kill(old.process.pid, signal.SIGTERM)
+                    os.kill(old.pid, signal.SIGTERM)
         return len(slots)
 
 
