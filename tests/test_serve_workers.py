@@ -120,7 +120,7 @@ def test_connections_that_do_not_send_a_request_in_time_are_closed(serve_cfg):
         silent = socket.create_connection(("127.0.0.1", port))
         trickle = socket.create_connection(("127.0.0.1", port))
         trickle.sendall(b"GET /ping HTTP/1.1\r\nHost: x\r\n")  # never ends its headers
-        again = socket.create_connection(("127.0.0.1", port))
+        again = socket.create_connection(("127.0.0.1", port), timeout=5)
         again.sendall(b"GET /ping HTTP/1.1\r\nHost: x\r\n\r\n")
         answer = b""
         while b"pong" not in answer:  # answered (headers and body may come apart), kept alive
@@ -340,6 +340,8 @@ def test_metrics_add_up_every_worker_and_the_access_log_has_each_request(server)
     for _ in range(10):  # new connections: spread over both workers
         assert server.get("/recommend?user_id=1&k=3").status_code == 200
     assert count() - before == 10
+    loads = _samples(server.get("/metrics").text, "recsys_model_load_seconds")
+    assert len(loads) == 2  # one series per live worker, whichever worker answers
     assert server.text().count('"GET /recommend?user_id=1&k=3 HTTP/1.1" 200') >= 10
     assert httpx.get(f"{server.base}/metrics").status_code == 401
 
