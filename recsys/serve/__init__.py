@@ -5,7 +5,10 @@
 
 Routes (raw dataset ids in and out; every answer is JSON):
 
-- ``GET /health``: ``{"status": "ok"}``; never needs the API key.
+- ``GET /health``: ``{"status": "ok", "workers": N, "ready": N}``, or 503 while a worker is
+  down or starting; never needs the API key.
+- ``GET /metrics``: Prometheus metrics of every worker (`recsys.serve.ops`); behind the API
+  key unless ``serve.metrics_public=true``.
 - ``GET /metadata``: the model (``calibrated``: whether its scores have probabilities), its
   data (sizes, item fields) and the checkpoint's test metrics (``null``, with
   ``metrics_note`` saying why, for a checkpoint its run did not test, such as a ``last.ckpt``
@@ -25,17 +28,20 @@ marked ``"source": "popular"``); a bad parameter answers 422. When ``serve.api_k
 ``RECSYS_API_KEY``) is set, every route but ``/health`` needs it in the ``X-API-Key`` header.
 
 Once every worker has loaded its model and accepts connections, the log says
-``ready: serving <model> on http://<host>:<port>``; before, connections are refused.
+``ready: serving <model> on http://<host>:<port>``; before, connections wait in the port's
+queue. SIGHUP reloads the checkpoint that the config names, worker by worker
+(`recsys.serve.workers`).
 
 Layout: `recsys.serve.app` builds the app (`create_app`) from the routers of
 `recsys.serve.routes`, which are handed the `Recommender` by ``Depends(get_recommender)``
 (`recsys.serve.dependencies`: ``app.dependency_overrides[get_recommender]`` swaps it);
-`recsys.serve.workers` runs the server processes (`run`).
+`recsys.serve.workers` runs the server processes (`run`): the port, restarts, reloads;
+`recsys.serve.ops` holds readiness and metrics.
 """
 
 from recsys.errors import require_extra
 
-require_extra("serve", "fastapi", "uvicorn")  # before the first import of either
+require_extra("serve", "fastapi", "uvicorn", "prometheus_client")  # before the first import of any
 
 from recsys.serve.app import app_from_config, create_app  # noqa: E402
 from recsys.serve.dependencies import get_recommender  # noqa: E402

@@ -10,11 +10,12 @@ from __future__ import annotations
 from typing import Annotated, Literal
 
 import numpy as np
-from fastapi import APIRouter, Depends, Query
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
 from recsys.recommender import Recommender
+from recsys.serve import ops
 from recsys.serve.dependencies import Limits, get_limits, get_recommender
 
 Rec = Annotated[Recommender, Depends(get_recommender)]
@@ -41,8 +42,8 @@ class ScoreRequest(BaseModel):
 
 
 @public.get("/health")
-async def health() -> dict:
-    return {"status": "ok"}
+async def health(request: Request) -> JSONResponse:
+    return ops.health(request.app)
 
 
 @router.get("/metadata")
