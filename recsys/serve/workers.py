@@ -22,6 +22,7 @@ from recsys.data.spec import FeatureSpec
 from recsys.errors import InputError
 from recsys.scoring import require_pairs
 from recsys.serve.app import app_from_config
+from recsys.serve.dependencies import Limits
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +74,7 @@ def run(cfg: DictConfig) -> None:
     cfg.ckpt_path = checkpoint_from_config(cfg)
     if s.workers < 1:
         raise InputError(f"serve.workers={s.workers} must be at least 1")
+    Limits.from_config(s)  # bad request limits or API key: refused before any worker starts
     # refused before any worker starts: data without ids or with row features
     spec = checkpoint_state(Path(cfg.ckpt_path))["hyper_parameters"]["spec"]
     require_pairs(FeatureSpec.from_dict(spec), "serve")
