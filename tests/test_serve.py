@@ -290,6 +290,7 @@ def test_every_model_serves(name, overrides, tmp_path_factory, data_dir, cache_d
     seen = rec.history(int(rec.user_codes(["5"])[0])).item_id
     assert [i["item_id"] for i in answer["items"]] == list(scores.drop(seen).nlargest(10).index)
     assert rec.scorer.factorised == (name in ("hybrid", "gmf bpr", "neumf implicit"))
+    assert rec.forward_items == (0 if rec.scorer.factorised else rec.num_items)
     assert client.get("/similar?item_id=1&k=3").status_code == 200
     scored = client.post("/score", json={"pairs": [{"user_id": 5, "item_id": 1}]}).json()
     # probabilities only from BCE on explicit feedback: under implicit feedback sigmoid(logit)

@@ -67,7 +67,8 @@ class ScoreRequest(Strict):
     pairs: list[Pair] = Field(min_length=1)
 
 
-@public.api_route("/health", methods=["GET", "HEAD"])
+@public.get("/health")
+@public.head("/health", include_in_schema=False)
 async def health() -> dict:
     return {"status": "ok"}
 
