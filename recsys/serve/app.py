@@ -103,9 +103,11 @@ class BodyLimit:
     def __init__(self, app: ASGIApp, max_bytes: int):
         self.app, self.max_bytes = app, max_bytes
 
-    def message(self, size: str) -> str:
+    def message(self, size: str | None) -> str:
+        """Names the body's size when it was declared (a chunked body is not read to its end)."""
+        size = f"{size} bytes, more than" if size else "more than"
         return (
-            f"the request body is {size} bytes, more than serve.max_body_bytes={self.max_bytes}: "
+            f"the request body is {size} serve.max_body_bytes={self.max_bytes}: "
             "send fewer users (POST /recommend) or pairs (POST /score) per request"
         )
 
@@ -124,7 +126,7 @@ class BodyLimit:
             if message["type"] == "http.request":
                 read += len(message.get("body", b""))
                 if read > self.max_bytes:  # FastAPI passes HTTPException on as a 413 answer
-                    raise HTTPException(413, self.message(f"over {read}"))
+                    raise HTTPException(413, self.message(None))
             return message
 
         await self.app(scope, receive_limited, send)
