@@ -72,8 +72,8 @@ class Limits:
     def from_config(cls, serve: DictConfig) -> Limits:
         """From ``cfg.serve``; ``allowed_hosts: null`` is `default_hosts` of ``serve.host``."""
         values = {f.name: serve[f.name] for f in fields(cls) if serve.get(f.name) is not None}
-        hosts = values.get("allowed_hosts") or default_hosts(serve.host)
-        values["allowed_hosts"] = tuple(hosts)
+        hosts = values.get("allowed_hosts")
+        values["allowed_hosts"] = default_hosts(serve.host) if hosts is None else tuple(hosts)
         return cls(**values)
 
 
