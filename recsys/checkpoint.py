@@ -38,12 +38,38 @@ def load_weights_only(path: str | Path, mmap: bool = False) -> Any:
     checkpoint from elsewhere never runs code here.
 
     Raises:
-        ValueError: the file holds anything else (a class instance, a function).
+        RefusedCheckpoint: the file holds anything else (a class instance, a function).
+        UnreadableCheckpoint: the file is not one that ``torch.save`` wrote (damaged, cut
+            short, another format).
     """
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
-        raise RefusedCheckpoint(path, e) from e
+        if "GLOBAL" in str(e):  # a pickled object that could run code
+            raise RefusedCheckpoint(path, e) from e
+        raise UnreadableCheckpoint(path, e) from e
+    except OSError:
+        raise  # a missing or unreadable file, named by the error itself
+    except Exception as e:  # what torch.load raises on other bytes: RuntimeError, EOFError, ...
+        raise UnreadableCheckpoint(path, e) from e
+
+
+def lightning_checkpoint(checkpoint: Any, path: str | Path, weights: bool = True) -> dict:
+    """``checkpoint``, read from ``path``, when it is a training checkpoint: a dict with the
+    module's ``hyper_parameters`` (and its ``state_dict`` with ``weights``; a sharded folder's
+    ``meta.pt`` has none). Raises `InputError` naming the file otherwise."""
+    keys = ("hyper_parameters", "state_dict") if weights else ("hyper_parameters",)
+    if isinstance(checkpoint, dict) and all(isinstance(checkpoint.get(k), dict) for k in keys):
+        return checkpoint
+    if isinstance(checkpoint, dict):
+        held = f"a dict of {sorted(map(str, checkpoint))[:8]}"
+    else:
+        held = f"a {type(checkpoint).__name__}"
+    raise InputError(
+        f"{path} is not a training checkpoint: it holds {held}, not the {' and '.join(keys)} "
+        "that train.py saves; pass a checkpoint written by train.py "
+        "(run_dir=<training run folder> serves its best)"
+    )
 
 
 def load_meta(folder: str | Path) -> dict:
@@ -51,7 +77,7 @@ def load_meta(folder: str | Path) -> dict:
     weights), read with `load_weights_only`."""
     path = Path(folder) / META_FILE
     if not path.is_file():
-        raise ValueError(
+        raise InputError(
             f"{folder} is not a checkpoint folder of trainer.strategy=torchrec (no {META_FILE})"
         )
     return load_weights_only(path)
@@ -96,6 +122,20 @@ class RefusedCheckpoint(InputError):
 
 
 _PATHS = {"Path", "PosixPath", "WindowsPath", "PurePath", "PurePosixPath", "PureWindowsPath"}
+
+
+class UnreadableCheckpoint(InputError):
+    """A file that ``torch.load`` cannot read: damaged, cut short, or not a checkpoint."""
+
+    def __init__(self, where: str | Path, error: Exception):
+        reason = str(error).strip().split(". ")[0].splitlines()[0] if str(error).strip() else ""
+        reason = reason if len(reason) <= 100 else reason[:99] + "…"  # torch's first sentence
+        super().__init__(
+            f"{where} is not a checkpoint that torch.load reads ({type(error).__name__}"
+            f"{': ' + reason if reason else ''}): the file is damaged, cut short or of another "
+            "format; pass a .ckpt written by train.py (run_dir=<training run folder> serves "
+            "its best), or copy the file again"
+        )
 
 
 class _MetadataUnpickler(pickle.Unpickler):
@@ -214,8 +254,11 @@ def _check_platform_name(name: Any, packages: tuple[str, ...], kind: str, where)
 
 def checkpoint_state(ckpt_path: Path) -> dict:
     """The Lightning checkpoint of ``ckpt_path`` (``epoch``, ``global_step``, the data module's
-    hyperparameters, ...), memory-mapped; a sharded folder's ``meta.pt``."""
-    return load_meta(ckpt_path) if ckpt_path.is_dir() else load_weights_only(ckpt_path, mmap=True)
+    hyperparameters, ...), memory-mapped; a sharded folder's ``meta.pt``. Raises `InputError`
+    for a file that is not one (`UnreadableCheckpoint`, `lightning_checkpoint`)."""
+    if ckpt_path.is_dir():
+        return lightning_checkpoint(load_meta(ckpt_path), ckpt_path, weights=False)
+    return lightning_checkpoint(load_weights_only(ckpt_path, mmap=True), ckpt_path)
 
 
 def checkpoint_from_config(cfg) -> str:

@@ -26,14 +26,21 @@ from recsys.scoring import CatalogueScorer, require_pairs
 
 
 class UnknownIdError(KeyError):
-    """Raw ids that are not in the model's data; ``ids`` names them."""
+    """Raw ids that are not in the model's data; ``ids`` names them all, ``shown`` the first
+    `SHOWN_IDS` (each cut to `SHOWN_ID_CHARS` characters) for messages and answers."""
+
+    SHOWN_IDS, SHOWN_ID_CHARS = 5, 64
 
     def __init__(self, kind: str, ids: list[str], source: str):
         self.kind, self.ids, self.source = kind, ids, source
-        super().__init__(f"{kind} {ids} not in {source}")
+        n = self.SHOWN_ID_CHARS
+        self.shown = [i if len(i) <= n else i[: n - 1] + "…" for i in ids[: self.SHOWN_IDS]]
+        super().__init__(f"{kind} {self.shown} not in {source}")
 
     def __str__(self) -> str:
-        return f"unknown {self.kind} {', '.join(map(repr, self.ids))}: not in {self.source}"
+        more = len(self.ids) - len(self.shown)
+        names = ", ".join(map(repr, self.shown)) + (f" and {more} more" if more else "")
+        return f"unknown {self.kind} {names}: not in {self.source}"
 
 
 def checkpoint_metrics(ckpt_path: Path, state: dict) -> tuple[dict | None, str | None]:
@@ -91,11 +98,15 @@ class Recommender:
         """Raises `InputError` (`require_pairs`) for data without ids or with row features;
         ``task`` (``predict.py``, ``serve``) names what refused in the message."""
         require_pairs(dm.spec, task)
-        self.dm, self.model = dm, model.eval()
         self.ckpt_path = Path(ckpt_path)
+        require_finite(model.net, self.ckpt_path)
+        self.dm, self.model = dm, model.eval()
         self.source = dm.source
         self.num_users, self.num_items = dm.spec.num_users, dm.spec.num_items
         self.scorer = CatalogueScorer(model.net, dm.data.features, self.num_items)
+        # the items a user is scored against through the forward, pair by pair, to rank the
+        # catalogue: none for a factorised model (a matrix product with its item half)
+        self.forward_items = 0 if self.scorer.factorised else self.num_items
         self.user_index = pd.Index(dm.data.user_ids)
         self.item_index = pd.Index(dm.data.item_ids)
         # raw id -> code, as plain dicts: a request's lookup is a few hash probes
@@ -159,7 +170,7 @@ class Recommender:
         """The k items nearest to the item by cosine similarity of the model's item vectors
         (the item itself excluded): codes [k] and similarities [k]."""
         if not 1 <= k < self.num_items:
-            raise ValueError(f"k={k} must be between 1 and {self.num_items - 1}")
+            raise InputError(f"k={k} must be between 1 and {self.num_items - 1}")
         if self.item_vectors is None:
             raise InputError(
                 f"{self.model.hparams.net} has no item vectors to find similar items by: "
@@ -210,10 +221,22 @@ class Recommender:
     def metadata(self) -> dict:
         """The model (``calibrated``: whether its scores have probabilities), its data and
         the checkpoint's test metrics (None, and ``metrics_note`` saying why, when its run
-        measured another checkpoint)."""
+        measured another checkpoint).
+
+        Files are named, not placed: ``checkpoint`` is the file's name, ``run`` its run
+        folder's (None outside one), and paths in the metrics and the note are relative to
+        the folder that holds the run (this answer is served to clients)."""
         hp = self.model.hparams
+        folder = run_folder(self.ckpt_path)
+        base = f"{(folder or self.ckpt_path).parent}/"
+
+        def named(value):
+            return value.replace(base, "") if isinstance(value, str) else value
+
+        metrics = {k: named(v) for k, v in self.metrics.items()} if self.metrics else None
         return {
-            "ckpt_path": str(self.ckpt_path),
+            "checkpoint": self.ckpt_path.name,
+            "run": folder.name if folder else None,
             "model": {
                 "net": hp.net,
                 **{k: v for k, v in hp.items() if k in ("variant", "interaction", "loss")},
@@ -229,6 +252,23 @@ class Recommender:
                 "feedback": self.dm.hparams.get("feedback"),
                 "item_fields": list(self.item_info.columns),
             },
-            "metrics": self.metrics,
-            "metrics_note": self.metrics_note,
+            "metrics": metrics,
+            "metrics_note": named(self.metrics_note),
         }
+
+
+def require_finite(net: torch.nn.Module, ckpt_path: Path) -> None:
+    """Raise `InputError` naming the first floating-point tensor of ``net`` (parameter or
+    buffer) that holds a NaN or an infinity: such a model answers garbage or fails on every
+    request that touches it, so it is refused at load."""
+    for name, tensor in net.state_dict().items():
+        if not tensor.is_floating_point():
+            continue
+        bad = ~torch.isfinite(tensor.detach())
+        if bad.any():
+            where = bad.nonzero()[0].tolist()
+            raise InputError(
+                f"{ckpt_path}: {name} {tuple(tensor.shape)} holds {int(bad.sum())} NaN or "
+                f"infinite values (the first at index {where}): the training diverged or the "
+                "file is damaged; serve an earlier checkpoint of the run, or train again"
+            )

@@ -19,7 +19,13 @@ from hydra.utils import get_class, instantiate
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from recsys.checkpoint import check_classes, load_meta, load_shards, load_weights_only
+from recsys.checkpoint import (
+    check_classes,
+    lightning_checkpoint,
+    load_meta,
+    load_shards,
+    load_weights_only,
+)
 from recsys.console import format_value, results_table
 from recsys.data.artifact import ArtifactDataModule
 from recsys.data.base import RecDataModule
@@ -144,9 +150,9 @@ def load_checkpoint(
     """
     path = Path(cfg.ckpt_path)
     if path.is_dir():  # a sharded checkpoint of trainer.strategy=torchrec
-        checkpoint = load_meta(path)
+        checkpoint = lightning_checkpoint(load_meta(path), path, weights=False)
     elif path.is_file():
-        checkpoint = load_weights_only(path)
+        checkpoint = lightning_checkpoint(load_weights_only(path), path)
     else:
         raise MissingInputError(f"ckpt_path={path} does not exist; pass a training checkpoint")
     check_classes(checkpoint, path, trusted=cfg.get("trusted_classes") or ())

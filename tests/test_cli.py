@@ -101,6 +101,10 @@ USER_ERRORS = {
         ["-m", "recsys.serve", "run_dir={tmp}/empty_run", *PATHS],
         NO_METRICS,
     ),
+    "serve-file-that-is-not-a-checkpoint": (
+        ["-m", "recsys.serve", "ckpt_path={tmp}/empty_run/notes.txt", *PATHS],
+        "{tmp}/empty_run/notes.txt is not a checkpoint that torch.load reads",
+    ),
     "dashboard-run-dir-without-metrics": (
         ["-m", "recsys.dashboard", "run_dir={tmp}/empty_run", *PATHS],
         NO_METRICS,
@@ -116,6 +120,7 @@ def test_user_errors_print_the_message_alone_and_exit_2(
     """Hydra printed a traceback before the message and exited 1."""
     args, message = USER_ERRORS[case]
     (tmp_path / "empty_run").mkdir()
+    (tmp_path / "empty_run" / "notes.txt").write_text("not a checkpoint")
     ckpt = request.getfixturevalue("checkpoint") if case.startswith("predict") else None
     values = {"tmp": tmp_path, "data": data_dir, "cache": cache_dir, "ckpt": ckpt}
     out = command(*(a.format(**values) for a in args), f"hydra.run.dir={tmp_path / 'run'}")

@@ -194,14 +194,18 @@ def test_test_metrics_only_for_the_checkpoint_they_were_measured_on(
         rec = _recommender(path, data_dir, cache_dir, tmp_path)
         return TestClient(create_app(rec)).get("/metadata").json()
 
-    assert metadata(best)["metrics"] == measured
+    # files named relative to the folder that holds the run: no absolute path is served
+    named = {**measured, "best_model_path": str(best.relative_to(run_past_best.parent))}
+    assert metadata(best)["metrics"] == named
     last = run_past_best / "checkpoints" / "last.ckpt"
     meta = metadata(last)
     assert meta["metrics"] is None
+    assert (meta["checkpoint"], meta["run"]) == ("last.ckpt", run_past_best.name)
     note = meta["metrics_note"]
-    assert f"holds the figures of {best} (epoch 0, step 20)" in note
+    assert f"holds the figures of {named['best_model_path']} (epoch 0, step 20)" in note
     assert "not of this checkpoint (epoch 0, step 14)" in note
-    assert f"python evaluate.py ckpt_path={last}" in note
+    assert f"python evaluate.py ckpt_path={run_past_best.name}/checkpoints/last.ckpt" in note
+    assert str(run_past_best.parent) not in json.dumps(meta)
     # a last.ckpt written with the best (the default: every epoch's end) holds its weights
     same = metadata(Path(ckpt).parent / "last.ckpt")
     assert same["metrics"]["test/auroc"] == metadata(Path(ckpt))["metrics"]["test/auroc"]
@@ -211,6 +215,8 @@ def test_test_metrics_only_for_the_checkpoint_they_were_measured_on(
     alone.write_bytes(best.read_bytes())
     meta = metadata(alone)
     assert meta["metrics"] is None and "not in a training run folder" in meta["metrics_note"]
+    assert (meta["checkpoint"], meta["run"]) == ("model.ckpt", None)
+    assert str(tmp_path) not in json.dumps(meta)
 
 
 def test_api_key_is_required_on_every_route_but_health(rec):
@@ -236,6 +242,7 @@ class OneUser:
     (or another service) hands the routes instead of a model."""
 
     num_items = 2
+    forward_items = 0  # factorised: scored with a matrix product, not pair by pair
     item_records = [{"item_id": "y"}, {"item_id": "z"}]
 
     def user_codes(self, raw_ids: list, missing_ok: bool = False) -> np.ndarray:
@@ -283,6 +290,7 @@ def test_every_model_serves(name, overrides, tmp_path_factory, data_dir, cache_d
     seen = rec.history(int(rec.user_codes(["5"])[0])).item_id
     assert [i["item_id"] for i in answer["items"]] == list(scores.drop(seen).nlargest(10).index)
     assert rec.scorer.factorised == (name in ("hybrid", "gmf bpr", "neumf implicit"))
+    assert rec.forward_items == (0 if rec.scorer.factorised else rec.num_items)
     assert client.get("/similar?item_id=1&k=3").status_code == 200
     scored = client.post("/score", json={"pairs": [{"user_id": 5, "item_id": 1}]}).json()
     # probabilities only from BCE on explicit feedback: under implicit feedback sigmoid(logit)
@@ -356,7 +364,7 @@ def test_a_real_server_process(workers, ckpt, data_dir, cache_dir, tmp_path):
             assert r.status_code == 200 and len(r.json()["items"]) == 10
             assert all(i["title"] for i in r.json()["items"])
         meta = httpx.get(f"{base}/metadata", headers=key).json()
-        assert meta["ckpt_path"] == str(ckpt)
+        assert (meta["checkpoint"], meta["run"]) == (Path(ckpt).name, run_dir.name)
         r = httpx.get(f"{base}/recommend?user_id=424242", headers=key)
         assert r.status_code == 404 and "424242" in r.json()["detail"]
     finally:

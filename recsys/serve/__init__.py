@@ -5,14 +5,14 @@
 
 Routes (raw dataset ids in and out; every answer is JSON):
 
-- ``GET /health``: ``{"status": "ok", "workers": N, "ready": N}``, or 503 while a worker is
-  down or starting; never needs the API key.
+- ``GET /health`` (and ``HEAD``): ``{"status": "ok", "workers": N, "ready": N}``, or 503
+  while a worker is down or starting; never needs the API key.
 - ``GET /metrics``: Prometheus metrics of every worker (`recsys.serve.ops`); behind the API
   key unless ``serve.metrics_public=true``.
 - ``GET /metadata``: the model (``calibrated``: whether its scores have probabilities), its
-  data (sizes, item fields) and the checkpoint's test metrics (``null``, with
-  ``metrics_note`` saying why, for a checkpoint its run did not test, such as a ``last.ckpt``
-  written after the best epoch).
+  data (sizes, item fields), the checkpoint's file and run folder names (no paths) and its
+  test metrics (``null``, with ``metrics_note`` saying why, for a checkpoint its run did not
+  test, such as a ``last.ckpt`` written after the best epoch).
 - ``GET /recommend?user_id=..&k=10[&exclude_seen=true][&fallback=popular]``: the user's top-k
   items with their display fields and logits, never an item the user has an interaction with
   unless ``exclude_seen=false``.
@@ -23,9 +23,15 @@ Routes (raw dataset ids in and out; every answer is JSON):
   other model gets ``null``: under implicit feedback sigmoid(logit) is the chance that a pair
   is the positive in a 1 : ``num_negatives`` sampled mix, and BPR logits only order items.
 
-An unknown id answers 404 naming it (or, with ``fallback=popular``, the most popular items,
-marked ``"source": "popular"``); a bad parameter answers 422. When ``serve.api_key`` (or
-``RECSYS_API_KEY``) is set, every route but ``/health`` needs it in the ``X-API-Key`` header.
+An unknown id answers 404 naming it (the first five of several; or, with
+``fallback=popular``, the most popular items, marked ``"source": "popular"``); bad input
+(`recsys.errors.InputError`, a strict type or an unknown field, too much work: users x k over
+``serve.max_results``, users x items over ``serve.max_pairs`` for a model that does not
+factorise) 422; a body over ``serve.max_body_bytes`` 413, unparsed; a Host header that
+``serve.allowed_hosts`` does not list 400; any other failure 500, with its traceback in the log.
+Long scoring runs in a worker thread (``serve.inline_scores``). When ``serve.api_key`` (or
+``RECSYS_API_KEY``; empty is refused) is set, every route but ``/health`` needs it in the
+``X-API-Key`` header, ``/openapi.json`` too, and ``/docs`` and ``/redoc`` are off.
 
 Once every worker has loaded its model and accepts connections, the log says
 ``ready: serving <model> on http://<host>:<port>``; before, connections wait in the port's

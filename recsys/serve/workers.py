@@ -49,6 +49,7 @@ from recsys.errors import InputError
 from recsys.scoring import require_pairs
 from recsys.serve import ops
 from recsys.serve.app import app_from_config
+from recsys.serve.dependencies import Limits
 
 log = logging.getLogger(__name__)
 
@@ -498,6 +499,7 @@ def run(cfg: DictConfig) -> None:
     source = cfg.copy()  # what names the checkpoint: read again on SIGHUP
     cfg.ckpt_path = servable_checkpoint(cfg)
     request_deadline_protocol(s.request_timeout)  # a bad value refused here, not per worker
+    Limits.from_config(s)  # bad request limits or API key: refused before any worker starts
     workers_text = f"{s.workers} worker{'s' if s.workers > 1 else ''}"
     sockets = bind_port(s.host, s.port, s.workers)
     log.info("loading %s (%s)", cfg.ckpt_path, workers_text)
