@@ -306,7 +306,7 @@ def test_a_second_server_on_the_port_exits_and_the_first_still_answers(server, c
     assert f"error: 127.0.0.1:{server.port} is in use" in second.text()
     assert "serve.port=" in second.text()
     for _ in range(6):  # new connections, over both workers: every one the first server's
-        assert server.get("/metadata").json()["ckpt_path"].endswith("a.ckpt")
+        assert server.get("/metadata").json()["checkpoint"] == "a.ckpt"
 
 
 @pytest.mark.slow
@@ -358,9 +358,10 @@ def test_sighup_reloads_worker_by_worker_without_a_failed_request(server):
         while not stop.is_set():
             try:
                 r = server.get("/metadata", timeout=30)  # a new connection each time
-                answers.append(r.json()["ckpt_path"]) if r.status_code == 200 else failures.append(
-                    r
-                )
+                if r.status_code == 200:
+                    answers.append(r.json()["checkpoint"])
+                else:
+                    failures.append(r)
             except httpx.HTTPError as e:
                 failures.append(e)
 
@@ -377,7 +378,7 @@ def test_sighup_reloads_worker_by_worker_without_a_failed_request(server):
         client.join()
     assert not failures
     assert answers[-1].endswith("b.ckpt") and any(a.endswith("a.ckpt") for a in answers)
-    assert all(server.get("/metadata").json()["ckpt_path"].endswith("b.ckpt") for _ in range(6))
+    assert all(server.get("/metadata").json()["checkpoint"] == "b.ckpt" for _ in range(6))
     assert server.get("/recommend?user_id=1&k=5").json()["items"] != before
     assert server.get("/health").json()["ready"] == 2
 
@@ -389,7 +390,7 @@ def test_sighup_reloads_worker_by_worker_without_a_failed_request(server):
     refused = next(line for line in server.text().splitlines() if "reload refused" in line)
     assert f"{other} was trained on other data than the served {new}" in refused
     assert "data.seed" in refused
-    assert all(server.get("/metadata").json()["ckpt_path"].endswith("b.ckpt") for _ in range(4))
+    assert all(server.get("/metadata").json()["checkpoint"] == "b.ckpt" for _ in range(4))
 
 
 @pytest.mark.slow
