@@ -19,8 +19,15 @@ from recsys.data.store import FeatureStore, RowFeatures
 from recsys.errors import InputError
 from recsys.lit.module import embedding_parameters
 from recsys.lit.optim import CombinedOptimizer, RowSparseAdagrad, RowSparseAdam
-from recsys.models import DLRM, MF, Hybrid, LogisticRegression, NeuMF
+from recsys.models import DLRM, EASE, MF, Hybrid, LogisticRegression, NeuMF, Popularity
 from recsys.models.ncf import VARIANTS
+from recsys.models.protocols import (
+    EmbeddingPenalty,
+    Factorised,
+    ItemEmbeddings,
+    Pretrainable,
+    SparseGrad,
+)
 from recsys.scoring import CatalogueScorer
 from recsys.train import run
 
@@ -514,7 +521,7 @@ ROWS_ONLY = FeatureSpec.of_rows(
 )
 
 
-@pytest.mark.parametrize(("net", "name"), [(NeuMF, "ncf"), (Hybrid, "hybrid")])
+@pytest.mark.parametrize(("net", "name"), [(NeuMF, "ncf"), (MF, "mf"), (Hybrid, "hybrid")])
 def test_models_that_need_ids_refuse_data_without_them(net, name):
     with pytest.raises(InputError, match=rf"model={name} needs user and item ids.*model=dlrm"):
         net(ROWS_ONLY)
@@ -553,3 +560,35 @@ def test_hybrid_reads_the_users_and_items_dense_features_not_the_rows():
         before = net(batch)
         batch.dense_features += 10.0  # the row's dense column changes nothing
         torch.testing.assert_close(net(batch), before)
+
+
+@pytest.mark.parametrize(
+    ("net", "protocols"),
+    [
+        (
+            NeuMF(SPEC_IDS, gmf_dim=4, mlp_dim=6, mlp_layers=[8, 4]),
+            {Factorised, ItemEmbeddings, EmbeddingPenalty, SparseGrad, Pretrainable},
+        ),
+        (MF(SPEC_IDS, embedding_dim=4), {Factorised, ItemEmbeddings, EmbeddingPenalty, SparseGrad}),
+        (
+            Hybrid(SPEC_IDS, embedding_dim=4, mlp_layers=[4]),
+            {Factorised, ItemEmbeddings, SparseGrad},
+        ),
+        (LogisticRegression(SPEC_IDS), {SparseGrad}),
+        (EASE(SPEC_IDS), {Factorised}),
+        (Popularity(SPEC_IDS), set()),
+    ],
+    ids=["neumf", "mf", "hybrid", "logreg", "ease", "popularity"],
+)
+def test_models_declare_what_they_can_do(net, protocols):
+    """The typed protocols that the LightningModule, the scorer and the recommender test."""
+    every = {Factorised, ItemEmbeddings, EmbeddingPenalty, SparseGrad, Pretrainable}
+    assert {p for p in every if isinstance(net, p)} == protocols
+
+
+def test_model_ncf_variant_mf_builds_mf(make_cfg):
+    """The config of before MF was a model of its own still trains MF, saved as MF."""
+    module, batch, _ = _net_and_batch(make_cfg, "model=ncf", "model.variant=mf")
+    assert isinstance(module.net, MF) and module.hparams.net == "recsys.models.MF"
+    assert module.hparams.embedding_dim == 32 and "mlp_layers" not in module.hparams
+    assert module(batch).shape == (64,)
