@@ -184,10 +184,8 @@ class NeuMF(nn.Module):
             if variant != "gmf"
             else None
         )
-        widths = (gmf_dim if self.gmf is not None else 0) + (
-            mlp_layers[-1] if self.mlp is not None else 0
-        )
-        self.head = nn.Linear(widths, 1)
+        gmf_width = gmf_dim if variant != "mlp" else 0
+        self.head = nn.Linear(gmf_width + (mlp_layers[-1] if variant != "gmf" else 0), 1)
         for m in self.modules():
             if isinstance(m, nn.Embedding):
                 nn.init.normal_(m.weight, std=0.01)
