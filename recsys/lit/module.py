@@ -69,8 +69,8 @@ class RecommenderModule(L.LightningModule):
             ``auroc`` under both; ``accuracy``, ``val/loss`` and ``test/logloss`` (binary
             cross-entropy) under ``bce`` alone, since BPR leaves the logits' offset free and
             ``sigmoid(logit)`` is then no probability. ``train/loss`` is the loss itself.
-        l2: weight of the network's ``embedding_l2(batch)`` penalty (NeuMF's: the mean squared
-            norm of the embedding rows each training pair looks up, Rendle et al. 2020),
+        l2: weight of the network's ``embedding_l2(batch)`` penalty (`EmbeddingPenalty`; NeuMF's
+            and MF's: the mean squared norm of the rows each pair looks up, Rendle et al. 2020),
             added to the training loss; 0 adds nothing. ``train/loss`` stays the ``loss``
             alone, comparable with ``val/loss`` (``bce``).
         ranking_ks: cut-offs of the ranking metrics (``hr@K``, ``ndcg@K``, ``recall@K``) when
