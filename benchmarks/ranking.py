@@ -38,7 +38,7 @@ from recsys.scoring import CatalogueScorer
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 MODELS = {
-    "MF": ["model=ncf", "model.variant=mf"],
+    "MF": ["model=mf"],
     "GMF": ["model=ncf", "model.variant=gmf"],
     "MLP": ["model=ncf", "model.variant=mlp"],
     "NeuMF": ["model=ncf", "model.variant=neumf"],
@@ -92,10 +92,11 @@ def flops_per_user(scorer: CatalogueScorer) -> float | None:
     per_item = 2 * parts["gmf"].shape[0] if "gmf" in parts else 0
     per_item += 2 * parts["dot"].shape[1] if "dot" in parts else 0
     if "mlp" in parts:
-        linears = [m for m in scorer.net.mlp if isinstance(m, torch.nn.Linear)]
         per_item += parts["mlp"].shape[1]
-        per_item += sum(2 * m.in_features * m.out_features for m in linears[1:])
-        per_item += 2 * linears[-1].out_features
+        # the later layers' W^T [in, out] (`mlp_rest_weights`), then the head on the last
+        per_item += sum(2 * w.shape[0] * w.shape[1] for w, _ in parts["mlp_rest"])
+        last = parts["mlp_rest"][-1][0] if parts["mlp_rest"] else parts["mlp"]
+        per_item += 2 * last.shape[1]
     return per_item * scorer.num_items
 
 

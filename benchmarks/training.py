@@ -36,10 +36,10 @@ rounds of the ratio within a round (paired: runs a minute apart, not ten).
 The GFLOP/s table counts the dense part's floating-point work: the MLP, GMF product and head,
 forward and backward (3 x the forward's multiply-adds x 2). ``model`` counts it as the plain
 NeuMF formulation does, the same for every system; ``executed`` is what the platform runs: it
-computes the MLP's first layer once per distinct user and item of a batch (`NeuMF._mlp_tower`),
-so it does less work for the same function (the ratio is measured on the platform's own
-batches; on a GPU it runs the plain MLP). Both are set against a float32 matmul of the first
-layer's shape on this machine, measured in the same run.
+computes the MLP's first layer once per distinct user and item of a batch
+(`recsys.models.ops.pair_linear`), so it does less work for the same function (the ratio is
+measured on the platform's own batches; on a GPU it runs the plain MLP). Both are set against
+a float32 matmul of the first layer's shape on this machine, measured in the same run.
 
 ``device=cuda``: the bare loop and the platform on the GPU (the platform with
 ``trainer=gpu``), the matmul figure of the GPU; RecBole is not run.
@@ -332,7 +332,7 @@ def main(run: bench.Benchmark) -> None:
             settings=where,
         )
         cfg.data.batch_size = batch // (1 + cfg.data.num_negatives)
-        # on a GPU the platform runs the plain MLP (`NeuMF._mlp_tower`)
+        # on a GPU the platform runs the plain MLP (`MLPTower`)
         share = executed_share(dm, cfg) if opts.device == "cpu" else 1.0
         for system in systems:
             model_gflops = bench.median(rates[system]) * flops / 1e9

@@ -21,6 +21,7 @@ from recsys.checkpoint import checkpoint_state, run_folder
 from recsys.data.artifact import ArtifactDataModule
 from recsys.errors import InputError
 from recsys.lit.module import RecommenderModule
+from recsys.models.protocols import ItemEmbeddings
 from recsys.runs import load_checkpoint
 from recsys.scoring import CatalogueScorer, require_pairs
 
@@ -117,7 +118,7 @@ class Recommender:
         self.seen = dm.positives  # every known (user, item) pair, in any split
         self.popular = dm.protocol.item_popularity().argsort(descending=True, stable=True)
         self.item_vectors = None  # a model without item vectors (model=logreg) has no `similar`
-        if hasattr(model.net, "item_embeddings"):
+        if isinstance(model.net, ItemEmbeddings):
             with torch.inference_mode():
                 vectors = model.net.item_embeddings().detach().float()
                 self.item_vectors = F.normalize(vectors, dim=1)

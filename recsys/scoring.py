@@ -1,14 +1,14 @@
 """Scoring users against the whole catalogue: the one function behind full-ranking evaluation,
 predictions, serving and the dashboard.
 
-A model whose score factors into a user part and an item part (``net.item_part()`` and
-``net.score_catalogue(users, item_part)``: NeuMF in every variant, Hybrid without side
-features) computes its item side once, then scores each chunk of users against every item with
-matrix products. Any other model (DLRM, Hybrid with side features) scores the (user, item)
-pairs of each chunk through the one batch builder; chunks are bounded by ``max_pairs``, so the
-memory does not grow with the number of users (``max_pairs=None``: one chunk per call, as the
-evaluation loop wants, whose batches are bounded already and whose sharded models need the
-same number of forwards on every rank).
+A model whose score factors into a user part and an item part (`Factorised`:
+``net.item_part()`` and ``net.score_catalogue(users, item_part)``; MF, NeuMF in every
+variant, EASE, ItemKNN, Hybrid without side features) computes its item side once, then
+scores each chunk of users against every item with matrix products. Any other model (DLRM,
+Hybrid with side features) scores the (user, item) pairs of each chunk through the one batch
+builder; chunks are bounded by ``max_pairs``, so the memory does not grow with the number of
+users (``max_pairs=None``: one chunk per call, as the evaluation loop wants, whose batches are
+bounded already and whose sharded models need the same number of forwards on every rank).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from recsys.data.negatives import PositiveSet
 from recsys.data.spec import FeatureSpec
 from recsys.data.store import FeatureStore
 from recsys.errors import InputError
+from recsys.models.protocols import Factorised
 
 FACTORISED_FLOATS = 1 << 18
 # `top_k` masks known items and takes the top-K once per block of users whose scores [U, I] fit
@@ -85,7 +86,7 @@ class CatalogueScorer:
         require_pairs(features.spec, "scoring users against the catalogue")
         self.net, self.features, self.num_items = net.eval(), features, num_items
         self.max_pairs = max_pairs
-        self.factorised = bool(getattr(net, "factorised", False))
+        self.factorised = isinstance(net, Factorised) and net.factorised
         with torch.inference_mode():
             self.item_part = net.item_part() if self.factorised else None
         self.all_items = torch.arange(num_items)

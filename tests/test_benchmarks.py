@@ -32,7 +32,7 @@ def test_the_bare_loop_trains_the_platforms_neumf():
     torch.manual_seed(0)
     bare = BareNeuMF(9, 30, gmf_dim=4, mlp_dim=6, layers=[8, 4])
     ours = NeuMF(spec, variant="neumf", gmf_dim=4, mlp_dim=6, mlp_layers=[8, 4])
-    ours.load_state_dict(bare.state_dict())  # the same parameter names and shapes
+    ours.load_state_dict(bare.state_dict())  # NeuMF's names of before its towers load too
     users, items = torch.randint(9, (50,)), torch.randint(30, (50,))
     with torch.no_grad():
         expected = bare(users, items)

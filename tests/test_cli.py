@@ -26,7 +26,7 @@ def test_help_lists_the_config_groups_a_user_picks():
     assert out.returncode == 0, out.stderr
     assert "data: books, criteo, csv, movielens, synthetic" in out.stdout
     assert "logger: csv, mlflow, none, wandb" in out.stdout
-    assert "model: dlrm, ease, hybrid, itemknn, logreg, ncf" in out.stdout
+    assert "model: dlrm, ease, hybrid, itemknn, logreg, mf, ncf" in out.stdout
     assert "_common" not in out.stdout and "data_common" not in out.stdout
 
 

@@ -19,8 +19,15 @@ from recsys.data.store import FeatureStore, RowFeatures
 from recsys.errors import InputError
 from recsys.lit.module import embedding_parameters
 from recsys.lit.optim import CombinedOptimizer, RowSparseAdagrad, RowSparseAdam
-from recsys.models import DLRM, Hybrid, LogisticRegression, NeuMF
+from recsys.models import DLRM, EASE, MF, Hybrid, LogisticRegression, NeuMF, Popularity
 from recsys.models.ncf import VARIANTS
+from recsys.models.protocols import (
+    EmbeddingPenalty,
+    Factorised,
+    ItemEmbeddings,
+    Pretrainable,
+    SparseGrad,
+)
 from recsys.scoring import CatalogueScorer
 from recsys.train import run
 
@@ -157,8 +164,8 @@ ROW_SPARSE_ADAGRAD = (
 @pytest.mark.parametrize(
     ("model", "table", "ids"),
     [
-        (["model=ncf", "model.variant=neumf", ROW_SPARSE_ADAM], "mlp_user", "user_id"),
-        (["model=ncf", "model.variant=mf", ROW_SPARSE_ADAM], "item_bias", "item_id"),
+        (["model=ncf", "model.variant=neumf", ROW_SPARSE_ADAM], "mlp.user", "user_id"),
+        (["model=mf", ROW_SPARSE_ADAM], "item_bias", "item_id"),
         (
             ["model=dlrm"],
             "dlrm.sparse_arch.embedding_bag_collection.embedding_bags.t_item_id",
@@ -253,17 +260,22 @@ def test_hybrid_is_dot_plus_mlp(make_cfg):
 
 
 SPEC_IDS = FeatureSpec.of_ids(num_users=7, num_items=40)
-TABLES = ("gmf_user", "gmf_item", "mlp_user", "mlp_item")
+
+
+def table_weights(net: torch.nn.Module) -> set[str]:
+    """The names of the embedding tables' weights."""
+    return {f"{n}.weight" for n, m in net.named_modules() if isinstance(m, torch.nn.Embedding)}
 
 
 @pytest.mark.parametrize(
     "net",
     [
         *(NeuMF(SPEC_IDS, variant=v, gmf_dim=4, mlp_dim=6, mlp_layers=[8, 4]) for v in VARIANTS),
-        NeuMF(SPEC_IDS, variant="mf", gmf_dim=4, biases=False),
+        MF(SPEC_IDS, embedding_dim=4),
+        MF(SPEC_IDS, embedding_dim=4, biases=False),
         Hybrid(SPEC_IDS, embedding_dim=5, mlp_layers=[8, 3]),
     ],
-    ids=[*VARIANTS, "mf-no-biases", "hybrid"],
+    ids=[*VARIANTS, "mf", "mf-no-biases", "hybrid"],
 )
 def test_catalogue_scoring_equals_the_forward(net, monkeypatch):
     """The factorised fast path (`CatalogueScorer`) against one forward per (user, item)."""
@@ -314,7 +326,7 @@ def test_top_k_over_several_blocks_is_the_best_unseen_items(monkeypatch):
 @pytest.mark.parametrize("sparse_grad", [False, True])
 @pytest.mark.parametrize("variant", ["mlp", "neumf"])
 def test_mlp_tower_equals_the_mlp_on_concatenated_embeddings(variant, sparse_grad):
-    """`NeuMF._mlp_tower` (the first layer once per distinct user and item) against the plain
+    """`MLPTower` (the first layer once per distinct user and item) against the plain
     MLP over [p'_u; q'_i] per pair: the same logits and the same gradients, with repeated
     users and items as negative sampling makes them; with ``sparse_grad``, the tables'
     gradients are row-sparse over distinct rows in order, with the same values."""
@@ -327,9 +339,9 @@ def test_mlp_tower_equals_the_mlp_on_concatenated_embeddings(variant, sparse_gra
     batch = FeatureStore(SPEC_IDS, None, None).make_batch(users, items)
 
     def plain() -> torch.Tensor:
-        towers = [net.mlp(torch.cat([net.mlp_user(users), net.mlp_item(items)], 1))]
+        towers = [net.mlp.layers(torch.cat([net.mlp.user(users), net.mlp.item(items)], 1))]
         if variant == "neumf":
-            towers.insert(0, net.gmf_user(users) * net.gmf_item(items))
+            towers.insert(0, net.gmf.user(users) * net.gmf.item(items))
         return net.head(torch.cat(towers, 1)).squeeze(1)
 
     grads = []
@@ -342,7 +354,7 @@ def test_mlp_tower_equals_the_mlp_on_concatenated_embeddings(variant, sparse_gra
     torch.testing.assert_close(ours, expected)
     for name, grad in expected_grads.items():
         got = our_grads[name]
-        if sparse_grad and name.split(".")[0] in TABLES:
+        if sparse_grad and name in table_weights(net):
             rows = got._indices()[0]
             assert got.is_sparse and bool((rows[1:] > rows[:-1]).all()), name  # distinct
             got, grad = got.to_dense(), grad.coalesce().to_dense()
@@ -350,26 +362,34 @@ def test_mlp_tower_equals_the_mlp_on_concatenated_embeddings(variant, sparse_gra
 
 
 @pytest.mark.parametrize("sparse_grad", [False, True])
-@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("variant", [*VARIANTS, "mf"])
 def test_embedding_l2_is_the_mean_squared_norm_of_each_pairs_rows(variant, sparse_grad):
-    """`NeuMF.embedding_l2` (once per distinct id, weighted by its count) against the sum
-    over pairs of the squared norms of every row each pair looks up, divided by the pairs:
-    the same value and the same gradients, with repeated users and items."""
+    """`NeuMF.embedding_l2` and `MF.embedding_l2` (once per distinct id, weighted by its
+    count) against the sum over pairs of the squared norms of every row each pair looks up,
+    divided by the pairs: the same value and the same gradients, with repeated users and
+    items."""
     torch.manual_seed(0)
-    net = NeuMF(
-        SPEC_IDS, variant=variant, gmf_dim=4, mlp_dim=6, mlp_layers=[8, 4], sparse_grad=sparse_grad
-    )
-    with torch.no_grad():
-        for name in ("user_bias", "item_bias"):
-            if hasattr(net, name):  # zeros at the start: give them values to penalise
-                getattr(net, name).weight.normal_()
+    if variant == "mf":
+        net = MF(SPEC_IDS, embedding_dim=4, sparse_grad=sparse_grad)
+        with torch.no_grad():  # zeros at the start: give them values to penalise
+            net.user_bias.weight.normal_()
+            net.item_bias.weight.normal_()
+    else:
+        net = NeuMF(
+            SPEC_IDS,
+            variant=variant,
+            gmf_dim=4,
+            mlp_dim=6,
+            mlp_layers=[8, 4],
+            sparse_grad=sparse_grad,
+        )
     users = torch.randint(SPEC_IDS.num_users, (30,)).repeat_interleave(3)
     items = torch.randint(SPEC_IDS.num_items, (90,))
     batch = FeatureStore(SPEC_IDS, None, None).make_batch(users, items)
 
     def per_pair() -> torch.Tensor:
         total = 0.0
-        for name, table in net.named_children():
+        for name, table in net.named_modules():
             if isinstance(table, torch.nn.Embedding):
                 ids = users if "user" in name else items
                 total = total + table.weight[ids].square().sum()
@@ -397,13 +417,11 @@ def test_model_l2_adds_the_penalty_to_the_training_loss(make_cfg):
     """model.l2: the training step returns the loss plus l2 times the mean squared norm of
     the rows each pair looks up (counted here per pair), and 0 adds nothing."""
     for l2 in (0.0, 0.5):
-        module, batch, _ = _net_and_batch(
-            make_cfg, "model=ncf", "model.variant=mf", f"model.l2={l2}"
-        )
+        module, batch, _ = _net_and_batch(make_cfg, "model=mf", f"model.l2={l2}")
         module.trainer = L.Trainer(logger=False, enable_checkpointing=False, max_epochs=1)
         objective = module.training_step(batch, 0)
         net, users, items = module.net, batch.ids("user_id"), batch.ids("item_id")
-        rows = [net.gmf_user.weight[users], net.gmf_item.weight[items]]
+        rows = [net.user.weight[users], net.item.weight[items]]
         rows += [net.user_bias.weight[users], net.item_bias.weight[items]]
         penalty = sum(r.square().sum() for r in rows) / len(batch)
         assert penalty > 1e-4  # the two cases differ by more than the tolerance
@@ -428,7 +446,7 @@ def test_row_sparse_adam_is_sparse_adam():
     nets.append(NeuMF(SPEC_IDS, gmf_dim=4, mlp_dim=6, mlp_layers=[8, 4], sparse_grad=True))
     nets[1].load_state_dict(nets[0].state_dict())
     opts = [
-        cls([p for n, p in net.named_parameters() if n.split(".")[0] in TABLES], lr=0.01)
+        cls([p for n, p in net.named_parameters() if n in table_weights(net)], lr=0.01)
         for cls, net in zip((torch.optim.SparseAdam, RowSparseAdam), nets, strict=True)
     ]
     features = FeatureStore(SPEC_IDS, None, None)
@@ -503,7 +521,7 @@ ROWS_ONLY = FeatureSpec.of_rows(
 )
 
 
-@pytest.mark.parametrize(("net", "name"), [(NeuMF, "ncf"), (Hybrid, "hybrid")])
+@pytest.mark.parametrize(("net", "name"), [(NeuMF, "ncf"), (MF, "mf"), (Hybrid, "hybrid")])
 def test_models_that_need_ids_refuse_data_without_them(net, name):
     with pytest.raises(InputError, match=rf"model={name} needs user and item ids.*model=dlrm"):
         net(ROWS_ONLY)
@@ -542,3 +560,35 @@ def test_hybrid_reads_the_users_and_items_dense_features_not_the_rows():
         before = net(batch)
         batch.dense_features += 10.0  # the row's dense column changes nothing
         torch.testing.assert_close(net(batch), before)
+
+
+@pytest.mark.parametrize(
+    ("net", "protocols"),
+    [
+        (
+            NeuMF(SPEC_IDS, gmf_dim=4, mlp_dim=6, mlp_layers=[8, 4]),
+            {Factorised, ItemEmbeddings, EmbeddingPenalty, SparseGrad, Pretrainable},
+        ),
+        (MF(SPEC_IDS, embedding_dim=4), {Factorised, ItemEmbeddings, EmbeddingPenalty, SparseGrad}),
+        (
+            Hybrid(SPEC_IDS, embedding_dim=4, mlp_layers=[4]),
+            {Factorised, ItemEmbeddings, SparseGrad},
+        ),
+        (LogisticRegression(SPEC_IDS), {SparseGrad}),
+        (EASE(SPEC_IDS), {Factorised}),
+        (Popularity(SPEC_IDS), set()),
+    ],
+    ids=["neumf", "mf", "hybrid", "logreg", "ease", "popularity"],
+)
+def test_models_declare_what_they_can_do(net, protocols):
+    """The typed protocols that the LightningModule, the scorer and the recommender test."""
+    every = {Factorised, ItemEmbeddings, EmbeddingPenalty, SparseGrad, Pretrainable}
+    assert {p for p in every if isinstance(net, p)} == protocols
+
+
+def test_model_ncf_variant_mf_builds_mf(make_cfg):
+    """The config of before MF was a model of its own still trains MF, saved as MF."""
+    module, batch, _ = _net_and_batch(make_cfg, "model=ncf", "model.variant=mf")
+    assert isinstance(module.net, MF) and module.hparams.net == "recsys.models.MF"
+    assert module.hparams.embedding_dim == 32 and "mlp_layers" not in module.hparams
+    assert module(batch).shape == (64,)

@@ -17,6 +17,7 @@ from hydra.utils import instantiate
 from recsys import bench
 from recsys.data.store import FeatureStore
 from recsys.lit import RecommenderModule
+from recsys.models import MF
 from recsys.train import run
 from tests.conftest import compose_train
 
@@ -41,8 +42,10 @@ def _pretrained(sources: dict[str, str]) -> str:
     return f"model.pretrained={{gmf: '{sources['gmf']}', mlp: '{sources['mlp']}'}}"
 
 
-def _module(make_cfg, *overrides: str) -> tuple[RecommenderModule, FeatureStore]:
-    cfg = make_cfg("experiment=ncf_neumf_pretrained", *TINY, *overrides)
+def _module(
+    make_cfg, *overrides: str, experiment: str = "ncf_neumf_pretrained"
+) -> tuple[RecommenderModule, FeatureStore]:
+    cfg = make_cfg(f"experiment={experiment}", *TINY, *overrides)
     dm = instantiate(cfg.data)
     dm.prepare_data()
     dm.setup()
@@ -54,7 +57,7 @@ def test_pretrained_neumf_starts_from_its_sources(make_cfg, sources):
     module.setup("fit")  # where a fit loads the sources
     gmf, mlp = (RecommenderModule.load_from_checkpoint(sources[v]).eval() for v in ("gmf", "mlp"))
     own = module.net.state_dict()
-    for source, prefix in ((gmf, "gmf_"), (mlp, "mlp")):
+    for source, prefix in ((gmf, "gmf."), (mlp, "mlp.")):
         for name, value in source.net.state_dict().items():
             if name.startswith(prefix):
                 torch.testing.assert_close(own[name], value, rtol=0, atol=0)
@@ -74,30 +77,33 @@ def test_a_fit_loads_the_sources(make_cfg, sources, tmp_path):
     metrics = run(cfg)
     trained = RecommenderModule.load_from_checkpoint(metrics["best_model_path"])
     gmf = RecommenderModule.load_from_checkpoint(sources["gmf"])
-    torch.testing.assert_close(trained.net.gmf_item.weight, gmf.net.gmf_item.weight)
+    torch.testing.assert_close(trained.net.gmf.item.weight, gmf.net.gmf.item.weight)
 
 
 def test_sources_of_other_sizes_are_refused(make_cfg, sources):
     module, _ = _module(make_cfg, _pretrained(sources), "model.gmf_dim=8")
-    with pytest.raises(ValueError, match=r"epoch_000\.ckpt gives gmf_user\.weight the shape"):
+    with pytest.raises(ValueError, match=r"epoch_000\.ckpt gives gmf\.user\.weight the shape"):
         module.setup("fit")
 
 
 def test_sources_must_be_of_their_variant(make_cfg, sources):
     swapped = {"gmf": sources["mlp"], "mlp": sources["gmf"]}
     module, _ = _module(make_cfg, _pretrained(swapped))
-    with pytest.raises(ValueError, match="not of NeuMF variant 'gmf'"):
+    with pytest.raises(
+        ValueError, match="variant='mlp', not of net='recsys.models.NeuMF', variant='gmf'"
+    ):
         module.setup("fit")
 
 
 def test_mf_is_a_dot_product_plus_biases(make_cfg):
-    module, features = _module(make_cfg, "model.variant=mf", "model.pretrained=null")
+    module, features = _module(make_cfg, experiment="ncf_mf")
     net = module.net
+    assert isinstance(net, MF)
     for p in net.parameters():
         torch.nn.init.normal_(p)
     users, items = torch.tensor([0, 1, 2]), torch.tensor([3, 4, 5])
     expected = (
-        (net.gmf_user.weight[users] * net.gmf_item.weight[items]).sum(1)
+        (net.user.weight[users] * net.item.weight[items]).sum(1)
         + net.user_bias.weight[users, 0]
         + net.item_bias.weight[items, 0]
         + net.bias

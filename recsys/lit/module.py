@@ -34,6 +34,8 @@ from recsys.metrics.ranking import (
     personalization,
 )
 from recsys.models.common import ClosedForm
+from recsys.models.ncf import upgrade_hparams
+from recsys.models.protocols import EmbeddingPenalty, Pretrainable, SparseGrad
 from recsys.scoring import CatalogueScorer
 
 LOSSES = ("bce", "bpr")
@@ -67,8 +69,8 @@ class RecommenderModule(L.LightningModule):
             ``auroc`` under both; ``accuracy``, ``val/loss`` and ``test/logloss`` (binary
             cross-entropy) under ``bce`` alone, since BPR leaves the logits' offset free and
             ``sigmoid(logit)`` is then no probability. ``train/loss`` is the loss itself.
-        l2: weight of the network's ``embedding_l2(batch)`` penalty (NeuMF's: the mean squared
-            norm of the embedding rows each training pair looks up, Rendle et al. 2020),
+        l2: weight of the network's ``embedding_l2(batch)`` penalty (`EmbeddingPenalty`; NeuMF's
+            and MF's: the mean squared norm of the rows each pair looks up, Rendle et al. 2020),
             added to the training loss; 0 adds nothing. ``train/loss`` stays the ``loss``
             alone, comparable with ``val/loss`` (``bce``).
         ranking_ks: cut-offs of the ranking metrics (``hr@K``, ``ndcg@K``, ``recall@K``) when
@@ -106,14 +108,22 @@ class RecommenderModule(L.LightningModule):
         )
         net_kwargs = {k: plain(v) for k, v in net_kwargs.items()}  # weights_only loads them
         self.save_hyperparameters()
+        # checkpoints and configs of earlier versions (NeuMF variant=mf), saved as built
+        upgraded, upgraded_kwargs = upgrade_hparams(net, net_kwargs)
+        if (upgraded, upgraded_kwargs) != (net, net_kwargs):
+            for key in net_kwargs:
+                del self.hparams[key]
+            self.hparams.update(net=upgraded, **upgraded_kwargs)
+        net, net_kwargs = upgraded, upgraded_kwargs
         self.spec = FeatureSpec.from_dict(spec)
         self.net = get_class(net)(spec=self.spec, **net_kwargs)
         if l2 < 0:
             raise ValueError(f"model.l2={l2}: the penalty's weight must be >= 0")
-        if l2 > 0 and not hasattr(self.net, "embedding_l2"):
+        if l2 > 0 and not isinstance(self.net, EmbeddingPenalty):
             raise ValueError(
-                f"model.l2={l2}: {net} has no embedding_l2 penalty (recsys.models.NeuMF has): "
-                "set model.l2=0 and regularise with model.optimizer.weight_decay"
+                f"model.l2={l2}: {net} has no embedding_l2 penalty (recsys.models.NeuMF and "
+                "recsys.models.MF have): set model.l2=0 and regularise with "
+                "model.optimizer.weight_decay"
             )
         # the pointwise figures that the loss gives a meaning (`pointwise_loss`)
         self.val_metrics = self._metrics("val/")
@@ -414,15 +424,21 @@ class RecommenderModule(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         """A fit starts from the weights of other checkpoints when the network names them
-        (``load_pretrained``: NeuMF's ``model.pretrained``). Here rather than in the
-        network's constructor, so that ``load_from_checkpoint`` never reads those files; a
-        resumed fit reads them too, then Lightning puts the checkpoint's weights over them."""
-        sources = getattr(self.net, "pretrained", None)
-        if stage == "fit" and sources:
-            for variant, path in sources.items():
-                if not Path(path).is_file():
-                    raise ValueError(f"model.pretrained.{variant}: {path} is not a file")
-            self.net.load_pretrained({k: load_weights_only(p) for k, p in sources.items()})
+        (`Pretrainable`: NeuMF's ``model.pretrained``): each file is read here, checked to be
+        a checkpoint of the network the source names, and its network weights are handed to
+        ``load_pretrained``. Here rather than in the network's constructor, so that
+        ``load_from_checkpoint`` never reads those files; a resumed fit reads them too, then
+        Lightning puts the checkpoint's weights over them."""
+        if stage != "fit" or not isinstance(self.net, Pretrainable) or not self.net.pretrained:
+            return
+        weights = {}
+        for source, path in self.net.pretrained.items():
+            what = f"model.pretrained.{source}: {path}"
+            if not Path(path).is_file():
+                raise ValueError(f"{what} is not a file")
+            expected = self.net.source_hparams(source)
+            weights[source] = network_weights(load_weights_only(path), expected, what)
+        self.net.load_pretrained(weights)
 
     def configure_optimizers(self) -> torch.optim.Optimizer | dict[str, Any]:
         """One optimizer as Lightning sees it (a `CombinedOptimizer` of the tables' and the
@@ -437,7 +453,8 @@ class RecommenderModule(L.LightningModule):
         # tables whose optimizer runs fused in the backward pass (trainer=torchrec) step there
         params = [p for _, p in in_backward_optimizer_filter(named)]
         dense_opt = instantiate(self.hparams.optimizer)
-        if getattr(self.net, "sparse_grad", False) and self.hparams.sparse_optimizer is None:
+        sparse_grad = isinstance(self.net, SparseGrad) and self.net.sparse_grad
+        if sparse_grad and self.hparams.sparse_optimizer is None:
             raise ValueError(
                 "model.sparse_grad=true makes the tables' gradients row-sparse, which "
                 f"{self.hparams.optimizer['_target_']} does not take: set model.sparse_optimizer, "
@@ -467,6 +484,26 @@ class RecommenderModule(L.LightningModule):
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1},
         }
+
+
+def network_weights(checkpoint: dict, expected: dict[str, Any], what: str) -> dict:
+    """The network weights of a `RecommenderModule` checkpoint (its state_dict's ``net.``
+    entries, the prefix removed), after checking that its hyperparameters hold ``expected``.
+
+    Raises:
+        ValueError: naming ``what`` (the file), when they do not.
+    """
+    hparams = checkpoint.get("hyper_parameters", {})
+    found = {k: hparams.get(k) for k in expected}
+    if found != expected:
+        raise ValueError(
+            f"{what} is a checkpoint of {_settings(found)}, not of {_settings(expected)}"
+        )
+    return {k[4:]: v for k, v in checkpoint["state_dict"].items() if k.startswith("net.")}
+
+
+def _settings(hparams: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v!r}" for k, v in hparams.items())
 
 
 def embedding_parameters(module: nn.Module) -> list[nn.Parameter]:

@@ -3,8 +3,18 @@
 from recsys.models.dlrm import DLRM
 from recsys.models.hybrid import Hybrid
 from recsys.models.linear import LogisticRegression
+from recsys.models.mf import MF
 from recsys.models.ncf import NeuMF
 from recsys.models.neighbors import EASE, ItemKNN
 from recsys.models.popularity import Popularity
 
-__all__ = ["DLRM", "EASE", "Hybrid", "ItemKNN", "LogisticRegression", "NeuMF", "Popularity"]
+__all__ = [
+    "DLRM",
+    "EASE",
+    "MF",
+    "Hybrid",
+    "ItemKNN",
+    "LogisticRegression",
+    "NeuMF",
+    "Popularity",
+]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 import torch
@@ -81,3 +82,18 @@ def mlp_rest(
     for weight_t, bias in weights:
         h = torch.addmm(bias, h, weight_t).relu_()
     return h
+
+
+def rename_keys(state_dict: dict, renames: Sequence[tuple[str, str]], prefix: str = "") -> dict:
+    """Rename, in place, the entries of ``state_dict`` under ``prefix`` by the first of
+    ``renames`` (regular expression, replacement) that matches the rest of their name: a
+    model's ``_load_from_state_dict`` loads checkpoints of its earlier layouts through it.
+    Returns ``state_dict``."""
+    for key in [k for k in state_dict if k.startswith(prefix)]:
+        name = key[len(prefix) :]
+        for pattern, replacement in renames:
+            new, found = re.subn(pattern, replacement, name, count=1)
+            if found:
+                state_dict[prefix + new] = state_dict.pop(key)
+                break
+    return state_dict

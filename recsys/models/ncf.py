@@ -1,21 +1,101 @@
-"""Neural Collaborative Filtering: GMF, MLP and their fusion NeuMF (He et al., WWW 2017),
-and plain matrix factorisation (the dot-product baseline of Rendle et al., RecSys 2020)."""
+"""Neural Collaborative Filtering (He et al., WWW 2017): a GMF tower, an MLP tower and a linear
+head, composed as GMF, MLP or their fusion NeuMF."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import NamedTuple
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from recsys.data.batch import Batch
 from recsys.data.spec import FeatureSpec
-from recsys.models import common
-from recsys.models.common import mlp, mlp_rest, mlp_rest_weights, require_ids
+from recsys.models import ops
+from recsys.models.common import mlp, mlp_rest, mlp_rest_weights, rename_keys, require_ids
+from recsys.models.ops import Ids
 
-VARIANTS = ("gmf", "mlp", "neumf", "mf")
+VARIANTS = ("gmf", "mlp", "neumf")
+NET = "recsys.models.NeuMF"
+# state_dict names before the towers were modules of their own -> today's
+LEGACY_NAMES = (
+    (r"^gmf_(user|item)\.", r"gmf.\1."),
+    (r"^mlp_(user|item)\.", r"mlp.\1."),
+    (r"^mlp\.(\d+)\.", r"mlp.layers.\1."),
+)
+
+
+class GMFTower(nn.Module):
+    """Generalised matrix factorisation: p_u * q_i [B, G], the element-wise product of a user's
+    and an item's vectors (G the embedding dim)."""
+
+    def __init__(self, num_users: int, num_items: int, dim: int, sparse: bool = False):
+        super().__init__()
+        self.user = nn.Embedding(num_users, dim, sparse=sparse)
+        self.item = nn.Embedding(num_items, dim, sparse=sparse)
+
+    def forward(self, users: Ids, items: Ids) -> torch.Tensor:
+        """Returns: [B, G]."""
+        return ops.rows(self.user, users) * ops.rows(self.item, items)
+
+    def item_part(self, head: torch.Tensor) -> torch.Tensor:
+        """The item vectors times the head's weights ``head`` [G], transposed [G, I]."""
+        return (self.item.weight * head).T.contiguous()
+
+    def score_catalogue(self, users: torch.Tensor, item_part: torch.Tensor) -> torch.Tensor:
+        """The head's GMF term [U, I] for users [U] and every item (`item_part`)."""
+        # the rows by indexing: a module call costs more than the lookup
+        return self.user.weight[users] @ item_part
+
+
+class MLPTower(nn.Module):
+    """MLP([p'_u; q'_i]) [B, L] over the concatenated user and item vectors (M the embedding
+    dim, L the last layer's width).
+
+    On the CPU, with the distinct ids of the batch (`Ids`), its first layer runs on the user
+    and item halves apart (`ops.pair_linear`); elsewhere the plain MLP on the concatenation,
+    where FLOPs are cheap and ``torch.unique`` waits for the device.
+    """
+
+    def __init__(
+        self,
+        num_users: int,
+        num_items: int,
+        dim: int,
+        layers: Sequence[int],
+        dropout: float = 0.0,
+        sparse: bool = False,
+    ):
+        super().__init__()
+        self.user = nn.Embedding(num_users, dim, sparse=sparse)
+        self.item = nn.Embedding(num_items, dim, sparse=sparse)
+        self.layers = mlp(2 * dim, layers, dropout)
+
+    def forward(self, users: Ids, items: Ids) -> torch.Tensor:
+        """Returns: [B, L]."""
+        if users.distinct is None:
+            pairs = [ops.rows(self.user, users), ops.rows(self.item, items)]
+            return self.layers(torch.cat(pairs, dim=1))
+        user_rows = ops.distinct_rows(self.user, users)
+        item_rows = ops.distinct_rows(self.item, items)
+        first = ops.pair_linear(self.layers[0], users, items, user_rows, item_rows)
+        return self.layers[1:](first)
+
+    def item_part(self) -> dict:
+        """The item half of the first layer, bias included [I, H1], its user half's weights,
+        transposed [M, H1], and the later layers' weights (`mlp_rest_weights`)."""
+        first, m = self.layers[0], self.item.embedding_dim
+        return {
+            "mlp": self.item.weight @ first.weight[:, m:].T + first.bias,
+            "mlp_user": first.weight[:, :m].T.contiguous(),
+            "mlp_rest": mlp_rest_weights(self.layers),
+        }
+
+    def score_catalogue(self, users: torch.Tensor, item_part: dict) -> torch.Tensor:
+        """The last layer's output [U * I, L] for users [U] and every item (`item_part`), row
+        u * I + i."""
+        user_half = self.user.weight[users] @ item_part["mlp_user"]  # [U, H1]
+        return mlp_rest(user_half, item_part["mlp"], item_part["mlp_rest"])
 
 
 class NeuMF(nn.Module):
@@ -26,24 +106,25 @@ class NeuMF(nn.Module):
 
     Notation: B batch size, G GMF embedding dim, M MLP embedding dim, L last MLP width.
 
-    - ``gmf``: logit = h . (p_u * q_i) + b with p_u, q_i in R^G.
-    - ``mlp``: logit = h . MLP([p_u; q_i]) + b with p_u, q_i in R^M.
+    - ``gmf``: logit = h . (p_u * q_i) + b with p_u, q_i in R^G (`GMFTower`).
+    - ``mlp``: logit = h . MLP([p_u; q_i]) + b with p_u, q_i in R^M (`MLPTower`).
     - ``neumf``: logit = h . [p_u * q_i; MLP([p'_u; q'_i])] + b, separate embeddings per tower.
-    - ``mf``: logit = p_u . q_i + b_u + b_i + b with p_u, q_i in R^G (no head: the weights of
-      GMF's head fixed to ones; ``biases=False`` drops b_u and b_i).
+
+    The dot product with biases (Rendle et al. 2020) is `recsys.models.MF`.
 
     ``pretrained`` (``neumf`` only, He et al. Section 3.4.1): checkpoints of a ``gmf`` and an
-    ``mlp`` run on the same data, e.g. ``{"gmf": ".../epoch_004.ckpt", "mlp": ...}``.
-    `load_pretrained` copies their towers into this network and sets the head to
+    ``mlp`` run on the same data, e.g. ``{"gmf": ".../epoch_004.ckpt", "mlp": ...}``. When a
+    fit starts from scratch, the LightningModule reads them and hands their weights to
+    `load_pretrained`, which copies their towers into this network and sets the head to
     ``[alpha * h_gmf; (1 - alpha) * h_mlp]`` with bias ``alpha * b_gmf + (1 - alpha) * b_mlp``,
-    so the initial logit is ``alpha * gmf_logit + (1 - alpha) * mlp_logit``. The network does
-    not read the files when it is built (a checkpoint of it rebuilds without them): the
-    LightningModule calls `load_pretrained` when a fit starts from scratch.
+    so the initial logit is ``alpha * gmf_logit + (1 - alpha) * mlp_logit``. A checkpoint of
+    this network rebuilds without those files.
 
     ``sparse_grad``: the tables' gradients are row-sparse (``nn.Embedding(sparse=True)``), one
-    row per distinct user or item of the batch, in order: a step's work then depends on the
-    batch, not on the number of users and items, with an optimizer that takes such gradients
-    for the tables (``model.sparse_optimizer``, e.g. `recsys.lit.optim.RowSparseAdam`).
+    row per distinct user or item of the batch, in order (`ops.rows`): a step's work then
+    depends on the batch, not on the number of users and items, with an optimizer that takes
+    such gradients for the tables (``model.sparse_optimizer``, e.g.
+    `recsys.lit.optim.RowSparseAdam`).
 
     Example::
 
@@ -58,6 +139,9 @@ class NeuMF(nn.Module):
             torch.Size([2])
     """
 
+    # every variant's logit factors into a user part and an item part: `CatalogueScorer`
+    factorised = True
+
     def __init__(
         self,
         spec: FeatureSpec,
@@ -66,13 +150,17 @@ class NeuMF(nn.Module):
         mlp_dim: int = 32,
         mlp_layers: Sequence[int] = (64, 32, 16),
         dropout: float = 0.0,
-        biases: bool = True,
         pretrained: Mapping[str, str] | None = None,
         alpha: float = 0.5,
         sparse_grad: bool = False,
     ):
         super().__init__()
         require_ids(spec, "ncf")
+        if variant == "mf":
+            raise ValueError(
+                "model.variant=mf: matrix factorisation is a model of its own, "
+                "recsys.models.MF: use model=mf (its size is model.embedding_dim)"
+            )
         if variant not in VARIANTS:
             raise ValueError(f"model.variant={variant!r} is not one of {VARIANTS}")
         if variant in ("mlp", "neumf") and not mlp_layers:
@@ -89,175 +177,101 @@ class NeuMF(nn.Module):
         self.pretrained = dict(pretrained) if pretrained is not None else None
         self.alpha = alpha
         self.sparse_grad = sparse_grad
-        head_in = 0
-        if variant in ("gmf", "neumf", "mf"):
-            self.gmf_user = nn.Embedding(spec.num_users, gmf_dim, sparse=sparse_grad)
-            self.gmf_item = nn.Embedding(spec.num_items, gmf_dim, sparse=sparse_grad)
-            head_in += gmf_dim
-        if variant in ("mlp", "neumf"):
-            self.mlp_user = nn.Embedding(spec.num_users, mlp_dim, sparse=sparse_grad)
-            self.mlp_item = nn.Embedding(spec.num_items, mlp_dim, sparse=sparse_grad)
-            self.mlp = mlp(2 * mlp_dim, mlp_layers, dropout)
-            head_in += mlp_layers[-1]
-        if variant == "mf":
-            self.bias = nn.Parameter(torch.zeros(()))
-            if biases:
-                self.user_bias = nn.Embedding(spec.num_users, 1, sparse=sparse_grad)
-                self.item_bias = nn.Embedding(spec.num_items, 1, sparse=sparse_grad)
-        else:
-            self.head = nn.Linear(head_in, 1)
+        users, items = spec.num_users, spec.num_items
+        self.gmf = GMFTower(users, items, gmf_dim, sparse_grad) if variant != "mlp" else None
+        self.mlp = (
+            MLPTower(users, items, mlp_dim, mlp_layers, dropout, sparse_grad)
+            if variant != "gmf"
+            else None
+        )
+        gmf_width = gmf_dim if variant != "mlp" else 0
+        self.head = nn.Linear(gmf_width + (mlp_layers[-1] if variant != "gmf" else 0), 1)
         for m in self.modules():
             if isinstance(m, nn.Embedding):
                 nn.init.normal_(m.weight, std=0.01)
-        for name in ("user_bias", "item_bias"):
-            if hasattr(self, name):
-                nn.init.zeros_(getattr(self, name).weight)
 
-    def _tower_weights(self, state: dict, variant: str) -> dict[str, torch.Tensor]:
-        """The network weights (``net.`` prefix removed) of a RecommenderModule checkpoint of
-        a NeuMF ``variant``."""
-        hparams = state.get("hyper_parameters", {})
-        net, found = hparams.get("net"), hparams.get("variant")
-        if net != "recsys.models.NeuMF" or found != variant:
-            raise ValueError(
-                f"model.pretrained.{variant}: {self.pretrained[variant]} is a checkpoint of "
-                f"{net} variant {found!r}, not of NeuMF variant {variant!r}"
-            )
-        return {k[4:]: v for k, v in state["state_dict"].items() if k.startswith("net.")}
+    @property
+    def towers(self) -> list[GMFTower | MLPTower]:
+        """The variant's towers, in the order of the head's inputs."""
+        return [t for t in (self.gmf, self.mlp) if t is not None]
 
-    def item_embeddings(self) -> torch.Tensor:
-        """Item vectors [num_items, G + M] (the towers' item tables side by side)."""
-        tables = [getattr(self, n).weight for n in ("gmf_item", "mlp_item") if hasattr(self, n)]
-        return torch.cat(tables, dim=1)
-
-    # every variant's logit factors into a user part and an item part: `CatalogueScorer`
-    factorised = True
-
-    def item_part(self) -> dict:
-        """What catalogue scoring needs that no request changes, computed once: the GMF item
-        vectors times the head's GMF weights, transposed [G, I]; the item half of the first
-        MLP layer, bias included [I, H1], its user half's weights, transposed [M, H1], the
-        later layers' weights (`mlp_rest_weights`) and the head's MLP weights [L]; for ``mf``,
-        the item vectors [I, G] and the item biases plus the global bias [I]."""
-        if self.variant == "mf":
-            bias = self.bias.expand(self.gmf_item.num_embeddings)
-            if hasattr(self, "item_bias"):
-                bias = bias + self.item_bias.weight[:, 0]
-            return {"dot": self.gmf_item.weight, "item_bias": bias}
-        out = {}
-        h = self.head.weight[0]
-        if self.variant in ("gmf", "neumf"):
-            g = self.gmf_item.embedding_dim
-            out["gmf"] = (self.gmf_item.weight * h[:g]).T.contiguous()
-        if self.variant in ("mlp", "neumf"):
-            first, m = self.mlp[0], self.mlp_item.embedding_dim
-            out["mlp"] = self.mlp_item.weight @ first.weight[:, m:].T + first.bias
-            out["mlp_user"] = first.weight[:, :m].T.contiguous()
-            out["mlp_rest"] = mlp_rest_weights(self.mlp)
-            out["mlp_head"] = h[self.gmf_item.embedding_dim :] if self.variant == "neumf" else h
-        return out
-
-    def score_catalogue(self, users: torch.Tensor, item_part: dict):
-        """Logits [U, I] of users [U] against every item: the same function as `forward`,
-        with the user halves computed once per user instead of once per pair."""
-        # the tables' rows by indexing: a module call costs more than the lookup (about 10 us
-        # of the 0.5 ms a NeuMF user takes on ml-1m)
-        if "dot" in item_part:  # mf
-            logits = self.gmf_user.weight[users] @ item_part["dot"].T + item_part["item_bias"]
-            if hasattr(self, "user_bias"):
-                logits = logits + self.user_bias.weight[users]
-            return logits
-        logits = self.head.bias
-        if "gmf" in item_part:
-            logits = logits + self.gmf_user.weight[users] @ item_part["gmf"]
-        if "mlp" in item_part:
-            user_half = self.mlp_user.weight[users] @ item_part["mlp_user"]  # [U, H1]
-            hidden = mlp_rest(user_half, item_part["mlp"], item_part["mlp_rest"])  # [U * I, L]
-            logits = logits + (hidden @ item_part["mlp_head"]).view(len(users), -1)
-        return logits
+    def ids(self, batch: Batch) -> tuple[Ids, Ids]:
+        """The batch's users and items, with their distinct ids on the CPU where a tower uses
+        them: for the MLP's first layer, and for row-sparse gradients (`ops.rows`)."""
+        distinct = self.sparse_grad or self.mlp is not None
+        return Ids.of(batch.ids("user_id"), distinct), Ids.of(batch.ids("item_id"), distinct)
 
     def forward(self, batch: Batch) -> torch.Tensor:
         """Returns: logits [B]."""
-        # the distinct ids: for the MLP's first layer, and for row-sparse gradients (see `_rows`)
-        distinct = self.sparse_grad or self.variant in ("mlp", "neumf")
-        users = _Ids.of(batch.ids("user_id"), distinct)
-        items = _Ids.of(batch.ids("item_id"), distinct)
-        if self.variant == "mf":
-            return self._mf(users, items)
-        towers = []
-        if self.variant in ("gmf", "neumf"):
-            towers.append(_rows(self.gmf_user, users) * _rows(self.gmf_item, items))
-        if self.variant in ("mlp", "neumf"):
-            towers.append(self._mlp_tower(users, items))
+        users, items = self.ids(batch)
+        towers = [tower(users, items) for tower in self.towers]
         return self.head(torch.cat(towers, dim=1)).squeeze(1)
 
     def embedding_l2(self, batch: Batch) -> torch.Tensor:
         """The L2 penalty of the rows the batch looks up [scalar]: the mean over its pairs of
-        the squared norms of each pair's user and item vectors in every tower (and, for
-        ``mf``, its user and item biases). `RecommenderModule` adds ``model.l2`` times it to
-        the loss, so a row is pulled towards zero in proportion to how often the batch uses
-        it, as in the per-example update of Rendle et al. 2020 (their ``reg`` is twice
-        ``model.l2``). Computed once per distinct id, weighted by its count."""
-        penalty = []
-        for key, side in (("user_id", "user"), ("item_id", "item")):
-            names = (f"gmf_{side}", f"mlp_{side}", f"{side}_bias")
-            tables = [getattr(self, n) for n in names if hasattr(self, n)]
-            ids = batch.ids(key)
-            if not common.host_reads_are_free(ids):  # the embedding op, as `_rows` takes
-                penalty += [table(ids).square().sum() for table in tables]
-                continue
-            distinct, counts = torch.unique(ids, return_counts=True)
-            rows = _Ids(ids, distinct)
-            for table in tables:
-                norms = _distinct_rows(table, rows).square().sum(1)
-                penalty.append(counts.to(norms.dtype) @ norms)
+        the squared norms of each pair's user and item vectors in every tower.
+        `RecommenderModule` adds ``model.l2`` times it to the loss, so a row is pulled towards
+        zero in proportion to how often the batch uses it, as in the per-example update of
+        Rendle et al. 2020 (their ``reg`` is twice ``model.l2``)."""
+        towers = self.towers
+        penalty = ops.squared_norms([t.user for t in towers], batch.ids("user_id"))
+        penalty += ops.squared_norms([t.item for t in towers], batch.ids("item_id"))
         return torch.stack(penalty).sum() / len(batch)
 
-    def _mlp_tower(self, users: _Ids, items: _Ids) -> torch.Tensor:
-        """MLP([p'_u; q'_i]) [B, L], its first layer W [p'_u; q'_i] + b split into the user half
-        W_u p'_u and the item half W_i q'_i + b, each computed once per distinct user and item
-        of the batch and gathered per pair. The same function as the MLP on the concatenation,
-        with fewer FLOPs: negative sampling repeats each user 1 + n times in a batch, and the
-        first layer is the MLP's widest. On a GPU, where FLOPs are cheap and `torch.unique`
-        waits for the device, the plain MLP on the concatenation."""
-        if users.distinct is None:
-            pairs = [_rows(self.mlp_user, users), _rows(self.mlp_item, items)]
-            return self.mlp(torch.cat(pairs, dim=1))
-        first, m = self.mlp[0], self.mlp_user.embedding_dim
-        user_half = F.linear(_distinct_rows(self.mlp_user, users), first.weight[:, :m])
-        item_half = F.linear(_distinct_rows(self.mlp_item, items), first.weight[:, m:], first.bias)
-        # gathers by index_select: their backward is an index_add (see `_rows`)
-        hidden = user_half.index_select(0, users.inverse) + item_half.index_select(0, items.inverse)
-        return self.mlp[1:](hidden)
+    def item_embeddings(self) -> torch.Tensor:
+        """Item vectors [num_items, G + M] (the towers' item tables side by side)."""
+        return torch.cat([t.item.weight for t in self.towers], dim=1)
 
-    def _mf(self, users: _Ids, items: _Ids) -> torch.Tensor:
-        logits = (_rows(self.gmf_user, users) * _rows(self.gmf_item, items)).sum(1) + self.bias
-        if hasattr(self, "user_bias"):
-            logits = (
-                logits + _rows(self.user_bias, users)[:, 0] + _rows(self.item_bias, items)[:, 0]
-            )
+    def item_part(self) -> dict:
+        """What catalogue scoring needs that no request changes, computed once: the GMF
+        tower's (`GMFTower.item_part`) under ``gmf``, the MLP tower's (`MLPTower.item_part`)
+        and the head's MLP weights [L] under ``mlp_head``."""
+        out = {}
+        h = self.head.weight[0]
+        g = self.gmf.item.embedding_dim if self.gmf is not None else 0
+        if self.gmf is not None:
+            out["gmf"] = self.gmf.item_part(h[:g])
+        if self.mlp is not None:
+            out.update(self.mlp.item_part())
+            out["mlp_head"] = h[g:]
+        return out
+
+    def score_catalogue(self, users: torch.Tensor, item_part: dict) -> torch.Tensor:
+        """Logits [U, I] of users [U] against every item: the same function as `forward`,
+        with the user halves computed once per user instead of once per pair."""
+        logits = self.head.bias
+        if self.gmf is not None:
+            logits = logits + self.gmf.score_catalogue(users, item_part["gmf"])
+        if self.mlp is not None:
+            hidden = self.mlp.score_catalogue(users, item_part)  # [U * I, L]
+            logits = logits + (hidden @ item_part["mlp_head"]).view(len(users), -1)
         return logits
 
+    def source_hparams(self, source: str) -> dict[str, Any]:
+        """A ``pretrained`` source (``gmf``, ``mlp``) is a checkpoint of NeuMF of that
+        variant."""
+        return {"net": NET, "variant": source}
+
     @torch.no_grad()
-    def load_pretrained(self, checkpoints: Mapping[str, dict]) -> None:
-        """Initialise from the ``pretrained`` GMF and MLP checkpoints (see the class notes),
-        read by the LightningModule: ``{"gmf": checkpoint, "mlp": checkpoint}`` as
-        ``torch.load`` gives them.
+    def load_pretrained(self, weights: Mapping[str, Mapping[str, torch.Tensor]]) -> None:
+        """Initialise from the network weights of the ``pretrained`` GMF and MLP runs (see the
+        class notes): ``{"gmf": state_dict, "mlp": state_dict}``, as the LightningModule
+        hands them (names of any earlier layout are renamed).
 
         Raises:
-            ValueError: a file is not a checkpoint of that variant, or one of its tensors
-                differs in shape from this network's (other data, other dims or layers).
+            ValueError: one of their tensors differs in shape from this network's (other
+                data, other dims or layers).
         """
-        gmf = self._tower_weights(checkpoints["gmf"], "gmf")
-        mlp_ = self._tower_weights(checkpoints["mlp"], "mlp")
+        gmf = rename_keys(dict(weights["gmf"]), LEGACY_NAMES)
+        mlp_ = rename_keys(dict(weights["mlp"]), LEGACY_NAMES)
         a = self.alpha
         head = {
             "head.weight": torch.cat([a * gmf["head.weight"], (1 - a) * mlp_["head.weight"]], 1),
             "head.bias": a * gmf["head.bias"] + (1 - a) * mlp_["head.bias"],
         }
         sources = [  # (file, name, tensor): the towers as they are, then the head
-            *((self.pretrained["gmf"], n, v) for n, v in gmf.items() if n.startswith("gmf_")),
-            *((self.pretrained["mlp"], n, v) for n, v in mlp_.items() if n.startswith("mlp")),
+            *((self.pretrained["gmf"], n, v) for n, v in gmf.items() if n.startswith("gmf.")),
+            *((self.pretrained["mlp"], n, v) for n, v in mlp_.items() if n.startswith("mlp.")),
             *((" and ".join(self.pretrained.values()), n, v) for n, v in head.items()),
         ]
         own = self.state_dict()
@@ -272,64 +286,27 @@ class NeuMF(nn.Module):
         for _, name, value in sources:
             own[name].copy_(value)
 
-
-class _Ids(NamedTuple):
-    """A batch's ids of one kind: per pair [B] and, on the CPU where asked, the distinct ids
-    (sorted) [D] and each pair's index among them [B]."""
-
-    pairs: torch.Tensor
-    distinct: torch.Tensor | None = None
-    inverse: torch.Tensor | None = None
-
-    @classmethod
-    def of(cls, ids: torch.Tensor, distinct: bool) -> _Ids:
-        if not distinct or not common.host_reads_are_free(ids):  # unique waits for a GPU
-            return cls(ids)
-        return cls(ids, *torch.unique(ids, return_inverse=True))
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args, **kwargs) -> None:
+        rename_keys(state_dict, LEGACY_NAMES, prefix)  # checkpoints of earlier versions
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
-def _rows(table: nn.Embedding, ids: _Ids) -> torch.Tensor:
-    """The pairs' rows of a table [B, D].
-
-    - row-sparse gradients (``sparse_grad``) on the CPU: the distinct rows (`_distinct_rows`:
-      a gradient with each row once, in order), gathered per pair;
-    - dense gradients on the CPU: ``index_select``, whose backward (an index_add) is 1.3-2x as
-      fast there as the embedding's (a sort and a segment sum) at training batch sizes;
-    - on a GPU the embedding op: an index_add's atomics would make the gradients
-      order-dependent.
-    """
-    if not common.host_reads_are_free(ids.pairs):
-        return table(ids.pairs)
-    if table.sparse:
-        return _distinct_rows(table, ids).index_select(0, ids.inverse)
-    return table.weight.index_select(0, ids.pairs)
-
-
-def _distinct_rows(table: nn.Embedding, ids: _Ids) -> torch.Tensor:
-    """The rows of the distinct ids [D, dim]; with ``sparse_grad`` their gradient is row-sparse
-    with distinct rows in order (`_CoalescedRows`)."""
-    if table.sparse:
-        return _CoalescedRows.apply(table.weight, ids.distinct)
-    return table.weight.index_select(0, ids.distinct)
-
-
-class _CoalescedRows(torch.autograd.Function):
-    """``weight[rows]`` for sorted distinct ``rows``, with a row-sparse gradient over those rows:
-    coalesced in content, so `recsys.lit.optim.RowSparseAdam` skips its ``coalesce`` (a sort
-    and a segment sum of every gradient row: about 5 ms per table for 20K rows of 64 floats on
-    this project's CPU, as the embedding op's gradient, a row per pair, needs). The gradient
-    is marked coalesced, but autograd's accumulation into ``.grad`` drops the mark, so the
-    optimizer checks the order of the rows instead."""
-
-    @staticmethod
-    def forward(ctx, weight: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(rows)
-        ctx.size = weight.shape
-        return weight.index_select(0, rows)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        (rows,) = ctx.saved_tensors
-        return torch.sparse_coo_tensor(
-            rows[None], grad, ctx.size, is_coalesced=True, check_invariants=False
-        ), None
+def upgrade_hparams(net: str, kwargs: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """The network and keyword arguments of earlier NeuMF checkpoints and configs as this
+    version takes them: ``variant=mf`` is `recsys.models.MF` (``gmf_dim`` its
+    ``embedding_dim``), and the other variants drop ``biases`` (it applied to ``mf`` alone).
+    Anything else is returned as it is."""
+    if net not in (NET, "recsys.models.ncf.NeuMF"):
+        return net, kwargs
+    if kwargs.get("variant") != "mf":
+        return net, {k: v for k, v in kwargs.items() if k != "biases"}
+    if kwargs.get("pretrained") is not None:
+        raise ValueError(
+            f"model.pretrained={kwargs['pretrained']!r} with model.variant=mf: pretraining "
+            "takes model=ncf model.variant=neumf"
+        )
+    neumf_only = {"variant", "mlp_dim", "mlp_layers", "dropout", "pretrained", "alpha"}
+    out = {k: v for k, v in kwargs.items() if k not in neumf_only}
+    if "gmf_dim" in out:
+        out["embedding_dim"] = out.pop("gmf_dim")
+    return "recsys.models.MF", out
