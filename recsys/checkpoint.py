@@ -193,9 +193,10 @@ def check_classes(checkpoint: dict, where: str | Path, trusted: Collection[str] 
     ``_target_``s and its dataset's module (``data_class``), and loading it imports and builds
     them. Each must be a class (or a schedule function) of `PLATFORM`'s packages, checked by
     name before any import and then by the object found: its own module lies there too (no
-    attribute chains out of them). Names of earlier versions (`RENAMED`) are rewritten to the
-    current ones in ``checkpoint``. ``trusted``: names accepted wherever they live (a user's
-    own network, optimizer or data module).
+    attribute chains out of them). A ``data_class`` is checked by name only: it is imported
+    only to rebuild a missing processed folder. Names of earlier versions (`RENAMED`) are
+    rewritten to the current ones in ``checkpoint``. ``trusted``: names accepted wherever they
+    live (a user's own network, optimizer or data module).
 
     Raises:
         RefusedCheckpoint: a name outside `PLATFORM` and ``trusted``.
@@ -230,11 +231,17 @@ def _targets(value: Any) -> list[dict]:
 
 
 def _check_platform_name(name: Any, packages: tuple[str, ...], kind: str, where) -> None:
+    """Refuse ``name`` unless it is a callable of ``packages``. A ``data_class`` is checked by
+    name alone: its module is imported only where the processed folder is missing, by
+    `recsys.runs.data_from_checkpoint`, which takes nothing but a `RecDataModule` from it."""
+
     def within(module: str) -> bool:
         return any(module == p or module.startswith(p + ".") for p in packages)
 
     module, _, attr = name.rpartition(".") if isinstance(name, str) else ("", "", "")
     found = None
+    if kind == "data_class" and within(module):
+        return
     if within(module):
         try:
             found = getattr(importlib.import_module(module), attr, None)

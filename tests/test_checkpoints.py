@@ -90,7 +90,7 @@ def test_evaluate_reads_the_processed_folder_not_the_datasets_module(run_without
     saved in it, and the dataset's module (``data_class``) is never imported or built."""
     ckpt = torch.load(run_without_raw["metrics"]["best_model_path"], weights_only=True)
     state = ckpt["MovieLensDataModule"]
-    state["data_class"] = "nowhere.GoneDataModule"  # an import of it would fail
+    state["data_class"] = "recsys.data.gone.GoneDataModule"  # an import of it would fail
     path = tmp_path / "moved.ckpt"
     torch.save(ckpt, path)
     dm = data_from_checkpoint(ckpt, {"cache_dir": str(run_without_raw["cache"])})

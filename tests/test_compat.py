@@ -174,8 +174,11 @@ def _dense(grad: torch.Tensor) -> torch.Tensor:
     return grad.coalesce().to_dense() if grad.is_sparse else grad
 
 
-def _grads(net: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {n: _dense(p.grad) for n, p in net.named_parameters() if p.grad is not None}
+def _assert_grads(net: torch.nn.Module, expected: dict[str, torch.Tensor]) -> None:
+    grads = {n: _dense(p.grad) for n, p in net.named_parameters() if p.grad is not None}
+    assert set(grads) == set(expected)
+    for name, grad in expected.items():
+        torch.testing.assert_close(grads[name], grad, rtol=0, atol=1e-6, msg=name)
 
 
 @pytest.mark.parametrize("path", ["cpu", "device"])
@@ -207,21 +210,13 @@ def test_the_networks_compute_what_neumf_of_main_4528d44_did(case, sparse, path,
     logits = net(batch)
     (logits * ref["weights"]).sum().backward()
     torch.testing.assert_close(logits.detach(), ref[f"{key}/logits"], rtol=0, atol=1e-6)
-    expected = common.rename_keys(dict(ref[f"{key}/grads"]), legacy)
-    grads = _grads(net)
-    assert set(grads) == set(expected)
-    for name, grad in expected.items():
-        torch.testing.assert_close(grads[name], grad, rtol=0, atol=1e-6, msg=name)
+    _assert_grads(net, common.rename_keys(dict(ref[f"{key}/grads"]), legacy))
 
     net.zero_grad()
     penalty = net.embedding_l2(batch)
     penalty.backward()
     torch.testing.assert_close(penalty.detach(), ref[f"{key}/l2"], rtol=0, atol=1e-6)
-    expected = common.rename_keys(dict(ref[f"{key}/l2_grads"]), legacy)
-    grads = _grads(net)
-    assert set(grads) == set(expected)
-    for name, grad in expected.items():
-        torch.testing.assert_close(grads[name], grad, rtol=0, atol=1e-6, msg=name)
+    _assert_grads(net, common.rename_keys(dict(ref[f"{key}/l2_grads"]), legacy))
 
     if path == "cpu" and not sparse:
         scorer = CatalogueScorer(net, FeatureStore(SPEC, None, None), SPEC.num_items)
