@@ -1,0 +1,426 @@
+"""Top-k without scoring every item: an approximate nearest-neighbour index (FAISS) over a
+factorised model's item vectors, and two-stage ranking (a candidate model retrieves N items
+per user, the ranker scores only those).
+
+Every retriever answers ``top_k(users, k, exclude)`` as `recsys.scoring.CatalogueScorer` does
+(the exhaustive one), and the scores it returns are the model's own logits (its forward over
+the (user, candidate) pairs), so only *which* items come back may differ from exhaustive
+scoring: `recall_at_k` measures how often.
+
+Which models an index serves (`inner_product_part`): the logit, or one tower of it, must be
+an inner product <user vector, item vector> plus terms that do not depend on the item.
+
+- NeuMF ``gmf`` (h . (p_u * q_i) + b = <p_u, h * q_i> + b) and ``mf`` (p_u . q_i + b_i + b_u + b
+  = <[p_u; 1], [q_i; b_i + b]> + b_u): the index ranks by the logit itself.
+- NeuMF ``neumf`` and Hybrid without side features: the index ranks by the GMF tower
+  (neumf) or the dot product (Hybrid) and retrieves ``num_candidates`` items, which the full
+  model scores: a two-stage ranker inside one model.
+- NeuMF ``mlp``, EASE and ItemKNN (a user's history row times an [I, I] matrix), DLRM and
+  Hybrid with side features: no inner product; refused (`AnnUnsupported`). A ranker that does
+  not factorise takes its candidates from another checkpoint (`TwoStageRetriever`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+from torch import nn
+
+from recsys.data.negatives import PositiveSet
+from recsys.data.store import FeatureStore
+from recsys.errors import InputError, require_extra
+from recsys.scoring import CatalogueScorer
+
+log = logging.getLogger(__name__)
+
+INDEXES = ("hnsw", "ivf_flat", "flat")
+MODES = ("exact", "ann")
+
+
+class AnnUnsupported(InputError):
+    """A model whose logit has no inner-product part for an index to search."""
+
+
+@dataclass(frozen=True)
+class AnnSettings:
+    """The index over the item vectors (FAISS, inner-product metric).
+
+    ``index``: ``hnsw`` (a graph: ``hnsw_m`` links per node, ``ef_construction`` and
+    ``ef_search`` the candidate lists of building and searching, more is better recall and
+    slower), ``ivf_flat`` (``nlist`` k-means cells, null: 4 sqrt(items); ``nprobe`` of them
+    searched) or ``flat`` (exhaustive, for checks)."""
+
+    index: str = "hnsw"
+    hnsw_m: int = 32
+    ef_construction: int = 200
+    ef_search: int = 128
+    nlist: int | None = None
+    nprobe: int = 16
+
+    def __post_init__(self):
+        if self.index not in INDEXES:
+            raise InputError(f"ann.index={self.index!r} is not one of {INDEXES}")
+        for name in ("hnsw_m", "ef_construction", "ef_search", "nprobe"):
+            if getattr(self, name) < 1:
+                raise InputError(f"ann.{name}={getattr(self, name)} must be at least 1")
+        if self.nlist is not None and self.nlist < 1:
+            raise InputError(f"ann.nlist={self.nlist} must be at least 1, or null")
+
+
+@dataclass(frozen=True)
+class RetrievalSettings:
+    """How `recsys.recommender.Recommender` finds a user's top k.
+
+    ``retrieval``: ``exact`` (every item scored) or ``ann`` (the index of ``ann``).
+    ``candidates``: a checkpoint or training run folder of a factorised model of the same
+    data, whose top ``num_candidates`` items per user the model then scores (two-stage).
+    ``num_candidates``: the items per user that the index or the candidate model hands to
+    the model's exact scoring (at least k: a request for more takes k)."""
+
+    retrieval: str = "exact"
+    ann: AnnSettings = field(default_factory=AnnSettings)
+    candidates: str | None = None
+    num_candidates: int = 100
+
+    def __post_init__(self):
+        if self.retrieval not in MODES:
+            raise InputError(f"retrieval={self.retrieval!r} is not one of {MODES}")
+        if self.num_candidates < 1:
+            raise InputError(f"num_candidates={self.num_candidates} must be at least 1")
+
+    @classmethod
+    def from_config(cls, node: Mapping) -> RetrievalSettings:
+        """From the ``retrieval``, ``ann``, ``candidates`` and ``num_candidates`` keys of a
+        config node (``cfg.serve``, or ``cfg`` for predict.py); missing keys: the defaults."""
+        ann = node.get("ann") or {}
+        return cls(
+            retrieval=node.get("retrieval") or "exact",
+            ann=AnnSettings(**{k: v for k, v in dict(ann).items()}),
+            candidates=node.get("candidates"),
+            num_candidates=node.get("num_candidates") or 100,
+        )
+
+    def describe(self) -> dict:
+        out = {"retrieval": self.retrieval, "candidates": self.candidates}
+        if self.retrieval == "ann":
+            out["ann"] = asdict(self.ann)
+        if self.retrieval == "ann" or self.candidates:
+            out["num_candidates"] = self.num_candidates
+        return out
+
+
+class Retriever(Protocol):
+    """Anything with `CatalogueScorer.top_k`'s signature."""
+
+    def top_k(
+        self, users: torch.Tensor, k: int, exclude: PositiveSet | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+@dataclass(frozen=True)
+class InnerProductPart:
+    """A factorised model's logit (or one tower of it) as <user_vectors[u], item_vectors[i]>
+    plus terms without the item. ``whole``: whether that is the whole logit (the index ranks
+    by the logit itself) or one tower (the index proposes candidates)."""
+
+    user_vectors: torch.Tensor  # [num_users, D]
+    item_vectors: torch.Tensor  # [num_items, D]
+    whole: bool
+    name: str
+
+
+@torch.inference_mode()
+def inner_product_part(net: nn.Module, num_users: int) -> InnerProductPart:
+    """The inner-product part of a factorised net's logit, read through its own catalogue
+    scoring (``item_part`` and ``score_catalogue``): the logit is affine in the item vector
+    of that part, so scoring each user against the unit vectors, minus against the zero
+    vector, gives the user's vector.
+
+    Raises:
+        AnnUnsupported: the net has no such part (see the module notes).
+    """
+    name = type(net).__name__
+    variant = getattr(net, "variant", None)
+    about = f"{name}" + (f" (variant {variant})" if variant else "")
+    if not getattr(net, "factorised", False):
+        raise AnnUnsupported(
+            f"{about} does not factor into user and item vectors (it reads side or dense "
+            "features per pair), so there is no index to search: serve it with "
+            "retrieval=exact, or two-stage with candidates=<checkpoint or run folder of a "
+            "factorised model of the same data> (e.g. model=ncf model.variant=gmf)"
+        )
+    part = net.item_part()
+    if "gmf" in part:  # NeuMF gmf / neumf: <p_u, h_gmf * q_i> [G, I]
+        items = part["gmf"].T
+        whole = set(part) == {"gmf"}
+
+        def probe(v: torch.Tensor) -> dict:
+            return {"gmf": v.T}
+
+    elif "item_bias" in part:  # MF: <[p_u; 1], [q_i; b_i + b]> (the probe gives the 1)
+        items = torch.cat([part["dot"], part["item_bias"][:, None]], dim=1)
+        whole = True
+
+        def probe(v: torch.Tensor) -> dict:
+            return {"dot": v[:, :-1], "item_bias": v[:, -1]}
+
+    elif "dot" in part and "mlp" in part:  # Hybrid: <u, i> + MLP([u; i])
+        items, whole = part["dot"], False
+        width = part["mlp"].shape[1]
+
+        def probe(v: torch.Tensor) -> dict:
+            return {"dot": v, "mlp": v.new_zeros(len(v), width), "mlp_rest": part["mlp_rest"]}
+
+    else:
+        raise AnnUnsupported(
+            f"{about} has no inner-product part for an index to search (its catalogue "
+            f"scoring takes {sorted(part)}): serve it with retrieval=exact; retrieval=ann "
+            "serves NeuMF gmf, mf and neumf, and Hybrid without side features"
+        )
+    dim = items.shape[1]
+    users = torch.arange(num_users)
+    basis, zero = torch.eye(dim, dtype=items.dtype), items.new_zeros(1, dim)
+    user_vectors = net.score_catalogue(users, probe(basis)) - net.score_catalogue(
+        users, probe(zero)
+    )
+    label = "logit" if whole else ("GMF tower" if "gmf" in part else "dot product")
+    return InnerProductPart(user_vectors.float(), items.float().contiguous(), whole, label)
+
+
+def _faiss():
+    require_extra("serve", "faiss")
+    import faiss
+
+    return faiss
+
+
+def index_key(item_vectors: torch.Tensor, settings: AnnSettings) -> str:
+    """What an index is built from: the item vectors' bytes, the index settings and the FAISS
+    version (a saved index is reused only when all three are the same)."""
+    faiss = _faiss()
+    digest = hashlib.sha256(item_vectors.numpy().tobytes())
+    build = {k: v for k, v in asdict(settings).items() if k not in ("ef_search", "nprobe")}
+    digest.update(json.dumps([build, list(item_vectors.shape), faiss.__version__]).encode())
+    return digest.hexdigest()[:16]
+
+
+class InnerProductIndex:
+    """A FAISS index (inner product) over item vectors [I, D]; `search` gives item codes.
+
+    With ``cache_dir`` set, the index is read from ``<cache_dir>/<stem>.<key>.faiss`` when
+    that file exists (``key``: `index_key`, so an index of other vectors or settings is never
+    reused) and written there otherwise."""
+
+    def __init__(
+        self,
+        item_vectors: torch.Tensor,
+        settings: AnnSettings,
+        cache: Path | None = None,
+    ):
+        faiss = _faiss()
+        self.settings = settings
+        self.num_items, self.dim = item_vectors.shape
+        self.key = index_key(item_vectors, settings)
+        self.path = cache.with_name(f"{cache.name}.{self.key}.faiss") if cache else None
+        self.loaded = self.path is not None and self.path.is_file()
+        if self.loaded:
+            self.index = faiss.read_index(str(self.path))
+        else:
+            self.index = self._build(item_vectors.numpy())
+            if self.path is not None:
+                self._save()
+        if settings.index == "hnsw":
+            self.index.hnsw.efSearch = settings.ef_search
+        elif settings.index == "ivf_flat":
+            self.index.nprobe = min(settings.nprobe, self.index.nlist)
+
+    def _build(self, x: np.ndarray):
+        faiss, s, d = _faiss(), self.settings, self.dim
+        if s.index == "flat":
+            index = faiss.IndexFlatIP(d)
+        elif s.index == "hnsw":
+            index = faiss.IndexHNSWFlat(d, s.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+            index.hnsw.efConstruction = s.ef_construction
+        else:
+            nlist = s.nlist or max(1, int(4 * math.sqrt(len(x))))
+            nlist = min(nlist, len(x))
+            index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
+            index.train(x)
+        index.add(x)
+        return index
+
+    def _save(self) -> None:
+        tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
+        try:
+            _faiss().write_index(self.index, str(tmp))
+            tmp.replace(self.path)  # atomic: workers starting together never read half a file
+        except OSError as e:
+            log.warning("the ANN index is not saved (%s): it is built again at each start", e)
+            tmp.unlink(missing_ok=True)
+
+    def search(self, user_vectors: torch.Tensor, n: int) -> torch.Tensor:
+        """The n items [U, n] of largest inner product per user vector, best first; -1 where
+        the index found fewer."""
+        n = min(n, self.num_items)
+        if self.settings.index == "hnsw":  # the list searched must hold the n asked for
+            self.index.hnsw.efSearch = max(self.settings.ef_search, n)
+        _, ids = self.index.search(np.ascontiguousarray(user_vectors.numpy()), n)
+        return torch.from_numpy(ids)
+
+
+@torch.inference_mode()
+def pair_scores(
+    net: nn.Module, features: FeatureStore, users: torch.Tensor, items: torch.Tensor
+) -> torch.Tensor:
+    """Logits [U, N] of each user [U] with each of its items [U, N] (codes; -1: none, scored
+    -inf), through the net's forward on the pairs."""
+    valid = items >= 0
+    flat_users = users.repeat_interleave(items.shape[1])
+    flat_items = items.clamp_min(0).reshape(-1)
+    chunk = 1 << 18
+    logits = (
+        torch.cat(
+            [
+                net(features.make_batch(u, i))
+                for u, i in zip(flat_users.split(chunk), flat_items.split(chunk), strict=True)
+            ]
+        )
+        if len(flat_users)
+        else torch.empty(0)
+    )
+    return logits.view(items.shape).masked_fill(~valid, float("-inf"))
+
+
+def unseen(
+    users: torch.Tensor, items: torch.Tensor, n: int, exclude: PositiveSet | None
+) -> torch.Tensor:
+    """The first n items [U, n] of each row of ``items`` [U, M] that are not in ``exclude``
+    (nor -1), order kept; -1 where a row has fewer."""
+    keep = items >= 0
+    if exclude is not None:
+        flat_users = users.repeat_interleave(items.shape[1])
+        seen = exclude.contains(flat_users, items.clamp_min(0).reshape(-1)).view(items.shape)
+        keep &= ~seen
+    # stable: kept items first, in their order
+    order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, :n]
+    out = items.gather(1, order)
+    return out.masked_fill(~keep.gather(1, order), -1)
+
+
+def rerank(
+    net: nn.Module, features: FeatureStore, users: torch.Tensor, candidates: torch.Tensor, k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k best [U, k] of each user's candidates [U, N] by the net's logits, and those."""
+    scores = pair_scores(net, features, users, candidates)
+    best, pos = scores.topk(min(k, scores.shape[1]), dim=1)
+    return candidates.gather(1, pos), best
+
+
+class AnnRetriever:
+    """Top-k of a factorised model from an index over its item vectors: the index retrieves
+    ``num_candidates`` unseen items per user (more when it returns seen ones), the model's
+    forward scores them, the best k are returned. A user for whom the index finds fewer than
+    k unseen items is scored exhaustively (``exact``)."""
+
+    def __init__(
+        self,
+        exact: CatalogueScorer,
+        features: FeatureStore,
+        settings: RetrievalSettings,
+        cache: Path | None = None,
+    ):
+        self.exact, self.features, self.settings = exact, features, settings
+        self.net, self.num_items = exact.net, exact.num_items
+        part = inner_product_part(exact.net, features.spec.num_users)
+        self.part = part
+        self.index = InnerProductIndex(part.item_vectors, settings.ann, cache)
+
+    def candidates(
+        self, users: torch.Tensor, n: int, exclude: PositiveSet | None = None
+    ) -> torch.Tensor:
+        """n item codes [U, n] per user from the index, none in ``exclude``; -1 where it found
+        fewer."""
+        extra = int(exclude.positives_of(users).max()) if exclude is not None and len(users) else 0
+        found = self.index.search(self.part.user_vectors[users], n + extra)
+        return unseen(users, found, n, exclude)
+
+    @torch.inference_mode()
+    def top_k(
+        self, users: torch.Tensor, k: int, exclude: PositiveSet | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """As `CatalogueScorer.top_k`, from the index's candidates."""
+        if not 1 <= k <= self.num_items:
+            raise ValueError(f"k={k} must be between 1 and the {self.num_items} items")
+        cands = self.candidates(users, max(k, self.settings.num_candidates), exclude)
+        top, best = rerank(self.net, self.features, users, cands, k)
+        short = torch.isinf(best).any(dim=1) if len(users) else torch.zeros(0, dtype=torch.bool)
+        if short.any():  # too few unseen items among the candidates: score every item
+            top[short], best[short] = self.exact.top_k(users[short], k, exclude)
+        return top, best
+
+
+class TwoStageRetriever:
+    """Top-k of a ranker over the candidates of another model of the same data: the
+    ``candidates`` retriever's top ``num_candidates`` unseen items per user, scored by the
+    ranker's forward (``net``, ``features``)."""
+
+    def __init__(
+        self, candidates: Retriever, net: nn.Module, features: FeatureStore, num_candidates: int
+    ):
+        self.candidates, self.net, self.features = candidates, net.eval(), features
+        self.num_candidates = num_candidates
+        self.num_items = features.spec.num_items
+
+    @torch.inference_mode()
+    def top_k(
+        self, users: torch.Tensor, k: int, exclude: PositiveSet | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """As `CatalogueScorer.top_k`, over the candidate model's items.
+
+        Raises:
+            ValueError: k is not in 1..num_items, or a user has fewer than k items left.
+        """
+        if not 1 <= k <= self.num_items:
+            raise ValueError(f"k={k} must be between 1 and the {self.num_items} items")
+        n = min(max(k, self.num_candidates), self.num_items)
+        if exclude is not None:  # the candidate model raises for users with fewer than n left
+            left = self.num_items - exclude.positives_of(users)
+            n = int(min(n, left.min())) if len(users) else n
+            if n < k:
+                raise ValueError(f"a user has fewer than k={k} items left to recommend")
+        cands, _ = self.candidates.top_k(users, n, exclude)
+        return rerank(self.net, self.features, users, cands, k)
+
+
+def recall_at_k(found: torch.Tensor, exhaustive: torch.Tensor) -> float:
+    """Mean over users of the share of the exhaustive top-k [U, k] that ``found`` [U, k]
+    returns too (recall@k of a retriever against scoring every item)."""
+    if found.shape != exhaustive.shape:
+        raise ValueError(f"top-k shapes differ: {tuple(found.shape)} and {tuple(exhaustive.shape)}")
+    if not len(found):
+        return float("nan")
+    hits = (found[:, :, None] == exhaustive[:, None, :]).any(dim=2).sum(dim=1)
+    return float((hits.double() / exhaustive.shape[1]).mean())
+
+
+def retrieval_recall(
+    retriever: Retriever,
+    exhaustive: Retriever,
+    users: torch.Tensor,
+    k: int,
+    exclude: PositiveSet | None = None,
+) -> float:
+    """`recall_at_k` of ``retriever``'s top-k against ``exhaustive``'s for ``users``."""
+    found, _ = retriever.top_k(users, k, exclude)
+    truth, _ = exhaustive.top_k(users, k, exclude)
+    return recall_at_k(found, truth)
