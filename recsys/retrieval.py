@@ -53,7 +53,7 @@ class AnnUnsupported(InputError):
 
 @dataclass(frozen=True)
 class AnnSettings:
-    """The index over the item vectors (FAISS, inner-product metric).
+    """The index over the item vectors (FAISS; `InnerProductIndex`).
 
     ``index``: ``hnsw`` (a graph: ``hnsw_m`` links per node, ``ef_construction`` and
     ``ef_search`` the candidate lists of building and searching, more is better recall and
@@ -210,12 +210,21 @@ def index_key(item_vectors: torch.Tensor, settings: AnnSettings) -> str:
     faiss = _faiss()
     digest = hashlib.sha256(item_vectors.numpy().tobytes())
     build = {k: v for k, v in asdict(settings).items() if k not in ("ef_search", "nprobe")}
-    digest.update(json.dumps([build, list(item_vectors.shape), faiss.__version__]).encode())
+    layout = [build, list(item_vectors.shape), "l2-augmented", faiss.__version__]
+    digest.update(json.dumps(layout).encode())
     return digest.hexdigest()[:16]
 
 
 class InnerProductIndex:
-    """A FAISS index (inner product) over item vectors [I, D]; `search` gives item codes.
+    """A FAISS index over item vectors [I, D] whose `search` gives the items of largest inner
+    product with a user vector.
+
+    Maximum inner product is turned into nearest neighbour (Bachrach et al., RecSys 2014):
+    each item vector gets one more coordinate, sqrt(M^2 - |x|^2) with M the largest norm, so
+    all have norm M, and a user vector gets a 0 there; then |q - x|^2 = |q|^2 + M^2 - 2 q.x
+    orders items as -q.x does. k-means cells and graph links built on L2 distances find the
+    largest inner products far more often than on the inner product itself, whose
+    neighbourhoods are dominated by the longest vectors.
 
     With ``cache_dir`` set, the index is read from ``<cache_dir>/<stem>.<key>.faiss`` when
     that file exists (``key``: `index_key`, so an index of other vectors or settings is never
@@ -236,7 +245,7 @@ class InnerProductIndex:
         if self.loaded:
             self.index = faiss.read_index(str(self.path))
         else:
-            self.index = self._build(item_vectors.numpy())
+            self.index = self._build(_to_euclidean(item_vectors).numpy())
             if self.path is not None:
                 self._save()
         if settings.index == "hnsw":
@@ -245,16 +254,16 @@ class InnerProductIndex:
             self.index.nprobe = min(settings.nprobe, self.index.nlist)
 
     def _build(self, x: np.ndarray):
-        faiss, s, d = _faiss(), self.settings, self.dim
+        faiss, s, d = _faiss(), self.settings, x.shape[1]
         if s.index == "flat":
-            index = faiss.IndexFlatIP(d)
+            index = faiss.IndexFlatL2(d)
         elif s.index == "hnsw":
-            index = faiss.IndexHNSWFlat(d, s.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+            index = faiss.IndexHNSWFlat(d, s.hnsw_m)
             index.hnsw.efConstruction = s.ef_construction
         else:
             nlist = s.nlist or max(1, int(4 * math.sqrt(len(x))))
             nlist = min(nlist, len(x))
-            index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
+            index = faiss.IndexIVFFlat(faiss.IndexFlatL2(d), d, nlist)
             index.train(x)
         index.add(x)
         return index
@@ -274,8 +283,18 @@ class InnerProductIndex:
         n = min(n, self.num_items)
         if self.settings.index == "hnsw":  # the list searched must hold the n asked for
             self.index.hnsw.efSearch = max(self.settings.ef_search, n)
-        _, ids = self.index.search(np.ascontiguousarray(user_vectors.numpy()), n)
+        queries = torch.cat([user_vectors, user_vectors.new_zeros(len(user_vectors), 1)], 1)
+        _, ids = self.index.search(np.ascontiguousarray(queries.numpy()), n)
         return torch.from_numpy(ids)
+
+
+def _to_euclidean(item_vectors: torch.Tensor) -> torch.Tensor:
+    """Item vectors [I, D + 1] of one norm, whose L2 neighbours are the inner product's
+    largest (`InnerProductIndex`)."""
+    x = item_vectors.double()
+    norms = x.square().sum(1)
+    extra = (norms.max() - norms).clamp_min(0).sqrt()
+    return torch.cat([x, extra[:, None]], 1).float().contiguous()
 
 
 @torch.inference_mode()
@@ -393,13 +412,29 @@ class TwoStageRetriever:
         if not 1 <= k <= self.num_items:
             raise ValueError(f"k={k} must be between 1 and the {self.num_items} items")
         n = min(max(k, self.num_candidates), self.num_items)
-        if exclude is not None:  # the candidate model raises for users with fewer than n left
-            left = self.num_items - exclude.positives_of(users)
-            n = int(min(n, left.min())) if len(users) else n
-            if n < k:
-                raise ValueError(f"a user has fewer than k={k} items left to recommend")
-        cands, _ = self.candidates.top_k(users, n, exclude)
-        return rerank(self.net, self.features, users, cands, k)
+        cands = candidates_of(self.candidates, users, n, exclude, self.num_items)
+        top, best = rerank(self.net, self.features, users, cands, k)
+        if len(users) and torch.isinf(best).any():
+            user = int(users[torch.isinf(best).any(dim=1).nonzero()[0, 0]])
+            raise ValueError(f"user code {user} has fewer than k={k} items left to recommend")
+        return top, best
+
+
+def candidates_of(
+    retriever: Retriever,
+    users: torch.Tensor,
+    n: int,
+    exclude: PositiveSet | None,
+    num_items: int,
+) -> torch.Tensor:
+    """A retriever's n best items [U, n] per user, none in ``exclude``; -1 where a user has
+    fewer left. An index whose inner product is the whole logit hands its own order; any
+    other retriever is asked for n plus the most items a user has in ``exclude``."""
+    if isinstance(retriever, AnnRetriever) and retriever.part.whole:
+        return retriever.candidates(users, n, exclude)
+    extra = int(exclude.positives_of(users).max()) if exclude is not None and len(users) else 0
+    top, _ = retriever.top_k(users, min(n + extra, num_items), None)
+    return unseen(users, top, n, exclude)
 
 
 def recall_at_k(found: torch.Tensor, exhaustive: torch.Tensor) -> float:
