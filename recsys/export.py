@@ -7,7 +7,7 @@ with ``torch.export.load``) or ONNX (``.onnx``, run with onnxruntime).
 The file takes plain tensors and returns the logits [B] of B (user, item) pairs:
 
 - ``pairs`` inputs, for models that read the ids only (NeuMF in every variant, Hybrid
-  without side features, EASE, ItemKNN): ``user_id`` int64 [B] and ``item_id`` int64 [B],
+  without side features): ``user_id`` int64 [B] and ``item_id`` int64 [B],
   the codes of the pairs' users and items. ``<output>.user_ids.parquet`` and
   ``.item_ids.parquet`` map raw dataset ids (``user_id``/``item_id``, strings) to codes.
 - ``features`` inputs, for models that read side or dense features (DLRM, Hybrid with side
@@ -24,9 +24,10 @@ rows of the checkpoint's data (the test split's first ``parity_rows``); its logi
 equal the checkpoint's within ``atol``, else the command exits non-zero naming the largest
 difference (`ParityError`).
 
-Formats per model: ``torch_export`` for every model (TorchRec's embedding tables included);
-``onnx`` wherever the ops have ONNX translations (NeuMF, Hybrid, DLRM on the CPU); a model
-whose ops do not export is refused with the exporter's reason (`ExportUnsupported`).
+Formats per model: NeuMF (every variant), Hybrid and DLRM (TorchRec's embedding tables) in
+both; EASE and ItemKNN in neither (their forward gathers a user's history, of a length that
+depends on the data); a model whose ops a format cannot express is refused with the
+exporter's reason (`ExportUnsupported`).
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ from recsys.checkpoint import checkpoint_from_config
 from recsys.console import quiet_libraries
 from recsys.data.batch import Batch
 from recsys.errors import InputError, UserError, exit_on_user_error, require_extra
+from recsys.models.neighbors import ItemItem
 from recsys.runs import load_checkpoint
 
 log = logging.getLogger(__name__)
@@ -111,7 +113,19 @@ def reads_ids_only(net: nn.Module) -> bool:
 
 def exportable(net: nn.Module, batch: Batch) -> tuple[nn.Module, dict, dict]:
     """The wrapper module of ``net`` (`PairsModel` or `FeaturesModel`), its example inputs
-    (name -> tensor) from ``batch`` and the description of each input."""
+    (name -> tensor) from ``batch`` and the description of each input.
+
+    Raises:
+        ExportUnsupported: EASE and ItemKNN, whose forward gathers each user's training
+            history (a length that depends on the data), which neither format expresses.
+    """
+    if isinstance(net, ItemItem):
+        raise ExportUnsupported(
+            f"{type(net).__name__} scores a pair by gathering the user's training items (a "
+            "length that depends on the data), which neither torch.export nor ONNX "
+            "expresses: serve it with python -m recsys.serve, or export its item-item "
+            "weights W [I, I] (net.W) and score X_u W where it runs"
+        )
     if reads_ids_only(net):
         inputs = {"user_id": batch.ids("user_id"), "item_id": batch.ids("item_id")}
         about = {
@@ -180,7 +194,7 @@ def write(model: nn.Module, inputs: dict, fmt: str, output: Path) -> None:
         lines = [ln for ln in str(e).splitlines() if "Error'>:" in ln] or str(e).splitlines()
         raise ExportUnsupported(
             f"format={fmt} cannot express {net}: {lines[0].strip()}"
-            + (" (format=torch_export exports every model)" if fmt == "onnx" else "")
+            + (" (try format=torch_export)" if fmt == "onnx" else "")
         ) from e
 
 

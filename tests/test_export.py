@@ -14,7 +14,10 @@ import pytest
 import torch
 
 from recsys import export
+from recsys.data import FeatureSpec
+from recsys.data.store import FeatureStore
 from recsys.errors import InputError, exit_on_user_error
+from recsys.models.neighbors import EASE
 from recsys.recommender import Recommender
 from recsys.train import run as train
 from tests.conftest import compose_cfg, compose_train
@@ -153,3 +156,11 @@ def test_bad_format_or_suffix_is_refused(ckpts, data_dir, cache_dir, tmp_path):
         export.run(cfg("format=tflite"))
     with pytest.raises(InputError, match="writes a .onnx file"):
         export.run(cfg("format=onnx", f"output={tmp_path}/model.pt2"))
+
+
+def test_models_gathering_a_users_history_are_refused():
+    spec = FeatureSpec.of_ids(num_users=3, num_items=4)
+    users, items = torch.tensor([0, 1, 2]), torch.tensor([0, 1, 2])
+    batch = FeatureStore(spec, None, None).make_batch(users, items)
+    with pytest.raises(export.ExportUnsupported, match="EASE scores a pair by gathering"):
+        export.exportable(EASE(spec, l2_reg=1.0).fit(users, items), batch)
