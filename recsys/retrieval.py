@@ -252,6 +252,8 @@ class InnerProductIndex:
             self.index.hnsw.efSearch = settings.ef_search
         elif settings.index == "ivf_flat":
             self.index.nprobe = min(settings.nprobe, self.index.nlist)
+        # searches use as many threads as torch (serve.torch_threads per worker)
+        faiss.omp_set_num_threads(torch.get_num_threads())
 
     def _build(self, x: np.ndarray):
         faiss, s, d = _faiss(), self.settings, x.shape[1]
@@ -273,18 +275,21 @@ class InnerProductIndex:
         try:
             _faiss().write_index(self.index, str(tmp))
             tmp.replace(self.path)  # atomic: workers starting together never read half a file
-        except OSError as e:
+        except (OSError, RuntimeError) as e:  # FAISS raises RuntimeError for its I/O
             log.warning("the ANN index is not saved (%s): it is built again at each start", e)
             tmp.unlink(missing_ok=True)
 
     def search(self, user_vectors: torch.Tensor, n: int) -> torch.Tensor:
         """The n items [U, n] of largest inner product per user vector, best first; -1 where
         the index found fewer."""
-        n = min(n, self.num_items)
+        faiss, n = _faiss(), min(n, self.num_items)
+        params = None  # per search, not on the index: searches may run side by side
         if self.settings.index == "hnsw":  # the list searched must hold the n asked for
-            self.index.hnsw.efSearch = max(self.settings.ef_search, n)
+            params = faiss.SearchParametersHNSW(efSearch=max(self.settings.ef_search, n))
+        elif self.settings.index == "ivf_flat":
+            params = faiss.SearchParametersIVF(nprobe=self.index.nprobe)
         queries = torch.cat([user_vectors, user_vectors.new_zeros(len(user_vectors), 1)], 1)
-        _, ids = self.index.search(np.ascontiguousarray(queries.numpy()), n)
+        _, ids = self.index.search(np.ascontiguousarray(queries.numpy()), n, params=params)
         return torch.from_numpy(ids)
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from fastapi.testclient import TestClient
@@ -14,6 +15,7 @@ from recsys.data import FeatureSpec
 from recsys.errors import InputError, MissingInputError
 from recsys.models import NeuMF
 from recsys.models.neighbors import EASE
+from recsys.predict import run as predict
 from recsys.recommender import Recommender
 from recsys.retrieval import (
     AnnUnsupported,
@@ -209,3 +211,20 @@ def test_the_service_answers_from_the_index(load):
     assert [i["item_id"] for i in answer["items"]] == rec.item_index[top[0]].tolist()
     meta = client.get("/metadata").json()["retrieval"]
     assert meta["retrieval"] == "ann" and meta["ann"]["index"] == "hnsw"
+
+
+def test_predict_retrieves_from_the_index_too(ckpts, load, data_dir, cache_dir, tmp_path):
+    cfg = compose_cfg(
+        "predict",
+        data_dir,
+        cache_dir,
+        tmp_path,
+        f"ckpt_path={ckpts['gmf']}",
+        "retrieval=ann",
+        "user_ids=[1,2]",
+        "k=5",
+    )
+    frame = pd.read_csv(predict(cfg)["output"], dtype={"user_id": str, "item_id": str})
+    rec = load("gmf", "serve.retrieval=ann")
+    top, _ = rec.recommend(rec.user_codes(["1", "2"]), 5)
+    assert frame.item_id.tolist() == rec.item_index[top.reshape(-1)].tolist()
