@@ -69,16 +69,21 @@ class Case:
 
 
 EXACT_ANN = {"exact": [], "ann": ["serve.retrieval=ann"]}
+# random vectors: a wider search list for the recall target
+WIDE = ["serve.retrieval=ann", "serve.ann.ef_search=512"]
+EXACT_ANN_WIDE = {**EXACT_ANN, "ann ef_search=512": WIDE}
 TWO_STAGE = {"exact": [], "two-stage": ["serve.candidates={candidates}"]}
-# a matrix factorisation after one step: its vectors are as initialised (random)
+# a matrix factorisation after one step: its vectors are as initialised (random); items
+# drawn uniformly, so that nearly every item of the catalogue has a row
 SYNTHETIC_MF = ["data=synthetic", "model.variant=mf", "+trainer.limit_train_batches=1"]
 SYNTHETIC_MF += ["trainer.max_epochs=1", "data.split.val=0.01", "data.split.test=0.01"]
+SYNTHETIC_MF += ["data.item_exponent=0.0"]
 BOOKS = ["data=books", "trainer.max_epochs=1"]
 CASES = {
     "ml-1m NeuMF": Case(["experiment=ml1m_neumf", "trainer.max_epochs=3"], EXACT_ANN),
     "synthetic 1M items MF": Case(
-        [*SYNTHETIC_MF, "data.num_items=1000000", "data.num_users=20000", "data.num_rows=2000000"],
-        EXACT_ANN,
+        [*SYNTHETIC_MF, "data.num_items=1000000", "data.num_users=20000", "data.num_rows=4000000"],
+        EXACT_ANN_WIDE,
     ),
     "Book-Crossing DLRM": Case(
         [*BOOKS, "model=dlrm"], TWO_STAGE, candidates=[*BOOKS, "model.variant=gmf"]
@@ -88,8 +93,8 @@ ML100K = ["data=movielens", "data.variant=100k", "trainer.max_epochs=1"]
 QUICK_CASES = {
     "ml-100k NeuMF": Case(ML100K, EXACT_ANN),
     "synthetic 20K items MF": Case(
-        [*SYNTHETIC_MF, "data.num_items=20000", "data.num_users=2000", "data.num_rows=40000"],
-        EXACT_ANN,
+        [*SYNTHETIC_MF, "data.num_items=20000", "data.num_users=2000", "data.num_rows=80000"],
+        EXACT_ANN_WIDE,
     ),
     "ml-100k DLRM": Case(
         [*ML100K, "model=dlrm"], TWO_STAGE, candidates=[*ML100K, "model.variant=gmf"]

@@ -28,7 +28,7 @@ import logging
 import math
 import os
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Protocol
 
@@ -44,6 +44,7 @@ from recsys.scoring import CatalogueScorer
 log = logging.getLogger(__name__)
 
 INDEXES = ("hnsw", "ivf_flat", "flat")
+MAX_PAIRS = 1 << 18  # (user, candidate) pairs per forward: bounded memory for many users
 MODES = ("exact", "ann")
 
 
@@ -102,10 +103,16 @@ class RetrievalSettings:
     def from_config(cls, node: Mapping) -> RetrievalSettings:
         """From the ``retrieval``, ``ann``, ``candidates`` and ``num_candidates`` keys of a
         config node (``cfg.serve``, or ``cfg`` for predict.py); missing keys: the defaults."""
-        ann = node.get("ann") or {}
+        ann = dict(node.get("ann") or {})
+        unknown = sorted(set(ann) - {f.name for f in fields(AnnSettings)})
+        if unknown:
+            raise InputError(
+                f"ann: unknown settings {unknown}; the index takes "
+                f"{[f.name for f in fields(AnnSettings)]}"
+            )
         return cls(
             retrieval=node.get("retrieval") or "exact",
-            ann=AnnSettings(**{k: v for k, v in dict(ann).items()}),
+            ann=AnnSettings(**ann),
             candidates=node.get("candidates"),
             num_candidates=node.get("num_candidates") or 100,
         )
@@ -279,18 +286,39 @@ class InnerProductIndex:
             log.warning("the ANN index is not saved (%s): it is built again at each start", e)
             tmp.unlink(missing_ok=True)
 
-    def search(self, user_vectors: torch.Tensor, n: int) -> torch.Tensor:
+    def search(
+        self,
+        user_vectors: torch.Tensor,
+        n: int,
+        skip: list[np.ndarray] | None = None,
+    ) -> torch.Tensor:
         """The n items [U, n] of largest inner product per user vector, best first; -1 where
-        the index found fewer."""
+        the index found fewer. ``skip``: per user, item codes the search passes over (FAISS
+        filters them while it searches, so the list searched need not grow with them)."""
         faiss, n = _faiss(), min(n, self.num_items)
-        params = None  # per search, not on the index: searches may run side by side
-        if self.settings.index == "hnsw":  # the list searched must hold the n asked for
-            params = faiss.SearchParametersHNSW(efSearch=max(self.settings.ef_search, n))
-        elif self.settings.index == "ivf_flat":
-            params = faiss.SearchParametersIVF(nprobe=self.index.nprobe)
         queries = torch.cat([user_vectors, user_vectors.new_zeros(len(user_vectors), 1)], 1)
-        _, ids = self.index.search(np.ascontiguousarray(queries.numpy()), n, params=params)
-        return torch.from_numpy(ids)
+        queries = np.ascontiguousarray(queries.numpy())
+        if skip is None:
+            _, ids = self.index.search(queries, n, params=self._params(n))
+            return torch.from_numpy(ids)
+        out = np.empty((len(queries), n), dtype=np.int64)
+        for row, (query, codes) in enumerate(zip(queries, skip, strict=True)):
+            # the selectors live until the search is done (FAISS keeps raw pointers)
+            batch = faiss.IDSelectorBatch(codes)
+            selector = faiss.IDSelectorNot(batch)
+            _, out[row : row + 1] = self.index.search(
+                query[None], n, params=self._params(n, selector)
+            )
+        return torch.from_numpy(out)
+
+    def _params(self, n: int, selector=None):
+        """Search settings per call, not on the index: searches may run side by side."""
+        faiss, s = _faiss(), self.settings
+        if s.index == "hnsw":  # the list searched must hold the n asked for
+            return faiss.SearchParametersHNSW(efSearch=max(s.ef_search, n), sel=selector)
+        if s.index == "ivf_flat":
+            return faiss.SearchParametersIVF(nprobe=self.index.nprobe, sel=selector)
+        return faiss.SearchParameters(sel=selector) if selector is not None else None
 
 
 def _to_euclidean(item_vectors: torch.Tensor) -> torch.Tensor:
@@ -309,19 +337,10 @@ def pair_scores(
     """Logits [U, N] of each user [U] with each of its items [U, N] (codes; -1: none, scored
     -inf), through the net's forward on the pairs."""
     valid = items >= 0
-    flat_users = users.repeat_interleave(items.shape[1])
-    flat_items = items.clamp_min(0).reshape(-1)
-    chunk = 1 << 18
-    logits = (
-        torch.cat(
-            [
-                net(features.make_batch(u, i))
-                for u, i in zip(flat_users.split(chunk), flat_items.split(chunk), strict=True)
-            ]
-        )
-        if len(flat_users)
-        else torch.empty(0)
-    )
+    flat_users = users.repeat_interleave(items.shape[1]).split(MAX_PAIRS)
+    flat_items = items.clamp_min(0).reshape(-1).split(MAX_PAIRS)
+    chunks = [net(features.make_batch(u, i)) for u, i in zip(flat_users, flat_items, strict=True)]
+    logits = torch.cat(chunks) if chunks else torch.empty(0)
     return logits.view(items.shape).masked_fill(~valid, float("-inf"))
 
 
@@ -352,9 +371,9 @@ def rerank(
 
 class AnnRetriever:
     """Top-k of a factorised model from an index over its item vectors: the index retrieves
-    ``num_candidates`` unseen items per user (more when it returns seen ones), the model's
-    forward scores them, the best k are returned. A user for whom the index finds fewer than
-    k unseen items is scored exhaustively (``exact``)."""
+    ``num_candidates`` unseen items per user (passing over the user's items as it searches),
+    the model's forward scores them, the best k are returned. A user for whom the index
+    finds fewer than k unseen items is scored exhaustively (``exact``)."""
 
     def __init__(
         self,
@@ -374,9 +393,12 @@ class AnnRetriever:
     ) -> torch.Tensor:
         """n item codes [U, n] per user from the index, none in ``exclude``; -1 where it found
         fewer."""
-        extra = int(exclude.positives_of(users).max()) if exclude is not None and len(users) else 0
-        found = self.index.search(self.part.user_vectors[users], n + extra)
-        return unseen(users, found, n, exclude)
+        vectors = self.part.user_vectors[users]
+        if exclude is None:
+            return self.index.search(vectors, n)
+        lengths, items = exclude.items_of(users)
+        skip = [c.numpy() for c in items.split(lengths.tolist())]
+        return self.index.search(vectors, n, skip)
 
     @torch.inference_mode()
     def top_k(
