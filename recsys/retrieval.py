@@ -155,6 +155,20 @@ def inner_product_part(net: nn.Module, num_users: int) -> InnerProductPart:
 
     Raises:
         AnnUnsupported: the net has no such part (see the module notes).
+
+    Example::
+
+            >>> import torch
+            >>> from recsys.data import FeatureSpec
+            >>> from recsys.models import NeuMF
+            >>> net = NeuMF(FeatureSpec.of_ids(num_users=4, num_items=6), variant="gmf").eval()
+            >>> part = inner_product_part(net, num_users=4)
+            >>> part.whole, tuple(part.user_vectors.shape), tuple(part.item_vectors.shape)
+            (True, (4, 32), (6, 32))
+            >>> dots = part.user_vectors @ part.item_vectors.T  # the logits less the head's bias
+            >>> logits = net.score_catalogue(torch.arange(4), net.item_part())
+            >>> torch.allclose(dots + net.head.bias, logits, atol=1e-6)
+            True
     """
     name = type(net).__name__
     variant = getattr(net, "variant", None)
@@ -466,7 +480,14 @@ def candidates_of(
 
 def recall_at_k(found: torch.Tensor, exhaustive: torch.Tensor) -> float:
     """Mean over users of the share of the exhaustive top-k [U, k] that ``found`` [U, k]
-    returns too (recall@k of a retriever against scoring every item)."""
+    returns too (recall@k of a retriever against scoring every item); order does not count.
+
+    Example::
+
+            >>> import torch
+            >>> recall_at_k(torch.tensor([[3, 1], [5, 9]]), torch.tensor([[1, 3], [5, 6]]))
+            0.75
+    """
     if found.shape != exhaustive.shape:
         raise ValueError(f"top-k shapes differ: {tuple(found.shape)} and {tuple(exhaustive.shape)}")
     if not len(found):

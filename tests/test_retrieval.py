@@ -14,6 +14,7 @@ from fastapi.testclient import TestClient
 from recsys.data import FeatureSpec
 from recsys.errors import InputError, MissingInputError
 from recsys.models import NeuMF
+from recsys.models.hybrid import Hybrid
 from recsys.models.neighbors import EASE
 from recsys.predict import run as predict
 from recsys.recommender import Recommender
@@ -233,3 +234,19 @@ def test_predict_retrieves_from_the_index_too(ckpts, load, data_dir, cache_dir, 
     rec = load("gmf", "serve.retrieval=ann")
     top, _ = rec.recommend(rec.user_codes(["1", "2"]), 5)
     assert frame.item_id.tolist() == rec.item_index[top.reshape(-1)].tolist()
+
+
+def test_the_towers_that_propose_candidates():
+    """NeuMF: its GMF tower's user vectors; Hybrid without side features: its dot product's."""
+    spec = FeatureSpec.of_ids(num_users=5, num_items=7)
+    neumf = NeuMF(spec, variant="neumf", gmf_dim=4, mlp_dim=4, mlp_layers=[8, 4]).eval()
+    part = inner_product_part(neumf, 5)
+    h = neumf.head.weight[0, :4]
+    assert not part.whole and part.name == "GMF tower"
+    torch.testing.assert_close(part.user_vectors, neumf.gmf_user.weight.detach())
+    torch.testing.assert_close(part.item_vectors, (neumf.gmf_item.weight * h).detach())
+    hybrid = Hybrid(spec, embedding_dim=4, mlp_layers=[8]).eval()
+    part = inner_product_part(hybrid, 5)
+    assert not part.whole and part.name == "dot product"
+    torch.testing.assert_close(part.user_vectors, hybrid.user.weight.detach(), atol=1e-6, rtol=0)
+    torch.testing.assert_close(part.item_vectors, hybrid.item.weight.detach())
