@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import re
 import signal
 import socket
 import subprocess
@@ -241,7 +242,8 @@ def bench_case(
     name: str, variant: str, ckpt: Path, serve: list[str], args: Options, folder: Path
 ) -> pd.DataFrame:
     port = free_port()
-    server = start_server(ckpt, port, args, folder / f"serve-{variant}", serve)
+    run_dir = folder / f"serve-{re.sub(r'[^A-Za-z0-9_-]+', '_', variant)}"  # a Hydra override
+    server = start_server(ckpt, port, args, run_dir, serve)
     try:
         base = f"http://127.0.0.1:{port}"
         meta = httpx.get(f"{base}/metadata").json()
