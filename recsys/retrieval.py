@@ -399,7 +399,8 @@ class AnnRetriever:
         self.exact, self.features, self.settings = exact, features, settings
         self.net, self.num_items = exact.net, exact.num_items
         part = inner_product_part(exact.net, features.spec.num_users)
-        self.part = part
+        # the item vectors live in the index only (a catalogue of 1M items: 130 MB a copy)
+        self.user_vectors, self.whole, self.tower = part.user_vectors, part.whole, part.name
         self.index = InnerProductIndex(part.item_vectors, settings.ann, cache)
 
     def candidates(
@@ -407,7 +408,7 @@ class AnnRetriever:
     ) -> torch.Tensor:
         """n item codes [U, n] per user from the index, none in ``exclude``; -1 where it found
         fewer."""
-        vectors = self.part.user_vectors[users]
+        vectors = self.user_vectors[users]
         if exclude is None:
             return self.index.search(vectors, n)
         lengths, items = exclude.items_of(users)
@@ -471,7 +472,7 @@ def candidates_of(
     """A retriever's n best items [U, n] per user, none in ``exclude``; -1 where a user has
     fewer left. An index whose inner product is the whole logit hands its own order; any
     other retriever is asked for n plus the most items a user has in ``exclude``."""
-    if isinstance(retriever, AnnRetriever) and retriever.part.whole:
+    if isinstance(retriever, AnnRetriever) and retriever.whole:
         return retriever.candidates(users, n, exclude)
     extra = int(exclude.positives_of(users).max()) if exclude is not None and len(users) else 0
     top, _ = retriever.top_k(users, min(n + extra, num_items), None)

@@ -94,7 +94,7 @@ def test_exact_retrieval_has_recall_one(load):
 @pytest.mark.parametrize("index", ["hnsw", "ivf_flat"])
 def test_ann_top_k_is_the_exhaustive_top_k(load, name, index):
     exact, ann = load(name), load(name, "serve.retrieval=ann", *GENEROUS[index])
-    assert ann.retriever.part.whole  # the index ranks by the logit itself
+    assert ann.retriever.whole  # the index ranks by the logit itself
     assert retrieval_recall(ann.retriever, exact.scorer, USERS, 10, exact.seen) >= 0.95
     top, logits = ann.recommend(USERS.numpy(), 10)
     # the scores are the model's forward on the returned pairs, best first
@@ -133,7 +133,7 @@ def test_the_index_is_saved_beside_the_checkpoint_and_reused(load, ckpts):
 def test_neumf_takes_candidates_from_its_gmf_tower(load):
     exact = load("neumf")
     every = load("neumf", "serve.retrieval=ann", f"serve.num_candidates={exact.num_items}")
-    assert not every.retriever.part.whole and every.retriever.part.name == "GMF tower"
+    assert not every.retriever.whole and every.retriever.tower == "GMF tower"
     # every item a candidate: the full model's top-k exactly
     assert retrieval_recall(every.retriever, exact.scorer, FEW, 10, exact.seen) == 1.0
     few = load("neumf", "serve.retrieval=ann", "serve.num_candidates=50")
@@ -182,7 +182,7 @@ def test_two_stage_ranks_the_candidate_models_items(load, ckpts):
     assert retrieval_recall(every.retriever, ranker.scorer, FEW, 10, ranker.seen) == 1.0
     # candidates from the index of the candidate model
     ann = load("dlrm", f"serve.candidates={ckpts['gmf']}", "serve.retrieval=ann")
-    assert ann.candidate_model.retriever.part.whole
+    assert ann.candidate_model.retriever.whole
 
 
 def test_candidates_of_other_data_or_not_factorised_are_refused(
