@@ -55,6 +55,11 @@ from recsys.runs import load_checkpoint
 log = logging.getLogger(__name__)
 
 FORMATS = {"torch_export": ".pt2", "onnx": ".onnx"}
+ONNX_INLINE_BYTES = 1 << 30  # larger models keep their ONNX weights in <output>.data
+
+
+def _nbytes(model: nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
 
 
 class ParityError(UserError):
@@ -186,6 +191,8 @@ def write(model: nn.Module, inputs: dict, fmt: str, output: Path) -> None:
                 dynamic_shapes=shapes,
                 dynamo=True,
                 verbose=False,
+                # weights in the file itself, unless over protobuf's 2 GB: <output>.data then
+                external_data=_nbytes(model) > ONNX_INLINE_BYTES,
                 custom_translation_table=onnx_translations(),
             )
     except (RuntimeError, torch.onnx.errors.OnnxExporterError) as e:
@@ -315,10 +322,14 @@ def run(cfg: DictConfig) -> dict:
     wrapper, inputs, about = exportable(net, batch)
     with torch.inference_mode():
         expected = net(batch).numpy()
+    output.with_name(f"{output.name}.data").unlink(missing_ok=True)  # an earlier export's
     write(wrapper, inputs, cfg.format, output)
     diff = check_parity(run_exported(output, cfg.format, inputs), expected, cfg.atol, output)
 
     files = {"model": str(output)}
+    weights = output.with_name(f"{output.name}.data")  # ONNX's external data, kept beside it
+    if cfg.format == "onnx" and weights.is_file():
+        files["weights"] = str(weights)
     if dm.spec.has_ids:
         for kind, raw in (("user", dm.data.user_ids), ("item", dm.data.item_ids)):
             path = output.with_name(f"{output.name}.{kind}_ids.parquet")
@@ -336,6 +347,7 @@ def run(cfg: DictConfig) -> dict:
         "inputs": about,
         "output": "logits float32 [B]: the model's logit of each pair",
         "sparse_keys": getattr(wrapper, "keys", None),
+        "files": {k: Path(v).name for k, v in files.items()},
         "checkpoint": str(cfg.ckpt_path),
         "net": model.hparams.net,
         "data": {"source": dm.source, "processed": dm.processed_dir.name},
