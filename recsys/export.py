@@ -24,8 +24,8 @@ rows of the checkpoint's data (the test split's first ``parity_rows``); its logi
 equal the checkpoint's within ``atol``, else the command exits non-zero naming the largest
 difference (`ParityError`).
 
-Formats per model: NeuMF (every variant), Hybrid and DLRM (TorchRec's embedding tables) in
-both; EASE and ItemKNN in neither (their forward gathers a user's history, of a length that
+Formats per model: NeuMF (every variant), Hybrid without side features and DLRM (TorchRec's
+embedding tables) in both; EASE and ItemKNN in neither (their forward gathers a user's history, of a length that
 depends on the data); a model whose ops a format cannot express is refused with the
 exporter's reason (`ExportUnsupported`).
 """
