@@ -25,9 +25,9 @@ equal the checkpoint's within ``atol``, else the command exits non-zero naming t
 difference (`ParityError`).
 
 Formats per model: NeuMF (every variant), Hybrid without side features and DLRM (TorchRec's
-embedding tables) in both; EASE and ItemKNN in neither (their forward gathers a user's history, of a length that
-depends on the data); a model whose ops a format cannot express is refused with the
-exporter's reason (`ExportUnsupported`).
+embedding tables) in both; EASE and ItemKNN in neither (their forward gathers a user's
+history, of a length that depends on the data); a model whose ops a format cannot express
+is refused with the exporter's reason (`ExportUnsupported`).
 """
 
 from __future__ import annotations
