@@ -15,13 +15,14 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from recsys.checkpoint import checkpoint_state, run_folder
+from recsys.checkpoint import best_checkpoint, checkpoint_state, run_folder
 from recsys.data.artifact import ArtifactDataModule
-from recsys.errors import InputError
+from recsys.errors import InputError, MissingInputError
 from recsys.lit.module import RecommenderModule
 from recsys.models.protocols import ItemEmbeddings
+from recsys.retrieval import AnnRetriever, RetrievalSettings, Retriever, TwoStageRetriever
 from recsys.runs import load_checkpoint
 from recsys.scoring import CatalogueScorer, require_pairs
 
@@ -74,6 +75,20 @@ def checkpoint_metrics(ckpt_path: Path, state: dict) -> tuple[dict | None, str |
     return metrics, None
 
 
+def candidate_checkpoint(path: str | Path) -> Path:
+    """The checkpoint that ``candidates=`` names: a checkpoint (file or sharded folder) as it
+    is, a training run folder's best checkpoint (`best_checkpoint`)."""
+    path = Path(path)
+    if not path.exists():
+        raise MissingInputError(
+            f"candidates={path} does not exist: pass a checkpoint or a training run folder "
+            "of a factorised model trained on the same data"
+        )
+    if path.is_dir() and (path / "metrics.json").is_file():
+        return best_checkpoint(path)
+    return path
+
+
 class Recommender:
     """Answers by raw ids, for a model and the data module it was trained on.
 
@@ -87,6 +102,9 @@ class Recommender:
             explicit feedback. Under implicit feedback it is the chance that a pair is the
             positive in a mix of 1 positive to ``num_negatives`` sampled negatives; BPR logits
             only order items.
+        retriever: what `recommend` takes the top k from: the exhaustive ``scorer``, an
+            `AnnRetriever` (``retrieval=ann``) or a `TwoStageRetriever` (``candidates``),
+            as ``retrieval`` (`RetrievalSettings`) says.
     """
 
     def __init__(
@@ -95,9 +113,15 @@ class Recommender:
         model: RecommenderModule,
         ckpt_path: str | Path,
         task: str = "recommending",
+        retrieval: RetrievalSettings | None = None,
+        candidates: Recommender | None = None,
     ):
-        """Raises `InputError` (`require_pairs`) for data without ids or with row features;
-        ``task`` (``predict.py``, ``serve``) names what refused in the message."""
+        """Raises `InputError` (`require_pairs`) for data without ids or with row features,
+        for ``retrieval=ann`` on a model without an inner-product part
+        (`recsys.retrieval.inner_product_part`) and for ``candidates`` of other data;
+        ``task`` (``predict.py``, ``serve``) names what refused in the message.
+        ``candidates``: the recommender of ``retrieval.candidates`` (`from_config` loads it).
+        """
         require_pairs(dm.spec, task)
         self.ckpt_path = Path(ckpt_path)
         require_finite(model.net, self.ckpt_path)
@@ -127,13 +151,70 @@ class Recommender:
         # the feedback the model was trained on (allow_new_data may load other data)
         feedback = state["datamodule_hyper_parameters"].get("feedback", dm.feedback)
         self.calibrated = model.hparams.loss == "bce" and feedback == "explicit"
+        self.retrieval = retrieval or RetrievalSettings()
+        self.candidate_model = candidates
+        self.retriever = self._retriever(task)
+
+    def _retriever(self, task: str) -> Retriever:
+        settings, candidates = self.retrieval, self.candidate_model
+        if settings.candidates is not None and candidates is None:
+            raise InputError(
+                f"{task}: candidates={settings.candidates} names a candidate model: build the "
+                "recommender with Recommender.from_config, which loads it"
+            )
+        if candidates is not None:
+            self._require_same_data(candidates, task)
+            return TwoStageRetriever(
+                candidates.retriever,
+                self.model.net,
+                self.dm.data.features,
+                settings.num_candidates,
+            )
+        if settings.retrieval == "ann":
+            # the index beside the checkpoint, named by what it is built from
+            return AnnRetriever(self.scorer, self.dm.data.features, settings, self.ckpt_path)
+        return self.scorer
+
+    def _require_same_data(self, other: Recommender, task: str) -> None:
+        """Raise `InputError` unless ``other`` (a candidate model) was trained on this
+        model's processed data: the same users and items under the same codes."""
+        mine, theirs = self.dm.processed_dir.name, other.dm.processed_dir.name
+        same = (
+            mine == theirs
+            and self.user_index.equals(other.user_index)
+            and self.item_index.equals(other.item_index)
+        )
+        if not same:
+            raise InputError(
+                f"{task}: the candidate model {other.ckpt_path} was trained on other data "
+                f"(processed folder {theirs}, {other.num_users} users, {other.num_items} "
+                f"items) than {self.ckpt_path} (processed folder {mine}, {self.num_users} "
+                f"users, {self.num_items} items): candidates must come from a checkpoint "
+                "trained on the same data config"
+            )
+        if not other.scorer.factorised:
+            raise InputError(
+                f"{task}: the candidate model {other.ckpt_path} ({other.model.hparams.net}) "
+                "scores every (user, item) pair itself, so it saves no work as a candidate "
+                "generator: use a factorised model (model=ncf, model=hybrid without side "
+                "features, model=ease, model=itemknn)"
+            )
 
     @classmethod
     def from_config(cls, cfg: DictConfig, task: str = "recommending") -> Recommender:
         """From ``cfg.ckpt_path`` (with ``paths``, ``data`` changes and ``allow_new_data``
-        as for evaluate and predict: `recsys.runs.load_checkpoint`)."""
+        as for evaluate and predict: `recsys.runs.load_checkpoint`), retrieving as the
+        ``retrieval``, ``ann``, ``candidates`` and ``num_candidates`` keys of ``cfg.serve``
+        (serving) or of ``cfg`` (predict.py) say (`RetrievalSettings.from_config`)."""
+        settings = RetrievalSettings.from_config(cfg.get("serve") or cfg)
         dm, model = load_checkpoint(cfg)
-        return cls(dm, model, cfg.ckpt_path, task)
+        candidates = None
+        if settings.candidates is not None:
+            path = candidate_checkpoint(settings.candidates)
+            other = OmegaConf.merge(cfg, {"ckpt_path": str(path)})
+            own = RetrievalSettings(settings.retrieval, settings.ann)  # without candidates
+            candidates = cls(*load_checkpoint(other), path, task, own)
+        return cls(dm, model, cfg.ckpt_path, task, settings, candidates)
 
     # --- ids ------------------------------------------------------------------------------
     def user_codes(self, raw_ids: list, missing_ok: bool = False) -> np.ndarray:
@@ -161,8 +242,10 @@ class Recommender:
         self, user_codes: np.ndarray, k: int, exclude_seen: bool = True
     ) -> tuple[np.ndarray, np.ndarray]:
         """Top-k item codes [U, k] and logits [U, k] per user, best first; with
-        ``exclude_seen`` never an item the user has an interaction with."""
-        top, logits = self.scorer.top_k(
+        ``exclude_seen`` never an item the user has an interaction with. Found by
+        ``retriever`` (exhaustive scoring unless ``retrieval`` says otherwise); the logits
+        are the model's own either way."""
+        top, logits = self.retriever.top_k(
             torch.as_tensor(user_codes, dtype=torch.long), k, self.seen if exclude_seen else None
         )
         return top.numpy(), logits.numpy()
@@ -253,6 +336,7 @@ class Recommender:
                 "feedback": self.dm.hparams.get("feedback"),
                 "item_fields": list(self.item_info.columns),
             },
+            "retrieval": self.retrieval.describe(),
             "metrics": metrics,
             "metrics_note": named(self.metrics_note),
         }

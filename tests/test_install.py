@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-EXTRAS = ("fastapi", "uvicorn", "streamlit", "mlflow", "aiohttp", "httpx", "mkdocs")
+EXTRAS = ("fastapi", "uvicorn", "faiss", "streamlit", "mlflow", "aiohttp", "httpx", "mkdocs")
 # runs a script as `python <script> <args>` would, with the extras' packages unimportable
 WITHOUT_EXTRAS = f"""
 import runpy, sys
