@@ -2,7 +2,7 @@
 
     python benchmarks/serve.py                  # the cases below, 16 and 64 clients
     python benchmarks/serve.py quick=true       # small versions of them, 3 s per endpoint
-    python benchmarks/serve.py bad=0.1          # 10% of the requests bad (404s and 422s)
+    python benchmarks/serve.py bad=[0.0]        # no bad requests (default: none, then 10%)
     python benchmarks/serve.py ckpt=<ckpt> [clients=[16,64]] [seconds=20] [workers=2]
         [results=benchmarks/results] [hydra overrides of the cases' training]
 
@@ -28,6 +28,7 @@ server and shares its cores. The load is bounded in time and sent to loopback on
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import random
 import re
@@ -254,16 +255,15 @@ def bench_case(
         for endpoint, make in endpoints(users, items).items():
             if variant != "exact" and endpoint not in RETRIEVAL_ENDPOINTS:
                 continue
-            for clients in args.clients:
+            for share, clients in itertools.product(args.bad, args.clients):
                 # uvloop (as the server runs): the client shares the cores with the server
-                load = drive(base, with_bad(make, args.bad), clients, args.seconds, seed=1)
+                load = drive(base, with_bad(make, share), clients, args.seconds, seed=1)
                 figures = uvloop.run(load)
-                rows.append(
-                    {"case": name, "variant": variant, "endpoint": endpoint, "clients": clients}
-                    | figures
-                )
+                about = {"endpoint": endpoint, "clients": clients, "bad": share}
+                rows.append({"case": name, "variant": variant, **about} | figures)
                 print(
-                    f"  {variant} {endpoint}, {clients} clients: {figures['requests/s']:.0f} req/s",
+                    f"  {variant} {endpoint}, {clients} clients, {share:.0%} bad: "
+                    f"{figures['requests/s']:.0f} req/s, p99 {figures['p99 ms']:.1f} ms",
                     flush=True,
                 )
         memory = peak_rss_mb(server.pid)
@@ -318,11 +318,12 @@ class Options(Settings):
     clients: list[int] = field(default_factory=lambda: [16, 64])  # each, per endpoint
     seconds: float = 20.0  # per endpoint and number of clients
     workers: int = 2
-    bad: float = 0.0  # share of bad requests (unknown users, malformed bodies): 4xx expected
+    # shares of bad requests (unknown users, malformed bodies: 4xx expected), each measured
+    bad: list[float] = field(default_factory=lambda: [0.0, 0.1])
     recall_users: int = 1000  # users the recall@10 against exhaustive scoring is measured on
 
 
-QUICK = {"seconds": 3.0, "clients": [16], "recall_users": 100}
+QUICK = {"seconds": 3.0, "clients": [16], "bad": [0.1], "recall_users": 100}
 FIGURES = {  # the columns of bench_case's frame that become rows, and their units
     "requests/s": ("requests_per_sec", "requests/s"),
     "p50 ms": ("p50_ms", "ms"),
@@ -335,7 +336,7 @@ FIGURES = {  # the columns of bench_case's frame that become rows, and their uni
 
 def add_rows(run: bench.Benchmark, table: pd.DataFrame, recalls: dict) -> None:
     args = run.settings
-    where = {"seconds": args.seconds, "workers": args.workers, "bad": args.bad}
+    where = {"seconds": args.seconds, "workers": args.workers}
     for r in table.to_dict("records"):
         for column, (metric, unit) in FIGURES.items():
             run.add(
@@ -349,6 +350,7 @@ def add_rows(run: bench.Benchmark, table: pd.DataFrame, recalls: dict) -> None:
                     "retrieval": r["variant"],
                     "endpoint": r["endpoint"],
                     "clients": r["clients"],
+                    "bad": r["bad"],
                 },
             )
     memory = table.groupby(["case", "variant"], sort=False)["server peak MB"].first()
