@@ -209,15 +209,21 @@ def check_classes(checkpoint: dict, where: str | Path, trusted: Collection[str] 
         for target in _targets(value):
             kind = "optimizer" if key in ("optimizer", "sparse_optimizer", "lr_scheduler") else key
             named.append((kind, target, "_target_"))
-    for state in checkpoint.values():
-        if isinstance(state, Mapping) and "data_class" in state:
-            named.append(("data_class", state, "data_class"))
+    if (state := data_state(checkpoint)) is not None:
+        named.append(("data_class", state, "data_class"))
     for kind, holder, key in named:
         name = RENAMED.get(holder[key], holder[key])
         if name not in trusted:
             _check_platform_name(name, PLATFORM.get(kind, ()), kind, where)
         if name != holder[key]:
             holder[key] = name
+
+
+def data_state(checkpoint: Mapping) -> dict | None:
+    """The data module's state in a checkpoint (its ``data_class``, the ``processed`` folder
+    and the data ``settings``), or None for a checkpoint without one."""
+    found = (v for v in checkpoint.values() if isinstance(v, Mapping) and "data_class" in v)
+    return next(found, None)
 
 
 def _targets(value: Any) -> list[dict]:

@@ -129,9 +129,6 @@ class Recommender:
         self.source = dm.source
         self.num_users, self.num_items = dm.spec.num_users, dm.spec.num_items
         self.scorer = CatalogueScorer(model.net, dm.data.features, self.num_items)
-        # the items a user is scored against through the forward, pair by pair, to rank the
-        # catalogue: none for a factorised model (a matrix product with its item half)
-        self.forward_items = 0 if self.scorer.factorised else self.num_items
         self.user_index = pd.Index(dm.data.user_ids)
         self.item_index = pd.Index(dm.data.item_ids)
         # raw id -> code, as plain dicts: a request's lookup is a few hash probes
@@ -154,6 +151,13 @@ class Recommender:
         self.retrieval = retrieval or RetrievalSettings()
         self.candidate_model = candidates
         self.retriever = self._retriever(task)
+        # the items a user's top-k runs through the forward, pair by pair: the candidates of
+        # an index or a candidate model; else every item for a model that does not factorise,
+        # none for one that does (a matrix product with its item half)
+        if isinstance(self.retriever, AnnRetriever | TwoStageRetriever):
+            self.forward_items = min(self.retrieval.num_candidates, self.num_items)
+        else:
+            self.forward_items = 0 if self.scorer.factorised else self.num_items
 
     def _retriever(self, task: str) -> Retriever:
         settings, candidates = self.retrieval, self.candidate_model

@@ -10,7 +10,7 @@ scoring: `recall_at_k` measures how often.
 Which models an index serves (`inner_product_part`): the logit, or one tower of it, must be
 an inner product <user vector, item vector> plus terms that do not depend on the item.
 
-- NeuMF ``gmf`` (h . (p_u * q_i) + b = <p_u, h * q_i> + b) and ``mf`` (p_u . q_i + b_i + b_u + b
+- NeuMF ``gmf`` (h . (p_u * q_i) + b = <p_u, h * q_i> + b) and MF (p_u . q_i + b_i + b_u + b
   = <[p_u; 1], [q_i; b_i + b]> + b_u): the index ranks by the logit itself.
 - NeuMF ``neumf`` and Hybrid without side features: the index ranks by the GMF tower
   (neumf) or the dot product (Hybrid) and retrieves ``num_candidates`` items, which the full
@@ -112,10 +112,10 @@ class RetrievalSettings:
                 f"{[f.name for f in fields(AnnSettings)]}"
             )
         return cls(
-            retrieval=node.get("retrieval") or "exact",
+            retrieval=node.get("retrieval", "exact"),
             ann=AnnSettings(**ann),
             candidates=node.get("candidates"),
-            num_candidates=node.get("num_candidates") or 100,
+            num_candidates=node.get("num_candidates", 100),
         )
 
     def describe(self) -> dict:
@@ -457,6 +457,11 @@ class TwoStageRetriever:
         n = min(max(k, self.num_candidates), self.num_items)
         cands = candidates_of(self.candidates, users, n, exclude, self.num_items)
         top, best = rerank(self.net, self.features, users, cands, k)
+        short = torch.isinf(best).any(dim=1) if len(users) else torch.zeros(0, dtype=torch.bool)
+        if short.any() and isinstance(self.candidates, AnnRetriever):
+            # the index found fewer than k unseen items: the candidate model's exact top n
+            exact = candidates_of(self.candidates.exact, users[short], n, exclude, self.num_items)
+            top[short], best[short] = rerank(self.net, self.features, users[short], exact, k)
         if len(users) and torch.isinf(best).any():
             user = int(users[torch.isinf(best).any(dim=1).nonzero()[0, 0]])
             raise ValueError(f"user code {user} has fewer than k={k} items left to recommend")

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from recsys.checkpoint import (
     check_classes,
+    data_state,
     lightning_checkpoint,
     load_meta,
     load_shards,
@@ -200,9 +200,7 @@ def data_from_checkpoint(
     raw files that give the same one, and refuses others. Call `prepare_data` and `setup` next.
     """
     hparams = checkpoint.get(L.LightningDataModule.CHECKPOINT_HYPER_PARAMS_KEY)
-    state = next(
-        (v for v in checkpoint.values() if isinstance(v, Mapping) and "data_class" in v), None
-    )
+    state = data_state(checkpoint)
     if hparams is None or state is None:
         raise InputError(
             "the checkpoint holds no data module (datamodule_hyper_parameters and its "

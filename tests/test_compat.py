@@ -38,6 +38,7 @@ from recsys.checkpoint import RENAMED, RefusedCheckpoint, check_classes
 from recsys.data import FeatureSpec
 from recsys.data.store import FeatureStore
 from recsys.evaluate import run as evaluate
+from recsys.lit.module import RecommenderModule
 from recsys.models import MF, NeuMF, common, mf, ncf
 from recsys.models.ncf import upgrade_hparams
 from recsys.recommender import Recommender
@@ -229,3 +230,10 @@ def test_the_networks_compute_what_neumf_of_main_4528d44_did(case, sparse, path,
 def test_neumf_points_variant_mf_at_the_mf_model():
     with pytest.raises(ValueError, match="model.variant=mf: .* use model=mf"):
         NeuMF(SPEC, variant="mf")
+
+
+def test_load_from_checkpoint_refuses_a_class_from_elsewhere(tmp_path):
+    path = _rewritten(tmp_path, lambda c: c["hyper_parameters"].update(net="subprocess.Popen"))
+    with pytest.raises(RefusedCheckpoint, match="recsys builds only its own classes"):
+        RecommenderModule.load_from_checkpoint(path)
+    assert type(RecommenderModule.load_from_checkpoint(NEUMF).net) is NeuMF

@@ -19,6 +19,7 @@ from recsys.models.neighbors import EASE
 from recsys.predict import run as predict
 from recsys.recommender import Recommender
 from recsys.retrieval import (
+    AnnRetriever,
     AnnUnsupported,
     inner_product_part,
     pair_scores,
@@ -209,17 +210,34 @@ def test_candidates_of_other_data_or_not_factorised_are_refused(
         load("dlrm", f"serve.candidates={folder}/nothing.ckpt")
 
 
-def test_the_service_answers_from_the_index(load):
+def _spy_on_the_index(monkeypatch) -> list:
+    """The users of every `AnnRetriever.top_k` call from now on."""
+    calls, top_k = [], AnnRetriever.top_k
+
+    def spied(self, users, *args, **kwargs):
+        calls.append(users.tolist())
+        return top_k(self, users, *args, **kwargs)
+
+    monkeypatch.setattr(AnnRetriever, "top_k", spied)
+    return calls
+
+
+def test_the_service_answers_from_the_index(load, monkeypatch):
     rec = load("gmf", "serve.retrieval=ann", *GENEROUS["hnsw"])
     client = TestClient(create_app(rec))
+    calls = _spy_on_the_index(monkeypatch)
     answer = client.get("/recommend?user_id=1&k=5").json()
+    assert calls == [rec.user_codes(["1"]).tolist()]
     top, logits = rec.recommend(rec.user_codes(["1"]), 5)
     assert [i["item_id"] for i in answer["items"]] == rec.item_index[top[0]].tolist()
     meta = client.get("/metadata").json()["retrieval"]
     assert meta["retrieval"] == "ann" and meta["ann"]["index"] == "hnsw"
 
 
-def test_predict_retrieves_from_the_index_too(ckpts, load, data_dir, cache_dir, tmp_path):
+def test_predict_retrieves_from_the_index_too(
+    ckpts, load, data_dir, cache_dir, tmp_path, monkeypatch
+):
+    calls = _spy_on_the_index(monkeypatch)
     cfg = compose_cfg(
         "predict",
         data_dir,
@@ -231,6 +249,7 @@ def test_predict_retrieves_from_the_index_too(ckpts, load, data_dir, cache_dir, 
         "k=5",
     )
     frame = pd.read_csv(predict(cfg)["output"], dtype={"user_id": str, "item_id": str})
+    assert calls  # predict.py asked the index
     rec = load("gmf", "serve.retrieval=ann")
     top, _ = rec.recommend(rec.user_codes(["1", "2"]), 5)
     assert frame.item_id.tolist() == rec.item_index[top.reshape(-1)].tolist()
@@ -244,7 +263,7 @@ def test_the_towers_that_propose_candidates():
     h = neumf.head.weight[0, :4]
     assert not part.whole and part.name == "GMF tower"
     torch.testing.assert_close(part.user_vectors, neumf.gmf.user.weight.detach())
-    torch.testing.assert_close(part.item_vectors, (neumf.gmf_item.weight * h).detach())
+    torch.testing.assert_close(part.item_vectors, (neumf.gmf.item.weight * h).detach())
     hybrid = Hybrid(spec, embedding_dim=4, mlp_layers=[8]).eval()
     part = inner_product_part(hybrid, 5)
     assert not part.whole and part.name == "dot product"

@@ -195,13 +195,13 @@ def test_weights_that_are_not_finite_are_refused_at_load(
     tmp_path,
 ):
     checkpoint = torch.load(ckpt, weights_only=True)
-    checkpoint["state_dict"]["net.gmf_item.weight"][7] = float("nan")
+    checkpoint["state_dict"]["net.gmf.item.weight"][7] = float("nan")
     broken = tmp_path / "nan.ckpt"
     torch.save(checkpoint, broken)
     with pytest.raises(InputError) as refused:
         _recommender(broken, data_dir, cache_dir, tmp_path)
     message = str(refused.value)
-    assert message.startswith(f"{broken}: gmf_item.weight (1682, 32) holds 32 NaN or infinite")
+    assert message.startswith(f"{broken}: gmf.item.weight (1682, 32) holds 32 NaN or infinite")
     assert "(the first at index [7, 0])" in message
 
 

@@ -17,7 +17,7 @@ from torchmetrics.classification import BinaryAccuracy, BinaryAUROC
 from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
-from recsys.checkpoint import load_weights_only
+from recsys.checkpoint import check_classes, checkpoint_state, load_weights_only
 from recsys.config import plain
 from recsys.data.batch import Batch
 from recsys.data.negatives import bpr_loss
@@ -45,7 +45,8 @@ class RecommenderModule(L.LightningModule):
     """Trains any `recsys.models` network on `Batch` objects with a pointwise loss.
 
     All arguments are primitives (saved as hyperparameters), so
-    ``RecommenderModule.load_from_checkpoint(path)`` rebuilds the network without Hydra.
+    ``RecommenderModule.load_from_checkpoint(path)`` rebuilds the network without Hydra (of
+    the platform's classes only, `recsys.checkpoint.check_classes`).
 
     Args:
         net: import path of the network class, e.g. ``recsys.models.NeuMF``.
@@ -174,6 +175,15 @@ class RecommenderModule(L.LightningModule):
         metrics depend on the logits' order alone; accuracy and the binary cross-entropy
         (``val/loss``, ``test/logloss``) are reported only under a pointwise loss."""
         return self.hparams.loss == "bce" and not self.closed_form
+
+    @classmethod
+    def load_from_checkpoint(  # type: ignore[override]
+        cls, checkpoint_path: str | Path, *args: Any, trusted_classes: tuple = (), **kwargs: Any
+    ) -> RecommenderModule:
+        """Lightning's ``load_from_checkpoint``, after `check_classes` found only the
+        platform's classes (or ``trusted_classes``) named in the file."""
+        check_classes(checkpoint_state(Path(checkpoint_path)), checkpoint_path, trusted_classes)
+        return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
 
     @property
     def closed_form(self) -> bool:

@@ -238,11 +238,13 @@ class NeuMF(nn.Module):
 
     def score_catalogue(self, users: torch.Tensor, item_part: dict) -> torch.Tensor:
         """Logits [U, I] of users [U] against every item: the same function as `forward`,
-        with the user halves computed once per user instead of once per pair."""
+        with the user halves computed once per user instead of once per pair. Each tower's
+        term is added where ``item_part`` holds its part (`recsys.retrieval` scores the GMF
+        tower alone)."""
         logits = self.head.bias
-        if self.gmf is not None:
+        if "gmf" in item_part:
             logits = logits + self.gmf.score_catalogue(users, item_part["gmf"])
-        if self.mlp is not None:
+        if "mlp_user" in item_part:
             hidden = self.mlp.score_catalogue(users, item_part)  # [U * I, L]
             logits = logits + (hidden @ item_part["mlp_head"]).view(len(users), -1)
         return logits

@@ -31,7 +31,7 @@ import signal
 import socket
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from multiprocessing.process import BaseProcess
 from pathlib import Path
@@ -41,7 +41,7 @@ from omegaconf import DictConfig, OmegaConf
 from prometheus_client.multiprocess import mark_process_dead
 from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
-from recsys.checkpoint import checkpoint_from_config, checkpoint_state
+from recsys.checkpoint import checkpoint_from_config, checkpoint_state, data_state
 from recsys.console import quiet_libraries
 from recsys.data.identity import describe_changes, settings_changes
 from recsys.data.spec import FeatureSpec
@@ -53,6 +53,7 @@ from recsys.serve.dependencies import Limits
 
 log = logging.getLogger(__name__)
 
+PORT_LOCK_SECONDS = 10  # the longest a start waits for another start on the same port to bind it
 RESTART_DELAY_MAX = 30.0  # seconds between tries for a worker that keeps dying as it starts
 DRAIN_SECONDS = 0.5  # a stopping worker's pause between no longer accepting and closing idle
 # connections: a request on a connection it accepted just before gets in
@@ -150,9 +151,8 @@ class ReadyServer(uvicorn.Server):
 
 def listening_socket(host: str, port: int, backlog: int = 2048) -> socket.socket:
     """A listening socket with SO_REUSEPORT: one per worker slot on the same port, and the
-    kernel spreads the connections over them. (With one shared socket, as uvicorn's own
-    workers have, the first worker to wake accepts every connection of a burst: under a load
-    test one worker served all 16 keep-alive clients while the other idled.)"""
+    kernel spreads the connections over them (with one shared socket, as uvicorn's own
+    workers have, the first worker to wake accepts a whole burst)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -164,10 +164,22 @@ def listening_socket(host: str, port: int, backlog: int = 2048) -> socket.socket
 
 @contextlib.contextmanager
 def _port_lock(port: int) -> Iterator[None]:
-    """Two starts on one port check and bind it one after the other."""
-    path = Path(tempfile.gettempdir()) / f"recsys-serve-{port}.lock"
+    """Two starts on one port check and bind it one after the other (a lock file of this
+    user's; a start that waits for it more than ``PORT_LOCK_SECONDS`` is refused)."""
+    path = Path(tempfile.gettempdir()) / f"recsys-serve-{os.getuid()}-{port}.lock"
     with path.open("a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
+        deadline = time.monotonic() + PORT_LOCK_SECONDS
+        while True:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise InputError(
+                        f"port {port}: another start of recsys.serve has held {path} for "
+                        f"{PORT_LOCK_SECONDS} s; stop it, or pass another serve.port=..."
+                    ) from None
+                time.sleep(0.1)
         try:
             yield
         finally:
@@ -255,7 +267,7 @@ def servable_checkpoint(cfg: DictConfig) -> str:
 def data_identity(ckpt_path: str | Path) -> tuple[str | None, dict]:
     """The processed data folder and data settings that a checkpoint was trained on."""
     state = checkpoint_state(Path(ckpt_path))
-    data = next((v for v in state.values() if isinstance(v, Mapping) and "data_class" in v), {})
+    data = data_state(state) or {}
     return data.get("processed"), dict(data.get("settings") or {})
 
 
