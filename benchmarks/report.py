@@ -197,6 +197,28 @@ def headline(docs: dict[str, dict]) -> str:
                     f"{hr:.4f} / {ndcg:.4f}{against}",
                     "ncf_table",
                 )
+    if (doc := docs.get("serve")) is not None:
+        for case, retrieval in (
+            ("ml-1m NeuMF", "exact"),
+            ("synthetic 1M items MF", "exact"),
+            ("synthetic 1M items MF", "ann"),
+            ("synthetic 1M items MF", "ann ef_search=512"),
+            ("Book-Crossing DLRM", "exact"),
+            ("Book-Crossing DLRM", "two-stage"),
+        ):
+            where = {"model": case, "retrieval": retrieval, "endpoint": "GET /recommend k=10"}
+            where.update(clients=16, bad=0.0)
+            rate = _value(doc, metric="requests_per_sec", **where)
+            p99 = _value(doc, metric="p99_ms", **where)
+            recall = _value(doc, model=case, metric="recall_at_10", retrieval=retrieval)
+            if rate is not None and p99 is not None:
+                also = "" if recall is None else f", recall@10 {recall:.3f}"
+                add(
+                    f"Serving {case} ({retrieval}), GET /recommend, 2 workers, 16 clients: "
+                    "requests/s (p99)",
+                    f"{number(rate)} ({p99:.0f} ms{also})",
+                    "serve",
+                )
     if (doc := docs.get("criteo_scale")) is not None:
         for row in doc["rows"]:
             s = row["settings"]
