@@ -168,7 +168,7 @@ async def drive(base: str, make_request, clients: int, seconds: float, seed: int
                 async with session.request(method, path, json=body) as response:
                     await response.read()
                     return 400 <= response.status < 500 if bad else response.status == 200
-            except aiohttp.ServerDisconnectedError:  # e.g. idle past serve.timeout_keep_alive
+            except aiohttp.ClientConnectionError:  # closed by the server under the request
                 return False
 
         warm = random.Random(seed)
