@@ -18,6 +18,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -315,12 +316,21 @@ def test_a_killed_worker_is_started_again_and_health_waits_for_it(server):
     workers = server.workers()
     assert len(workers) == 2
     os.kill(workers[0], signal.SIGKILL)
-    deadline, seen_503 = time.monotonic() + 120, False
-    while True:
-        r = httpx.get(f"{server.base}/health", timeout=120)  # the slot's queue waits
-        seen_503 |= r.status_code == 503
-        if r.status_code == 200 and seen_503:
-            break
+    server.wait_for(f"(pid {workers[0]}) exited with code -9")
+
+    def health() -> int | None:  # a new connection: the kernel picks the slot
+        try:
+            return httpx.get(f"{server.base}/health", timeout=2).status_code
+        except httpx.TimeoutException:  # the dead slot's queue waits for its new worker
+            return None
+
+    # the live worker answers while the other is down; 20 connections all landing on the
+    # dead slot's queue has a chance of 2^-20
+    with ThreadPoolExecutor(20) as pool:
+        answers = list(pool.map(lambda _: health(), range(20)))
+    assert 503 in answers, answers
+    deadline = time.monotonic() + 120
+    while (r := httpx.get(f"{server.base}/health", timeout=120)).status_code != 200:
         assert time.monotonic() < deadline, f"not ready again in 120 s:\n{server.text()}"
         time.sleep(0.1)
     assert r.json() == {"status": "ok", "workers": 2, "ready": 2}
