@@ -134,19 +134,24 @@ class Blocking(OneUser):
 
 
 @pytest.mark.parametrize(
-    "model,inline_scores,request_",
+    "model,limits,request_",
     [
-        ("pair-scored", 100_000, ("GET", "/recommend?user_id=u&k=1", None)),
-        ("factorised", 3, ("POST", "/recommend", {"user_ids": ["u", "u"], "k": 1})),
+        ("pair-scored", {"inline_forward": 999}, ("GET", "/recommend?user_id=u&k=1", None)),
+        (
+            "factorised",
+            {"inline_scores": 3},
+            ("POST", "/recommend", {"user_ids": ["u", "u"], "k": 1}),
+        ),
     ],
 )
-def test_long_scoring_runs_off_the_event_loop(rec, model, inline_scores, request_):  # noqa: F811
-    """While a request of a model scored pair by pair, or one that scores more than
+def test_long_scoring_runs_off_the_event_loop(rec, model, limits, request_):  # noqa: F811
+    """While a request that runs more than ``inline_forward`` pairs through the model's
+    forward (1,000 items of a model scored pair by pair), or one that scores more than
     ``inline_scores`` pairs, is being scored, ``/health`` answers (on the loop it would wait
     for the scoring to end: here, for ever)."""
-    blocking = type("B", (Blocking,), {"forward_items": 1 if model == "pair-scored" else 0})
+    blocking = type("B", (Blocking,), {"forward_items": 1000 if model == "pair-scored" else 0})
     blocking.started, blocking.released = threading.Event(), threading.Event()
-    app = create_app(rec, inline_scores=inline_scores)
+    app = create_app(rec, **limits)
     app.dependency_overrides[get_recommender] = blocking
     answers = []
     # one event loop for every request; the scoring's timeout answers 500, not an exception
@@ -163,6 +168,29 @@ def test_long_scoring_runs_off_the_event_loop(rec, model, inline_scores, request
     assert health.status_code == 200
     # 500 (the scoring timed out) where /health waited for the scoring to end
     assert [a.status_code for a in answers] == [200], "/health was not answered meanwhile"
+
+
+class Where(OneUser):
+    """`OneUser` that notes the thread it scores in."""
+
+    threads: list[str] = []
+
+    def recommend(self, codes: np.ndarray, k: int, exclude_seen: bool = True):
+        self.threads.append(threading.current_thread().name)
+        return super().recommend(codes, k, exclude_seen)
+
+
+@pytest.mark.parametrize("forward_items,on_loop", [(1000, True), (1001, False)])
+def test_a_small_forward_is_scored_on_the_loop(rec, forward_items, on_loop):  # noqa: F811
+    """A request of no more than ``inline_forward`` forward pairs is scored on the event loop
+    (the thread pool's hop would cost more than the scoring); one more pair, in a thread."""
+    where = type("W", (Where,), {"forward_items": forward_items, "threads": []})
+    app = create_app(rec, inline_forward=1000)
+    app.dependency_overrides[get_recommender] = where
+    with TestClient(app) as client:
+        loop_thread = client.portal.call(lambda: threading.current_thread().name)
+        assert client.get("/recommend?user_id=u&k=1").status_code == 200
+    assert (where.threads == [loop_thread]) is on_loop, (where.threads, loop_thread)
 
 
 # --- model faults --------------------------------------------------------------------------

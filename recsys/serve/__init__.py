@@ -29,9 +29,10 @@ An unknown id answers 404 naming it (the first five of several; or, with
 ``serve.max_results``, users x items over ``serve.max_pairs`` for a model that does not
 factorise) 422; a body over ``serve.max_body_bytes`` 413, unparsed; a Host header that
 ``serve.allowed_hosts`` does not list 400; any other failure 500, with its traceback in the log.
-Long scoring runs in a worker thread (``serve.inline_scores``). When ``serve.api_key`` (or
-``RECSYS_API_KEY``; empty is refused) is set, every route but ``/health`` needs it in the
-``X-API-Key`` header, ``/openapi.json`` too, and ``/docs`` and ``/redoc`` are off.
+Long scoring runs in a worker thread (``serve.inline_scores``, ``serve.inline_forward``).
+When ``serve.api_key`` (or ``RECSYS_API_KEY``; empty is refused) is set, every route but
+``/health`` needs it in the ``X-API-Key`` header, ``/openapi.json`` too, and ``/docs`` and
+``/redoc`` are off.
 
 Once every worker has loaded its model and accepts connections, the log says
 ``ready: serving <model> on http://<host>:<port>``; before, connections wait in the port's

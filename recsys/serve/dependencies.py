@@ -34,9 +34,13 @@ class Limits:
         max_results: the most items one answer may hold (users x k).
         max_pairs: the most (user, item) pairs that the model's forward may score for one
             request: users x catalogue items for a model that does not factorise.
-        inline_scores: requests that score more (user, item) pairs than this, and every request
-            that runs the forward of a model that does not factorise, are answered in a worker
-            thread so that the event loop answers ``/health`` and other requests meanwhile.
+        inline_scores: requests that score more (user, item) pairs than this from a factorised
+            model's vectors (a matrix product over the catalogue) are answered in a worker
+            thread, so that the event loop answers ``/health`` and other requests meanwhile.
+        inline_forward: likewise for requests that run more (user, item) pairs than this
+            through the model's forward (users x catalogue items for a model that does not
+            factorise, users x ``num_candidates`` for ANN and two-stage retrieval, the pairs of
+            ``POST /score``), a hundred or so times the cost of a pair of a matrix product.
         max_body_bytes: the largest request body; a larger one is answered 413 unread.
         allowed_hosts: the Host header values answered (``*``: any); others get 400.
     """
@@ -47,6 +51,7 @@ class Limits:
     max_results: int = 100_000
     max_pairs: int = 2_000_000
     inline_scores: int = 100_000
+    inline_forward: int = 2_000
     max_body_bytes: int = 1_048_576
     allowed_hosts: tuple[str, ...] = ("*",)
 
@@ -60,8 +65,10 @@ class Limits:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise InputError(f"serve.{name}={value!r} must be a whole number of at least 1")
-        if not isinstance(self.inline_scores, int) or self.inline_scores < 0:
-            raise InputError(f"serve.inline_scores={self.inline_scores!r} must be 0 or more")
+        for name in ("inline_scores", "inline_forward"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise InputError(f"serve.{name}={value!r} must be a whole number, 0 or more")
         if not self.allowed_hosts or not all(isinstance(h, str) for h in self.allowed_hosts):
             raise InputError(
                 f"serve.allowed_hosts={list(self.allowed_hosts)!r} must be a list of host names "

@@ -1,10 +1,10 @@
 """The service's routes (see `recsys.serve`): ``public`` needs no API key (``/health``),
 ``router`` holds the others, which `recsys.serve.app.create_app` guards with the key.
 
-The handlers are coroutines. A small request of a factorised model is scored on the event
-loop: it takes less CPU than a hop to the thread pool costs under the GIL
-(`docs/method-notes.md`). A request that scores more than ``serve.inline_scores`` pairs, or
-runs the forward of a model that does not factorise, is answered in a worker thread
+The handlers are coroutines. A small request is scored on the event loop: it takes less CPU
+than a hop to the thread pool costs under the GIL (`docs/method-notes.md`). A request that
+scores more than ``serve.inline_scores`` pairs by a matrix product, or runs more than
+``serve.inline_forward`` pairs through the model's forward, is answered in a worker thread
 (`respond`), so that the loop answers ``/health`` and other requests meanwhile. Concurrency
 comes from ``serve.workers``.
 
@@ -92,7 +92,7 @@ async def get_recommend(
     return await respond(
         lambda: recommendations(rec, [user_id], k, exclude_seen, fallback)[0],
         rec.num_items,
-        rec.forward_items > 0,
+        rec.forward_items,
         limits,
     )
 
@@ -109,7 +109,7 @@ async def post_recommend(rec: Rec, limits: Limit, request: RecommendRequest) -> 
             )
         },
         users * rec.num_items,
-        rec.forward_items > 0,
+        users * rec.forward_items,
         limits,
     )
 
@@ -123,7 +123,7 @@ async def get_similar(rec: Rec, limits: Limit, item_id: str, k: K = 10) -> JSONR
         top, sims = rec.similar(int(code), min(k, rec.num_items - 1))
         return {"item_id": item_id, "items": items(rec, top, sims, "similarity")}
 
-    return await respond(answer, rec.num_items, False, limits)
+    return await respond(answer, rec.num_items, 0, limits)
 
 
 @router.post("/score")
@@ -146,16 +146,17 @@ async def post_score(rec: Rec, limits: Limit, request: ScoreRequest) -> JSONResp
         ]
         return {"scores": scores}
 
-    return await respond(answer, len(request.pairs), rec.forward_items > 0, limits)
+    return await respond(answer, 0, len(request.pairs), limits)
 
 
 async def respond(
-    answer: Callable[[], dict], scores: int, forward: bool, limits: Limits
+    answer: Callable[[], dict], scores: int, forward: int, limits: Limits
 ) -> JSONResponse:
     """``answer()`` as JSON, computed and encoded in a worker thread when the request scores
-    more than ``limits.inline_scores`` pairs or runs the forward of a model that does not
-    factorise (``forward``), else on the event loop."""
-    if forward or scores > limits.inline_scores:
+    more than ``limits.inline_scores`` pairs by a matrix product (``scores``) or runs more
+    than ``limits.inline_forward`` pairs through the model's forward (``forward``), else on
+    the event loop."""
+    if scores > limits.inline_scores or forward > limits.inline_forward:
         return await run_in_threadpool(lambda: JSONResponse(answer()))
     return JSONResponse(answer())
 
