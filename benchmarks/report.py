@@ -202,9 +202,9 @@ def headline(docs: dict[str, dict]) -> str:
             ("ml-1m NeuMF", "exact"),
             ("synthetic 1M items MF", "exact"),
             ("synthetic 1M items MF", "ann"),
-            ("synthetic 1M items MF", "ann ef_search=512"),
             ("Book-Crossing DLRM", "exact"),
             ("Book-Crossing DLRM", "two-stage"),
+            ("Book-Crossing DLRM", "two-stage 1,000 candidates"),
         ):
             where = {"model": case, "retrieval": retrieval, "endpoint": "GET /recommend k=10"}
             where.update(clients=16, bad=0.0)

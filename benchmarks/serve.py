@@ -7,9 +7,9 @@
         [results=benchmarks/results] [hydra overrides of the cases' training]
 
 Cases (`CASES`): ML-1M NeuMF exact and with an ANN index (``serve.retrieval=ann``); a
-synthetic catalogue of 1M items under a matrix factorisation as initialised (random vectors:
-an index has no structure to exploit), exact and ANN; Book-Crossing DLRM scoring every item
-and two-stage (``serve.candidates=``: a GMF of the same data proposes the items).
+synthetic catalogue of 1M items under a matrix factorisation trained 2 epochs on 20M
+interactions of the synthetic generator, exact and ANN; Book-Crossing DLRM scoring every item
+and two-stage (``serve.candidates=``: a GMF of the same data proposes 100 or 1,000 items).
 
 Each case trains its models first (short runs, unless ``ckpt`` is given), then per variant
 measures the retrieval recall@10 against exhaustive scoring in this process (which also
@@ -71,21 +71,25 @@ class Case:
 
 
 EXACT_ANN = {"exact": [], "ann": ["serve.retrieval=ann"]}
-# random vectors: a wider search list for the recall target
-WIDE = ["serve.retrieval=ann", "serve.ann.ef_search=512"]
-EXACT_ANN_WIDE = {**EXACT_ANN, "ann ef_search=512": WIDE}
-TWO_STAGE = {"exact": [], "two-stage": ["serve.candidates={candidates}"]}
-# a matrix factorisation after one step: its vectors are as initialised (random); items
-# drawn uniformly, so that nearly every item of the catalogue has a row
-SYNTHETIC_MF = ["data=synthetic", "model=mf", "+trainer.limit_train_batches=1"]
-SYNTHETIC_MF += ["trainer.max_epochs=1", "data.split.val=0.01", "data.split.test=0.01"]
-SYNTHETIC_MF += ["data.item_exponent=0.0"]
+TWO_STAGE = {
+    "exact": [],
+    "two-stage": ["serve.candidates={candidates}"],
+    "two-stage 1,000 candidates": ["serve.candidates={candidates}", "serve.num_candidates=1000"],
+}
+# a matrix factorisation of the synthetic generator's log, items drawn uniformly so that
+# every item of the catalogue is trained; row-sparse Adam, as large tables want
+SYNTHETIC_MF = ["data=synthetic", "model=mf", "trainer.max_epochs=2", "data.item_exponent=0.0"]
+SYNTHETIC_MF += ["data.split.val=0.01", "data.split.test=0.01", "data.batch_size=16384"]
+SYNTHETIC_MF += ["callbacks.early_stopping=null", "model.sparse_grad=true"]
+SYNTHETIC_MF += [
+    "model.sparse_optimizer={_target_: recsys.lit.optim.RowSparseAdam, _partial_: true, lr: 0.01}"
+]
 BOOKS = ["data=books", "trainer.max_epochs=1"]
 CASES = {
     "ml-1m NeuMF": Case(["experiment=ml1m_neumf", "trainer.max_epochs=3"], EXACT_ANN),
     "synthetic 1M items MF": Case(
-        [*SYNTHETIC_MF, "data.num_items=1000000", "data.num_users=20000", "data.num_rows=4000000"],
-        EXACT_ANN_WIDE,
+        [*SYNTHETIC_MF, "data.num_items=1000000", "data.num_users=20000", "data.num_rows=20000000"],
+        EXACT_ANN,
     ),
     "Book-Crossing DLRM": Case(
         [*BOOKS, "model=dlrm"], TWO_STAGE, candidates=[*BOOKS, "model.variant=gmf"]
@@ -95,8 +99,8 @@ ML100K = ["data=movielens", "data.variant=100k", "trainer.max_epochs=1"]
 QUICK_CASES = {
     "ml-100k NeuMF": Case(ML100K, EXACT_ANN),
     "synthetic 20K items MF": Case(
-        [*SYNTHETIC_MF, "data.num_items=20000", "data.num_users=2000", "data.num_rows=80000"],
-        EXACT_ANN_WIDE,
+        [*SYNTHETIC_MF, "data.num_items=20000", "data.num_users=2000", "data.num_rows=400000"],
+        EXACT_ANN,
     ),
     "ml-100k DLRM": Case(
         [*ML100K, "model=dlrm"], TWO_STAGE, candidates=[*ML100K, "model.variant=gmf"]

@@ -232,7 +232,8 @@ def index_key(item_vectors: torch.Tensor, settings: AnnSettings) -> str:
     faiss = _faiss()
     digest = hashlib.sha256(item_vectors.numpy().tobytes())
     build = {k: v for k, v in asdict(settings).items() if k not in ("ef_search", "nprobe")}
-    layout = [build, list(item_vectors.shape), "l2-augmented", faiss.__version__]
+    space = "l2-augmented" if settings.index == "ivf_flat" else "inner-product"
+    layout = [build, list(item_vectors.shape), space, faiss.__version__]
     digest.update(json.dumps(layout).encode())
     return digest.hexdigest()[:16]
 
@@ -241,12 +242,11 @@ class InnerProductIndex:
     """A FAISS index over item vectors [I, D] whose `search` gives the items of largest inner
     product with a user vector.
 
-    Maximum inner product is turned into nearest neighbour (Bachrach et al., RecSys 2014):
-    each item vector gets one more coordinate, sqrt(M^2 - |x|^2) with M the largest norm, so
-    all have norm M, and a user vector gets a 0 there; then |q - x|^2 = |q|^2 + M^2 - 2 q.x
-    orders items as -q.x does. k-means cells and graph links built on L2 distances find the
-    largest inner products far more often than on the inner product itself, whose
-    neighbourhoods are dominated by the longest vectors.
+    ``hnsw`` and ``flat`` search the inner product itself (``METRIC_INNER_PRODUCT``: graph
+    links chosen by it). ``ivf_flat`` searches L2 over item vectors made one norm (Bachrach et
+    al., RecSys 2014): each item vector gets one more coordinate, sqrt(M^2 - |x|^2) with M the
+    largest norm, and a user vector a 0 there; then |q - x|^2 = |q|^2 + M^2 - 2 q.x orders
+    items as -q.x does, and the k-means cells are not taken over by the longest vectors.
 
     With ``cache_dir`` set, the index is read from ``<cache_dir>/<stem>.<key>.faiss`` when
     that file exists (``key``: `index_key`, so an index of other vectors or settings is never
@@ -267,7 +267,7 @@ class InnerProductIndex:
         if self.loaded:
             self.index = faiss.read_index(str(self.path))
         else:
-            self.index = self._build(_to_euclidean(item_vectors).numpy())
+            self.index = self._build(self._items(item_vectors).numpy())
             if self.path is not None:
                 self._save()
         if settings.index == "hnsw":
@@ -277,12 +277,26 @@ class InnerProductIndex:
         # searches use as many threads as torch (serve.torch_threads per worker)
         faiss.omp_set_num_threads(torch.get_num_threads())
 
+    @property
+    def augmented(self) -> bool:
+        """Whether the index searches L2 over norm-equalised vectors (``ivf_flat``)."""
+        return self.settings.index == "ivf_flat"
+
+    def _items(self, item_vectors: torch.Tensor) -> torch.Tensor:
+        """The vectors the index holds: the item vectors, one norm when `augmented`."""
+        if not self.augmented:
+            return item_vectors.float().contiguous()
+        x = item_vectors.double()
+        norms = x.square().sum(1)
+        extra = (norms.max() - norms).clamp_min(0).sqrt()
+        return torch.cat([x, extra[:, None]], 1).float().contiguous()
+
     def _build(self, x: np.ndarray):
         faiss, s, d = _faiss(), self.settings, x.shape[1]
         if s.index == "flat":
-            index = faiss.IndexFlatL2(d)
+            index = faiss.IndexFlatIP(d)
         elif s.index == "hnsw":
-            index = faiss.IndexHNSWFlat(d, s.hnsw_m)
+            index = faiss.IndexHNSWFlat(d, s.hnsw_m, faiss.METRIC_INNER_PRODUCT)
             index.hnsw.efConstruction = s.ef_construction
         else:
             nlist = s.nlist or max(1, int(4 * math.sqrt(len(x))))
@@ -311,7 +325,9 @@ class InnerProductIndex:
         the index found fewer. ``skip``: per user, item codes the search passes over (FAISS
         filters them while it searches, so the list searched need not grow with them)."""
         faiss, n = _faiss(), min(n, self.num_items)
-        queries = torch.cat([user_vectors, user_vectors.new_zeros(len(user_vectors), 1)], 1)
+        queries = user_vectors.float()
+        if self.augmented:
+            queries = torch.cat([queries, queries.new_zeros(len(queries), 1)], 1)
         queries = np.ascontiguousarray(queries.numpy())
         if skip is None:
             _, ids = self.index.search(queries, n, params=self._params(n))
@@ -334,15 +350,6 @@ class InnerProductIndex:
         if s.index == "ivf_flat":
             return faiss.SearchParametersIVF(nprobe=self.index.nprobe, sel=selector)
         return faiss.SearchParameters(sel=selector) if selector is not None else None
-
-
-def _to_euclidean(item_vectors: torch.Tensor) -> torch.Tensor:
-    """Item vectors [I, D + 1] of one norm, whose L2 neighbours are the inner product's
-    largest (`InnerProductIndex`)."""
-    x = item_vectors.double()
-    norms = x.square().sum(1)
-    extra = (norms.max() - norms).clamp_min(0).sqrt()
-    return torch.cat([x, extra[:, None]], 1).float().contiguous()
 
 
 @torch.inference_mode()
