@@ -151,13 +151,16 @@ class Recommender:
         self.retrieval = retrieval or RetrievalSettings()
         self.candidate_model = candidates
         self.retriever = self._retriever(task)
-        # the items a user's top-k runs through the forward, pair by pair: the candidates of
-        # an index or a candidate model; else every item for a model that does not factorise,
-        # none for one that does (a matrix product with its item half)
+        # the items a user's top-k scores by a matrix product with the model's item half
+        # (``catalogue_items``: every item of a factorised model scored exhaustively) and
+        # through the forward, pair by pair (``forward_items``: the candidates of an index or
+        # a candidate model, or every item of a model that does not factorise)
         if isinstance(self.retriever, AnnRetriever | TwoStageRetriever):
+            self.catalogue_items = 0
             self.forward_items = min(self.retrieval.num_candidates, self.num_items)
         else:
-            self.forward_items = 0 if self.scorer.factorised else self.num_items
+            self.catalogue_items = self.num_items if self.scorer.factorised else 0
+            self.forward_items = self.num_items - self.catalogue_items
 
     def _retriever(self, task: str) -> Retriever:
         settings, candidates = self.retrieval, self.candidate_model

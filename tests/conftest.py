@@ -11,6 +11,10 @@ from omegaconf import DictConfig, open_dict
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
+# a process the tests start (DDP's spawned ranks, torchrun, the server's workers) that
+# crashes prints its Python stack, as pytest's faulthandler does for the test process
+os.environ.setdefault("PYTHONFAULTHANDLER", "1")
+
 
 @pytest.fixture(scope="session")
 def data_dir() -> Path:

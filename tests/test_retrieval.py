@@ -96,6 +96,8 @@ def test_exact_retrieval_has_recall_one(load):
 def test_ann_top_k_is_the_exhaustive_top_k(load, name, index):
     exact, ann = load(name), load(name, "serve.retrieval=ann", *GENEROUS[index])
     assert ann.retriever.whole  # the index ranks by the logit itself
+    # the serving limits' count: the candidates through the forward, no catalogue product
+    assert (ann.catalogue_items, ann.forward_items) == (0, 100)
     assert retrieval_recall(ann.retriever, exact.scorer, USERS, 10, exact.seen) >= 0.95
     top, logits = ann.recommend(USERS.numpy(), 10)
     # the scores are the model's forward on the returned pairs, best first

@@ -242,7 +242,8 @@ class OneUser:
     (or another service) hands the routes instead of a model."""
 
     num_items = 2
-    forward_items = 0  # factorised: scored with a matrix product, not pair by pair
+    catalogue_items = 2  # factorised: scored with a matrix product, not pair by pair
+    forward_items = 0
     item_records = [{"item_id": "y"}, {"item_id": "z"}]
 
     def user_codes(self, raw_ids: list, missing_ok: bool = False) -> np.ndarray:
@@ -291,6 +292,7 @@ def test_every_model_serves(name, overrides, tmp_path_factory, data_dir, cache_d
     assert [i["item_id"] for i in answer["items"]] == list(scores.drop(seen).nlargest(10).index)
     assert rec.scorer.factorised == (name in ("hybrid", "gmf bpr", "neumf implicit"))
     assert rec.forward_items == (0 if rec.scorer.factorised else rec.num_items)
+    assert rec.catalogue_items == rec.num_items - rec.forward_items
     assert client.get("/similar?item_id=1&k=3").status_code == 200
     scored = client.post("/score", json={"pairs": [{"user_id": 5, "item_id": 1}]}).json()
     # probabilities only from BCE on explicit feedback: under implicit feedback sigmoid(logit)

@@ -34,6 +34,7 @@ class PairModel(OneUser):
     """`OneUser` as a model that does not factorise: it scores 1,000 items per user through
     its forward."""
 
+    catalogue_items = 0
     forward_items = 1000
 
 
@@ -149,7 +150,12 @@ def test_long_scoring_runs_off_the_event_loop(rec, model, limits, request_):  # 
     forward (1,000 items of a model scored pair by pair), or one that scores more than
     ``inline_scores`` pairs, is being scored, ``/health`` answers (on the loop it would wait
     for the scoring to end: here, for ever)."""
-    blocking = type("B", (Blocking,), {"forward_items": 1000 if model == "pair-scored" else 0})
+    pair_scored = model == "pair-scored"
+    blocking = type(
+        "B",
+        (Blocking,),
+        {"forward_items": 1000 if pair_scored else 0, "catalogue_items": 0 if pair_scored else 2},
+    )
     blocking.started, blocking.released = threading.Event(), threading.Event()
     app = create_app(rec, **limits)
     app.dependency_overrides[get_recommender] = blocking
@@ -184,7 +190,8 @@ class Where(OneUser):
 def test_a_small_forward_is_scored_on_the_loop(rec, forward_items, on_loop):  # noqa: F811
     """A request of no more than ``inline_forward`` forward pairs is scored on the event loop
     (the thread pool's hop would cost more than the scoring); one more pair, in a thread."""
-    where = type("W", (Where,), {"forward_items": forward_items, "threads": []})
+    where = type("W", (Where,), {"catalogue_items": 0, "forward_items": forward_items})
+    where.threads = []
     app = create_app(rec, inline_forward=1000)
     app.dependency_overrides[get_recommender] = where
     with TestClient(app) as client:

@@ -91,7 +91,7 @@ async def get_recommend(
     check_work(1, k, rec, limits)
     return await respond(
         lambda: recommendations(rec, [user_id], k, exclude_seen, fallback)[0],
-        rec.num_items,
+        rec.catalogue_items,
         rec.forward_items,
         limits,
     )
@@ -108,7 +108,7 @@ async def post_recommend(rec: Rec, limits: Limit, request: RecommendRequest) -> 
                 rec, request.user_ids, request.k, request.exclude_seen, request.fallback
             )
         },
-        users * rec.num_items,
+        users * rec.catalogue_items,
         users * rec.forward_items,
         limits,
     )
