@@ -10,6 +10,7 @@ import copy
 import json
 import logging
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -198,6 +199,46 @@ def test_a_small_forward_is_scored_on_the_loop(rec, forward_items, on_loop):  # 
         loop_thread = client.portal.call(lambda: threading.current_thread().name)
         assert client.get("/recommend?user_id=u&k=1").status_code == 200
     assert (where.threads == [loop_thread]) is on_loop, (where.threads, loop_thread)
+
+
+class Slow(PairModel):
+    """`PairModel` whose scoring takes 0.2 s and notes how many requests score at once."""
+
+    lock = threading.Lock()
+    active, most = 0, 0
+
+    def recommend(self, codes: np.ndarray, k: int, exclude_seen: bool = True):
+        cls = type(self)
+        with cls.lock:
+            cls.active += 1
+            cls.most = max(cls.most, cls.active)
+        time.sleep(0.2)
+        with cls.lock:
+            cls.active -= 1
+        return super().recommend(codes, k, exclude_seen)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_scoring_threads_bound_the_requests_scored_at_once(rec, threads):  # noqa: F811
+    """Six long requests at once are scored ``serve.scoring_threads`` at a time (anyio's
+    default pool would score 40 at once, each with its forward's memory); all are answered."""
+    slow = type("S", (Slow,), {"lock": threading.Lock(), "active": 0, "most": 0})
+    app = create_app(rec, scoring_threads=threads, inline_forward=0)
+    app.dependency_overrides[get_recommender] = slow
+    with TestClient(app) as client:
+        answers = []
+        senders = [
+            threading.Thread(
+                target=lambda: answers.append(client.get("/recommend?user_id=u&k=1").status_code)
+            )
+            for _ in range(6)
+        ]
+        for sender in senders:
+            sender.start()
+        for sender in senders:
+            sender.join(timeout=30)
+    assert answers == [200] * 6
+    assert slow.most == threads
 
 
 # --- model faults --------------------------------------------------------------------------

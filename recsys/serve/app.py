@@ -10,6 +10,7 @@ import logging
 from dataclasses import asdict
 
 import torch
+from anyio import CapacityLimiter
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse
 from omegaconf import DictConfig
@@ -54,6 +55,7 @@ def create_app(rec: Recommender, api_key: str | None = None, **limits) -> FastAP
     app.state.summary = app.title.removeprefix("recsys: ")  # for the log
     app.state.recommender = rec
     app.state.limits = settings
+    app.state.scoring = CapacityLimiter(settings.scoring_threads)
     app.add_exception_handler(UnknownIdError, unknown_id)
     app.add_exception_handler(InputError, bad_input)
     app.include_router(routes.public)

@@ -12,6 +12,7 @@ import ipaddress
 import secrets
 from dataclasses import dataclass, fields
 
+from anyio import CapacityLimiter
 from fastapi import Header, HTTPException, Request
 from omegaconf import DictConfig
 
@@ -41,6 +42,9 @@ class Limits:
             through the model's forward (users x catalogue items for a model that does not
             factorise, users x ``num_candidates`` for ANN and two-stage retrieval, the pairs of
             ``POST /score``), a hundred or so times the cost of a pair of a matrix product.
+        scoring_threads: the requests scored in worker threads at once, per worker process;
+            more wait their turn. Each may hold a large forward's activations and one core:
+            this bounds the memory and the CPU that long requests take together.
         max_body_bytes: the largest request body; a larger one is answered 413 unread.
         allowed_hosts: the Host header values answered (``*``: any); others get 400.
     """
@@ -52,6 +56,7 @@ class Limits:
     max_pairs: int = 2_000_000
     inline_scores: int = 100_000
     inline_forward: int = 2_000
+    scoring_threads: int = 2
     max_body_bytes: int = 1_048_576
     allowed_hosts: tuple[str, ...] = ("*",)
 
@@ -61,7 +66,8 @@ class Limits:
                 f"serve.api_key (or RECSYS_API_KEY) is {self.api_key!r}: an empty key would turn "
                 "authentication off; set a key, or null (RECSYS_API_KEY unset) to serve without"
             )
-        for name in ("max_k", "max_batch", "max_results", "max_pairs", "max_body_bytes"):
+        positive = ("max_k", "max_batch", "max_results", "max_pairs", "scoring_threads")
+        for name in (*positive, "max_body_bytes"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise InputError(f"serve.{name}={value!r} must be a whole number of at least 1")
@@ -105,6 +111,11 @@ async def get_recommender(request: Request) -> Recommender:
 
 async def get_limits(request: Request) -> Limits:
     return request.app.state.limits
+
+
+async def get_scoring(request: Request) -> CapacityLimiter:
+    """The worker threads' limiter: ``serve.scoring_threads`` requests scored at once."""
+    return request.app.state.scoring
 
 
 async def check_api_key(request: Request, x_api_key: str | None = Header(None)) -> None:

@@ -19,18 +19,19 @@ from collections.abc import Callable
 from typing import Annotated, Literal
 
 import numpy as np
+from anyio import CapacityLimiter, to_thread
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
-from starlette.concurrency import run_in_threadpool
 
 from recsys.errors import InputError
 from recsys.recommender import Recommender
 from recsys.serve import ops
-from recsys.serve.dependencies import Limits, get_limits, get_recommender
+from recsys.serve.dependencies import Limits, get_limits, get_recommender, get_scoring
 
 Rec = Annotated[Recommender, Depends(get_recommender)]
 Limit = Annotated[Limits, Depends(get_limits)]
+Scoring = Annotated[CapacityLimiter, Depends(get_scoring)]
 
 public = APIRouter()
 router = APIRouter()
@@ -83,6 +84,7 @@ async def get_metadata(rec: Rec) -> dict:
 async def get_recommend(
     rec: Rec,
     limits: Limit,
+    scoring: Scoring,
     user_id: str,
     k: K = 10,
     exclude_seen: bool = True,
@@ -94,11 +96,14 @@ async def get_recommend(
         rec.catalogue_items,
         rec.forward_items,
         limits,
+        scoring,
     )
 
 
 @router.post("/recommend")
-async def post_recommend(rec: Rec, limits: Limit, request: RecommendRequest) -> JSONResponse:
+async def post_recommend(
+    rec: Rec, limits: Limit, scoring: Scoring, request: RecommendRequest
+) -> JSONResponse:
     users = len(request.user_ids)
     check_batch(users, "users", limits)
     check_work(users, request.k, rec, limits)
@@ -111,11 +116,14 @@ async def post_recommend(rec: Rec, limits: Limit, request: RecommendRequest) -> 
         users * rec.catalogue_items,
         users * rec.forward_items,
         limits,
+        scoring,
     )
 
 
 @router.get("/similar")
-async def get_similar(rec: Rec, limits: Limit, item_id: str, k: K = 10) -> JSONResponse:
+async def get_similar(
+    rec: Rec, limits: Limit, scoring: Scoring, item_id: str, k: K = 10
+) -> JSONResponse:
     check_k(k, rec, limits)
 
     def answer() -> dict:
@@ -123,11 +131,13 @@ async def get_similar(rec: Rec, limits: Limit, item_id: str, k: K = 10) -> JSONR
         top, sims = rec.similar(int(code), min(k, rec.num_items - 1))
         return {"item_id": item_id, "items": items(rec, top, sims, "similarity")}
 
-    return await respond(answer, rec.num_items, 0, limits)
+    return await respond(answer, rec.num_items, 0, limits, scoring)
 
 
 @router.post("/score")
-async def post_score(rec: Rec, limits: Limit, request: ScoreRequest) -> JSONResponse:
+async def post_score(
+    rec: Rec, limits: Limit, scoring: Scoring, request: ScoreRequest
+) -> JSONResponse:
     check_batch(len(request.pairs), "pairs", limits)
 
     def answer() -> dict:
@@ -146,18 +156,23 @@ async def post_score(rec: Rec, limits: Limit, request: ScoreRequest) -> JSONResp
         ]
         return {"scores": scores}
 
-    return await respond(answer, 0, len(request.pairs), limits)
+    return await respond(answer, 0, len(request.pairs), limits, scoring)
 
 
 async def respond(
-    answer: Callable[[], dict], scores: int, forward: int, limits: Limits
+    answer: Callable[[], dict],
+    scores: int,
+    forward: int,
+    limits: Limits,
+    scoring: CapacityLimiter,
 ) -> JSONResponse:
     """``answer()`` as JSON, computed and encoded in a worker thread when the request scores
     more than ``limits.inline_scores`` pairs by a matrix product (``scores``) or runs more
     than ``limits.inline_forward`` pairs through the model's forward (``forward``), else on
-    the event loop."""
+    the event loop. The threads' requests are scored ``limits.scoring_threads`` at a time
+    (``scoring``); the others wait for their turn."""
     if scores > limits.inline_scores or forward > limits.inline_forward:
-        return await run_in_threadpool(lambda: JSONResponse(answer()))
+        return await to_thread.run_sync(lambda: JSONResponse(answer()), limiter=scoring)
     return JSONResponse(answer())
 
 
