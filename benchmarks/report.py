@@ -39,6 +39,13 @@ TITLES = {
     "table_rows": "NeuMF's step against table size",
     "serve": "Serving under load",
 }
+# what a section's figures are, said beside them
+NOTES = {
+    "serve": "The load client (closed-loop keep-alive clients, aiohttp) runs on the same "
+    "machine as the server and shares its cores: each figure is the server and its client "
+    "together. Percentiles are over every request, bad ones and errors included; recall@10 "
+    "is against scoring every item.",
+}
 
 
 @dataclass
@@ -147,6 +154,7 @@ def page(docs: dict[str, dict]) -> str:
             "",
             f"From `benchmarks/results/{name}.json`: {provenance(doc)}",
             "",
+            *([NOTES[name], ""] if name in NOTES else []),
             *([f"Every row: {same}.", ""] if same else []),
             table(doc["rows"]),
         ]
