@@ -202,7 +202,7 @@ def test_a_small_forward_is_scored_on_the_loop(rec, forward_items, on_loop):  # 
 
 
 class Slow(PairModel):
-    """`PairModel` whose scoring takes 0.2 s and notes how many requests score at once."""
+    """`PairModel` whose scoring takes 0.4 s and notes how many requests score at once."""
 
     lock = threading.Lock()
     active, most = 0, 0
@@ -212,7 +212,7 @@ class Slow(PairModel):
         with cls.lock:
             cls.active += 1
             cls.most = max(cls.most, cls.active)
-        time.sleep(0.2)
+        time.sleep(0.4)
         with cls.lock:
             cls.active -= 1
         return super().recommend(codes, k, exclude_seen)
