@@ -41,6 +41,7 @@ def _train(tmp_path, data_dir, cache_dir, *args: str) -> str:
     return out.stdout + out.stderr
 
 
+@pytest.mark.slow
 def test_grid_sweep_and_compare(tmp_path, data_dir, cache_dir):
     _train(tmp_path, data_dir, cache_dir, "-m", "model=ncf,hybrid", "data.batch_size=256,512")
     (sweep,) = (tmp_path / "train" / "multiruns").iterdir()
@@ -74,6 +75,7 @@ def test_grid_sweep_and_compare(tmp_path, data_dir, cache_dir):
     assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_optuna_sweep(tmp_path, data_dir, cache_dir):
     _train(
         tmp_path,
