@@ -78,6 +78,12 @@ class AnnSettings:
         if self.nlist is not None and self.nlist < 1:
             raise InputError(f"ann.nlist={self.nlist} must be at least 1, or null")
 
+    @property
+    def augmented(self) -> bool:
+        """Whether the index searches L2 over norm-equalised vectors (``ivf_flat``) rather
+        than the inner product (`InnerProductIndex`)."""
+        return self.index == "ivf_flat"
+
 
 @dataclass(frozen=True)
 class RetrievalSettings:
@@ -232,7 +238,7 @@ def index_key(item_vectors: torch.Tensor, settings: AnnSettings) -> str:
     faiss = _faiss()
     digest = hashlib.sha256(item_vectors.numpy().tobytes())
     build = {k: v for k, v in asdict(settings).items() if k not in ("ef_search", "nprobe")}
-    space = "l2-augmented" if settings.index == "ivf_flat" else "inner-product"
+    space = "l2-augmented" if settings.augmented else "inner-product"
     layout = [build, list(item_vectors.shape), space, faiss.__version__]
     digest.update(json.dumps(layout).encode())
     return digest.hexdigest()[:16]
@@ -277,14 +283,10 @@ class InnerProductIndex:
         # searches use as many threads as torch (serve.torch_threads per worker)
         faiss.omp_set_num_threads(torch.get_num_threads())
 
-    @property
-    def augmented(self) -> bool:
-        """Whether the index searches L2 over norm-equalised vectors (``ivf_flat``)."""
-        return self.settings.index == "ivf_flat"
-
     def _items(self, item_vectors: torch.Tensor) -> torch.Tensor:
-        """The vectors the index holds: the item vectors, one norm when `augmented`."""
-        if not self.augmented:
+        """The vectors the index holds: the item vectors, one norm when the settings say
+        ``augmented``."""
+        if not self.settings.augmented:
             return item_vectors.float().contiguous()
         x = item_vectors.double()
         norms = x.square().sum(1)
@@ -326,7 +328,7 @@ class InnerProductIndex:
         filters them while it searches, so the list searched need not grow with them)."""
         faiss, n = _faiss(), min(n, self.num_items)
         queries = user_vectors.float()
-        if self.augmented:
+        if self.settings.augmented:
             queries = torch.cat([queries, queries.new_zeros(len(queries), 1)], 1)
         queries = np.ascontiguousarray(queries.numpy())
         if skip is None:
